@@ -1,0 +1,48 @@
+"""The `specserve` command: serve, generate, models pull, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _models(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="specserve models")
+    sub = parser.add_subparsers(dest="action", required=True)
+    pull = sub.add_parser("pull", help="fetch a registry model into the model cache (idempotent)")
+    pull.add_argument("name", help="registry name, e.g. smollm2-135m")
+    pull.add_argument("--cache-dir", default=None, help="model cache directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
+    args = parser.parse_args(argv)
+    from specserve.actors import model_loader
+    from specserve.cluster.config import default_cache_dir
+
+    try:
+        path = model_loader.pull_model(args.name, args.cache_dir or default_cache_dir(), progress=True)
+    except model_loader.ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "serve": lambda a: __import__("specserve.cluster.launcher", fromlist=["main"]).main(a),
+        "generate": lambda a: __import__("specserve.cluster.generate", fromlist=["main"]).main(a),
+        "models": _models,
+        "bench": lambda a: __import__("specserve.cluster.bench", fromlist=["main"]).main(a),
+    }
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: specserve {serve,generate,models,bench} [options]\n\n"
+              "  serve      start Ray, the embedded Redis and the app; serve until Ctrl-C\n"
+              "  generate   stream a completion from a running server\n"
+              "  models     models pull NAME: fetch a model into the cache\n"
+              "  bench      drive an OpenAI-compatible server with a workload and report latency/throughput",
+              file=sys.stderr if argv else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return int(commands[argv[0]](argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The one configuration schema. It feeds the CLI flags, the YAML file and (later) the Serve config and Helm values."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def default_cache_dir() -> Path:
+    """Model cache: $SPECSERVE_CACHE, else $XDG_CACHE_HOME/specserve, else ~/.cache/specserve."""
+    if os.environ.get("SPECSERVE_CACHE"):
+        return Path(os.environ["SPECSERVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "specserve"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    # A name from the model registry (e.g. "smollm2-135m"), a local Hugging Face directory, or a hub id.
+    source: str = DEFAULT_MODEL
+    # Name served on /v1/models and accepted in requests; defaults to `source`.
+    served_name: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    # Threads for torch inside each replica (CPU); 0 = torch's default.
+    torch_threads: int = Field(0, ge=0)
+
+    @property
+    def name(self) -> str:
+        return self.served_name or self.source
+
+
+class EngineConfig(_Strict):
+    block_size: int = Field(16, ge=1, le=1024)
+    # KV pool size in blocks; 0 = size it from kv_cache_memory_gb.
+    num_blocks: int = Field(0, ge=0)
+    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    max_num_seqs: int = Field(32, ge=1)
+    # Token budget of one step: decode tokens first, prefill chunks fill the rest (stall-free batching).
+    max_num_batched_tokens: int = Field(512, ge=16)
+    # Context window; 0 = the model's max_position_embeddings.
+    max_model_len: int = Field(0, ge=0)
+    enable_prefix_caching: bool = True
+
+
+class DeploymentConfig(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    # Ray cluster address; None starts a local Ray instance (or joins RAY_ADDRESS if set).
+    ray_address: str | None = None
+    # Redis URL for the KV block index; None starts an embedded redis-server.
+    redis_url: str | None = None
+    app_name: str = "specserve"
+    # Bound on a single request's prompt tokens (0 = context window).
+    max_prompt_tokens: int = Field(0, ge=0)
+
+
+class SpecserveConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    verifier: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpecserveConfig":
+        if self.engine.max_num_batched_tokens < self.engine.max_num_seqs:
+            raise ValueError("engine.max_num_batched_tokens must be >= engine.max_num_seqs (one decode token each)")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> "SpecserveConfig":
+        """YAML file (optional) with dotted-key overrides on top, e.g. {"engine.block_size": 32}."""
+        data: dict = {}
+        if path:
+            text = Path(path).read_text()
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+        for dotted, value in (overrides or {}).items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return cls.model_validate(data)
