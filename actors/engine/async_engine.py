@@ -1,0 +1,119 @@
+"""Runs an LLMEngine in its own thread so the replica's event loop stays free for requests and streaming.
+
+Requests and aborts reach the engine thread through an inbox; outputs go back to each request's asyncio
+queue. A consumer that falls behind gets its pending tokens merged into one chunk (fewer messages under load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from specserve.actors.engine.engine import LLMEngine, RequestOutput
+from specserve.actors.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._streams[request_id] = (loop, q)
+        self._inbox.put(("add", request_id, prompt_token_ids, params))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                items = [item]
+                while not q.empty():
+                    items.append(q.get_nowait())
+                for it in items:
+                    if isinstance(it, BaseException):
+                        finished = True
+                        raise it
+                merged = items[-1]
+                if len(items) > 1:
+                    merged.new_token_ids = [t for it in items for t in it.new_token_ids]
+                finished = merged.finished
+                yield merged
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the client went away: free the sequence's blocks
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, rid, prompt, params = msg
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                except ValueError as exc:
+                    self._deliver(rid, exc)
+            elif msg[0] == "abort":
+                self.engine.abort_request(msg[1])
+            elif msg[0] == "call":  # run a function on the engine thread (block import/export, stats)
+                _, fn, loop, fut = msg
+                try:
+                    result = fn(self.engine)
+                    loop.call_soon_threadsafe(lambda r=result: fut.done() or fut.set_result(r))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    loop.call_soon_threadsafe(lambda e=exc: fut.done() or fut.set_exception(e))
+
+    async def call(self, fn):
+        """Run `fn(engine)` on the engine thread between steps and return its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._inbox.put(("call", fn, loop, fut))
+        self._wake.set()
+        return await fut
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the replica
+                log.exception("engine step failed")
+                for rid in list(self.engine.seqs):
+                    self.engine.abort_request(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

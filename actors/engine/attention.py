@@ -1,0 +1,89 @@
+"""Attention over the paged KV cache, plugged into Hugging Face models through transformers' AttentionInterface.
+
+The model runner packs all scheduled tokens of a step into one row (batch 1, positions per token) and sets an
+AttentionMetadata before the forward. For each layer this function writes the new keys/values into the cache
+slots, then attends: decode tokens of all sequences in one padded, masked SDPA call; prefill chunks one
+sequence at a time (causal within the chunk, full over the cached context before it).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "specserve_paged"
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # first query row in the packed batch
+    length: int  # query rows
+    slots: torch.Tensor  # cache slots of the whole context (cached + this chunk), in position order
+    mask: torch.Tensor | None  # [length, context] bool, None when the chunk is the whole context (plain causal)
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    decode_rows: torch.Tensor | None  # [B] query rows of decode tokens
+    decode_slots: torch.Tensor | None  # [B, L] cache slots of each decode sequence's context (padded)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, True where a key is attended
+    prefills: list[PrefillSpan]
+
+
+class KVCache:
+    """K and V tensors per layer, flattened over (block, offset) so a slot is block * block_size + offset."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    def block_slots(self, block: int) -> slice:
+        return slice(block * self.block_size, (block + 1) * self.block_size)
+
+
+_local = threading.local()
+
+
+def set_context(kv_cache: KVCache | None, meta: AttentionMetadata | None) -> None:
+    _local.kv_cache, _local.meta = kv_cache, meta
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    kv_cache: KVCache = _local.kv_cache
+    meta: AttentionMetadata = _local.meta
+    layer = module.layer_idx
+    k_cache, v_cache = kv_cache.k[layer], kv_cache.v[layer]
+    # query: [1, H, T, D]; key/value: [1, Hkv, T, D]
+    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    q = query[0]  # [H, T, D]
+    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
+    gqa = q.shape[0] != k_cache.shape[1]
+
+    if meta.decode_rows is not None:
+        qd = q[:, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=gqa)
+        out[meta.decode_rows] = od.squeeze(2)
+
+    for span in meta.prefills:
+        qp = q[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, n, D]
+        kp = k_cache[span.slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vp = v_cache[span.slots].transpose(0, 1).unsqueeze(0)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
+                                            scale=scaling, enable_gqa=gqa)
+        out[span.start:span.start + span.length] = op[0].transpose(0, 1)
+
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

@@ -1,0 +1,185 @@
+"""Paged KV-cache bookkeeping: a pool of fixed-size blocks, a block table per sequence, reference counts,
+and automatic prefix caching of full blocks keyed by the chained block hash, with LRU eviction.
+
+Pure Python: it decides which block holds which token; the model runner owns the tensors.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from specserve.actors.engine.sequence import Sequence
+from specserve.routing.block_hash import block_hashes, root_hash
+
+
+class NoFreeBlocksError(RuntimeError):
+    pass
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, namespace: str = ""):
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.root = root_hash(namespace)
+        self.namespace = namespace
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
+        self.free_blocks: deque[int] = deque(range(num_blocks))  # never held, no cached content
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached content, unreferenced; LRU first
+        # Counters for metrics: queried/hit prompt tokens.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # ---- capacity -------------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks) + len(self.evictable)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def _take_block(self) -> int:
+        if self.free_blocks:
+            block = self.free_blocks.popleft()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            old = self.block_hash[block]
+            if old is not None and self.hash_to_block.get(old) == block:
+                del self.hash_to_block[old]
+            self.block_hash[block] = None
+        else:
+            raise NoFreeBlocksError("KV cache pool is full")
+        self.ref_counts[block] = 1
+        return block
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            self.evictable.pop(block, None)
+        self.ref_counts[block] += 1
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+        if self.ref_counts[block] == 0:
+            if self.block_hash[block] is not None:
+                self.evictable[block] = None  # most recently used goes last
+            else:
+                self.free_blocks.append(block)
+
+    # ---- sequences ------------------------------------------------------------------------------------------
+    def match_prefix(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks holding the longest prefix of `token_ids` (full blocks only, never the whole prompt:
+        the last token must be computed to get logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        usable = (len(token_ids) - 1) // self.block_size
+        hits = []
+        for h in block_hashes(token_ids[:usable * self.block_size], self.block_size, parent=self.root):
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        hits = self.match_prefix(seq.token_ids)
+        # Hit blocks sitting in the evictable list are counted as free but will not be taken.
+        hits_evictable = sum(1 for b in hits if self.ref_counts[b] == 0)
+        need = self.blocks_needed(len(seq)) - len(hits)
+        return self.num_free_blocks - hits_evictable - need >= reserve
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give `seq` blocks for all its current tokens, reusing cached prefix blocks."""
+        assert not seq.block_table
+        hits = self.match_prefix(seq.token_ids)
+        for block in hits:
+            self._ref(block)
+        seq.block_table = list(hits)
+        seq.block_hashes = [self.block_hash[b] for b in hits]
+        try:
+            for _ in range(self.blocks_needed(len(seq)) - len(hits)):
+                seq.block_table.append(self._take_block())
+        except NoFreeBlocksError:
+            self.free(seq)
+            raise
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens
+        self.prefix_queries += len(seq)
+        self.prefix_hits += seq.num_cached_tokens
+
+    def ensure_slots(self, seq: Sequence, num_tokens: int) -> None:
+        """Make room for `num_tokens` tokens in total (e.g. before a decode step writes a new token)."""
+        while len(seq.block_table) * self.block_size < num_tokens:
+            seq.block_table.append(self._take_block())
+
+    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        return need <= 0 or self.num_free_blocks >= need
+
+    def free(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):
+            self._unref(block)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Register the full, computed blocks of `seq` in the prefix cache (after a forward step)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        start = len(seq.block_hashes)
+        if num_full <= start:
+            return
+        parent = seq.block_hashes[-1] if seq.block_hashes else self.root
+        new = block_hashes(seq.token_ids[:num_full * self.block_size], self.block_size, parent=parent, start_block=start)
+        for i, h in enumerate(new, start=start):
+            block = seq.block_table[i]
+            seq.block_hashes.append(h)
+            if h not in self.hash_to_block:
+                self.hash_to_block[h] = block
+                self.block_hash[block] = h
+
+    # ---- blocks computed elsewhere (KV store) -------------------------------------------------------------------
+    def cached_block(self, h: bytes) -> int | None:
+        return self.hash_to_block.get(h)
+
+    def take_block_for_import(self, h: bytes) -> int | None:
+        """A free block registered under `h`, left unreferenced (evictable) for the caller to fill.
+        Returns None when `h` is already cached or no block can be had."""
+        if h in self.hash_to_block:
+            return None
+        try:
+            block = self._take_block()
+        except NoFreeBlocksError:
+            return None
+        self.block_hash[block] = h
+        self.hash_to_block[h] = block
+        self._unref(block)
+        return block
+
+    def drop_cached(self, block: int) -> None:
+        """Forget an unreferenced cached block (e.g. an import that failed half-way)."""
+        assert self.ref_counts[block] == 0
+        h = self.block_hash[block]
+        if h is not None and self.hash_to_block.get(h) == block:
+            del self.hash_to_block[h]
+        self.block_hash[block] = None
+        self.evictable.pop(block, None)
+        self.free_blocks.append(block)
+
+    def check_invariants(self) -> None:
+        """For tests: every block is in exactly one of held / evictable / free."""
+        held = {b for b in range(self.num_blocks) if self.ref_counts[b] > 0}
+        ev, fr = set(self.evictable), set(self.free_blocks)
+        assert not (held & ev) and not (held & fr) and not (ev & fr)
+        assert len(held) + len(ev) + len(fr) == self.num_blocks
+        for h, b in self.hash_to_block.items():
+            assert self.block_hash[b] == h

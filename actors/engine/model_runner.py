@@ -1,0 +1,118 @@
+"""Runs one engine step's forward: packs the scheduled tokens of all sequences into one row, describes where
+their keys/values live in the paged cache, and returns the logits of the rows that produce a next token."""
+
+from __future__ import annotations
+
+import torch
+
+from specserve.actors.engine.attention import (
+    ATTN_IMPLEMENTATION,
+    AttentionMetadata,
+    KVCache,
+    PrefillSpan,
+    set_context,
+)
+from specserve.actors.engine.scheduler import ScheduledSeq
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a Hugging Face decoder config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0):
+        self.model = model
+        if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.block_size = block_size
+        layers, kv_heads, head_dim = kv_geometry(model.config)
+        self.bytes_per_block = 2 * layers * block_size * kv_heads * head_dim * self.dtype.itemsize
+        if not num_blocks:
+            num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // self.bytes_per_block)
+        self.num_blocks = num_blocks
+        self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, batch: list[ScheduledSeq]):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        decode_rows: list[int] = []
+        decode_ctx: list[list[int]] = []
+        prefills: list[PrefillSpan] = []
+        logit_rows: list[int] = []
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            row = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(self._slots(seq.block_table, start, end))
+            if n == 1:
+                decode_rows.append(row)
+                decode_ctx.append(self._slots(seq.block_table, 0, end))
+            else:
+                mask = None
+                if start > 0:  # chunk after cached context: row i sees keys 0..start+i
+                    mask = torch.arange(end, device=self.device)[None, :] <= (
+                        torch.arange(start, end, device=self.device)[:, None])
+                slots = torch.tensor(self._slots(seq.block_table, 0, end), device=self.device)
+                prefills.append(PrefillSpan(row, n, slots, mask))
+            if item.completes_prompt:
+                logit_rows.append(row + n - 1)
+
+        dec_rows = dec_slots = dec_mask = None
+        if decode_rows:
+            width = max(len(c) for c in decode_ctx)
+            slots = torch.zeros(len(decode_ctx), width, dtype=torch.long)
+            lens = torch.tensor([len(c) for c in decode_ctx])
+            for i, c in enumerate(decode_ctx):
+                slots[i, :len(c)] = torch.tensor(c)
+            dec_rows = torch.tensor(decode_rows, device=self.device)
+            dec_slots = slots.to(self.device)
+            dec_mask = (torch.arange(width)[None, :] < lens[:, None]).view(len(decode_ctx), 1, 1, width).to(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, device=self.device),
+            decode_rows=dec_rows, decode_slots=dec_slots, decode_mask=dec_mask, prefills=prefills,
+        )
+        ids = torch.tensor([input_ids], device=self.device)
+        pos = torch.tensor([positions], device=self.device)
+        return ids, pos, meta, logit_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Forward the batch; returns float32 logits [len(rows producing a token), vocab] in batch order."""
+        ids, pos, meta, logit_rows = self.prepare(batch)
+        set_context(self.kv_cache, meta)
+        try:
+            # Only the rows that produce a token go through the LM head: prefill rows would cost vocab x hidden each.
+            keep = torch.tensor(logit_rows if logit_rows else [ids.shape[1] - 1], device=self.device)
+            out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)
+        finally:
+            set_context(None, None)
+        logits = out.logits[0].float()
+        return logits if logit_rows else logits[:0]
+
+    # ---- KV of single blocks (export to / import from the shared store) ------------------------------------
+    def read_block(self, block: int) -> torch.Tensor:
+        """[2, layers, block_size, kv_heads, head_dim] copy of one block's KV."""
+        sl = self.kv_cache.block_slots(block)
+        return torch.stack([self.kv_cache.k[:, sl], self.kv_cache.v[:, sl]]).clone()
+
+    def write_block(self, block: int, kv: torch.Tensor) -> None:
+        sl = self.kv_cache.block_slots(block)
+        expected = (2, *self.kv_cache.k[:, sl].shape)
+        if tuple(kv.shape) != expected:
+            raise ValueError(f"KV block shape {tuple(kv.shape)} does not match this engine's {expected}")
+        self.kv_cache.k[:, sl] = kv[0].to(self.kv_cache.k.dtype)
+        self.kv_cache.v[:, sl] = kv[1].to(self.kv_cache.v.dtype)

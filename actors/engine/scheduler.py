@@ -1,0 +1,113 @@
+"""Continuous batching with chunked prefill (Sarathi-Serve's stall-free batching).
+
+Each step has a token budget. Running sequences that decode get one token each first, so new prompts never
+stall them; the rest of the budget goes to prefill chunks, first of sequences already admitted, then of new
+ones. When the KV pool runs out, the most recently admitted sequence is preempted (its blocks freed, to be
+recomputed later; the prefix cache usually keeps most of them).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from specserve.actors.engine.block_manager import BlockManager
+from specserve.actors.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+    @property
+    def completes_prompt(self) -> bool:
+        """After this step the sequence's KV covers all its tokens, so its last logits yield a new token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+
+        # 1. Decodes: one token each, preempting the newest sequences when a new block is needed and none is free.
+        for seq in list(self.running):
+            if seq not in self.running or seq.num_uncomputed_tokens != 1:
+                continue
+            while not self.bm.can_append(seq, len(seq)):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.bm.ensure_slots(seq, len(seq))
+            scheduled.append(ScheduledSeq(seq, 1))
+            budget -= 1
+
+        # 2. Prefill chunks of admitted sequences (their blocks are already allocated).
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.num_uncomputed_tokens > 1 and not any(s.seq is seq for s in scheduled):
+                n = min(seq.num_uncomputed_tokens, budget)
+                scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+
+        # 3. Admit waiting sequences while budget, sequence slots and blocks last. A small reserve of blocks
+        #    keeps room for the running sequences' next decode blocks.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            reserve = len(self.running) if self.running else 0
+            if not self.bm.can_allocate(seq, reserve=min(reserve, self.bm.num_blocks // 10)):
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+
+        return SchedulerOutput(scheduled, preempted)

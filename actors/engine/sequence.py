@@ -1,0 +1,57 @@
+"""A sequence being generated: its tokens, its place in the paged KV cache, its sampling state."""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+
+import torch
+
+from specserve.actors.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        # Tokens whose KV is in the cache. The next forward computes token_ids[num_computed_tokens:].
+        self.num_computed_tokens = 0
+        # Prompt tokens served from the prefix cache at (last) admission.
+        self.num_cached_tokens = 0
+        # Hashes of the full blocks registered in the prefix cache so far (chained).
+        self.block_hashes: list[bytes] = []
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+        # Per-request generator: a seeded request reproduces its samples whatever else is in the batch.
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

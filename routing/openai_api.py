@@ -1,0 +1,223 @@
+"""OpenAI-compatible HTTP ingress: validate, apply the chat template, tokenize once, stream from a verifier.
+
+Token ids travel from here on. Text comes back through the incremental detokenizer, which also applies stop
+strings (a stop string ends the stream, and the verifier frees the sequence when the stream is closed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from transformers import AutoConfig, AutoTokenizer
+
+from specserve.actors.model_loader import resolve_model_path
+from specserve.cluster.config import SpecserveConfig
+from specserve.routing.detokenizer import IncrementalDetokenizer
+from specserve.routing.protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+app = FastAPI(title="specserve", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError):
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError):
+    err = exc.errors()[0] if exc.errors() else {}
+    if err.get("type") == "json_invalid":
+        return JSONResponse(APIError(400, "malformed JSON body: " + str(err.get("msg", ""))).body(), 400)
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = f"{param}: {err.get('msg', 'invalid value')}" if param else str(err.get("msg", "invalid request"))
+    return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class OpenAIIngress:
+    def __init__(self, config: dict, verifier):
+        self.config = SpecserveConfig.model_validate(config)
+        self.verifier = verifier
+        path = resolve_model_path(self.config.model.source, self.config.model.cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        hf = AutoConfig.from_pretrained(path)
+        hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        self.max_model_len = self.config.engine.max_model_len or getattr(hf, "max_position_embeddings", 4096)
+        self.max_prompt_tokens = self.config.server.max_prompt_tokens or self.max_model_len - 1
+        self.model_name = self.config.model.name
+        self.created = int(time.time())
+
+    # ---- endpoints ---------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "specserve", "max_model_len": self.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        self._check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if not any(m["content"] for m in messages):
+            raise APIError(400, "messages: all message contents are empty", param="messages")
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # base models without a template: plain role-prefixed lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await self._respond(body, prompt_ids, max_tokens, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        self._check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt: must not be empty", param="prompt")
+            prompt_ids = self.tokenizer(prompt).input_ids
+        else:
+            prompt_ids = list(prompt)
+            vocab = len(self.tokenizer)
+            if any(t < 0 or t >= vocab for t in prompt_ids):
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        if not prompt_ids:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        return await self._respond(body, prompt_ids, body.max_tokens, chat=False)
+
+    # ---- shared path -------------------------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"model '{model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def _limits(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+        n = len(prompt_ids)
+        if n > self.max_prompt_tokens:
+            raise APIError(400, f"prompt is {n} tokens, more than the limit of {self.max_prompt_tokens}",
+                           param="messages", code="context_length_exceeded")
+        room = self.max_model_len - n
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens: {max_tokens} + prompt {n} tokens exceeds the context window of "
+                                f"{self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    async def _respond(self, body, prompt_ids: list[int], max_tokens: int | None, chat: bool):
+        params = body.sampling_params(self._limits(prompt_ids, max_tokens))
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        request = {"request_id": request_id, "prompt_token_ids": prompt_ids, "sampling": params.__dict__}
+        events = self._generate(request, params.stop)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(events, request_id, chat, include_usage),
+                                     media_type="text/event-stream")
+        text, reason, usage = "", None, {}
+        try:
+            async for delta, finish_reason, u in events:
+                text += delta
+                reason, usage = finish_reason or reason, u
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            raise _api_error_of(exc) from exc
+        created = int(time.time())
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                      "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            obj = "text_completion"
+        return {"id": request_id, "object": obj, "created": created, "model": self.model_name,
+                "choices": [choice], "usage": usage}
+
+    async def _generate(self, request: dict, stop: list[str]) -> AsyncIterator[tuple[str, str | None, dict]]:
+        """(text delta, finish reason or None, usage) per verifier chunk; closing this generator cancels the
+        verifier stream, which frees the sequence."""
+        detok = IncrementalDetokenizer(self.tokenizer, stop)
+        stream = self.verifier.options(stream=True).generate.remote(request)
+        prompt_tokens, cached, completion = len(request["prompt_token_ids"]), 0, 0
+        try:
+            async for chunk in stream:
+                delta = detok.push(chunk["token_ids"])
+                cached = chunk["cached_tokens"]
+                completion = chunk["completion_tokens"]
+                reason = chunk["finish_reason"]
+                if detok.stopped:
+                    completion = detok.num_tokens_at_stop
+                    reason = "stop"
+                elif chunk["finished"]:
+                    delta += detok.flush()
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": prompt_tokens + completion,
+                         "prompt_tokens_details": {"cached_tokens": cached}}
+                yield delta, reason, usage
+                if detok.stopped or chunk["finished"]:
+                    return
+        finally:
+            stream.cancel()
+
+    async def _stream(self, events, request_id: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta_text: str | None, reason: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": delta_text} if delta_text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
+            out = {"id": request_id, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        usage = {}
+        try:
+            if chat:
+                yield _sse(chunk(None, None, first=True))
+            async for delta, reason, usage in events:
+                if delta or reason:
+                    yield _sse(chunk(delta, reason))
+            if include_usage:
+                yield _sse({"id": request_id, "object": obj, "created": created, "model": self.model_name,
+                            "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - headers are already sent: report in-band, then end the stream
+            err = _api_error_of(exc)
+            if err.status >= 500:
+                log.exception("stream %s failed", request_id)
+            yield _sse(err.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()
+
+
+def _api_error_of(exc: BaseException) -> APIError:
+    """Map an exception from the verifier to the error a client sees. A rejected request (too long for the
+    KV pool, ...) is the client's to fix; anything else is ours."""
+    if isinstance(exc, APIError):
+        return exc
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, ValueError) or isinstance(exc, ValueError):
+        return APIError(400, str(cause).strip().splitlines()[-1])
+    return APIError(500, f"generation failed: {type(cause).__name__}", type_="server_error")

@@ -1,0 +1,388 @@
+"""Tests for `specserve bench`: workloads, statistics, and a run against a fake streaming server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+
+from specserve.cluster import bench  # noqa: E402
+from specserve.cluster.bench import RequestResult  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(bench.WORKLOADS))
+def test_workloads_deterministic_per_seed(name):
+    a = bench.build_workload(name, 24, seed=7)
+    assert a == bench.build_workload(name, 24, seed=7)
+    assert a != bench.build_workload(name, 24, seed=8)
+    assert len(a) == 24
+    for messages in a:
+        assert messages and all(m["role"] in ("system", "user") and m["content"].strip() for m in messages)
+        assert messages[-1]["role"] == "user"
+
+
+def test_workload_prefix_is_stable_as_n_grows():
+    # Passes take slices of one stream, so a larger n must extend, not reshuffle, the list.
+    for name in bench.WORKLOADS:
+        assert bench.build_workload(name, 30, 3)[:10] == bench.build_workload(name, 10, 3)
+
+
+def test_chat_prompts_short_and_varied():
+    prompts = [m[0]["content"] for m in bench.chat_workload(200, 0)]
+    assert len(set(prompts)) == 200  # no repeats within a few hundred
+    words = [len(p.split()) for p in prompts]
+    assert 5 <= min(words) and max(words) <= 35  # roughly 10-40 tokens
+
+
+def test_shared_prefix_shares_long_prefix_per_tenant():
+    reqs = bench.shared_prefix_workload(40, seed=1, tenants=4)
+    by_system: dict[str, list[str]] = {}
+    for messages in reqs:
+        assert [m["role"] for m in messages] == ["system", "user"]
+        by_system.setdefault(messages[0]["content"], []).append(messages[1]["content"])
+    assert len(by_system) == 4
+    for system, users in by_system.items():
+        assert len(users) == 10  # tenants visited evenly
+        assert len(system.split()) >= 250 and len(system) >= 1500  # ~300-600 tokens of shared prefix
+        assert len(set(users)) > 1
+    systems = list(by_system)
+    # Distinct tenants: their prompts diverge early, not just in a suffix.
+    for i in range(len(systems)):
+        for j in range(i + 1, len(systems)):
+            common = 0
+            for x, y in zip(systems[i], systems[j]):
+                if x != y:
+                    break
+                common += 1
+            assert common < 100
+    assert len(bench.shared_prefix_workload(12, seed=1, tenants=2)[0]) == 2
+    assert len({m[0]["content"] for m in bench.shared_prefix_workload(12, seed=1, tenants=2)}) == 2
+
+
+def test_copy_workload_embeds_passage():
+    for messages in bench.copy_workload(30, seed=2):
+        text = messages[0]["content"]
+        instruction, _, passage = text.partition("\n\n")
+        assert instruction and passage
+        assert 70 <= len(passage.split()) <= 160  # ~100-200 tokens to copy
+
+
+def test_typos_change_text_but_keep_word_count():
+    import random
+
+    text = " ".join(bench._PASSAGES[0])
+    noisy = bench._add_typos(text, random.Random(0), rate=0.5)
+    assert noisy != text and len(noisy.split()) == len(text.split())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_percentile_known_values():
+    xs = [4.0, 1.0, 3.0, 2.0, 5.0]
+    assert bench.percentile(xs, 50) == 3.0
+    assert bench.percentile(xs, 0) == 1.0
+    assert bench.percentile(xs, 100) == 5.0
+    assert bench.percentile(xs, 90) == pytest.approx(4.6)
+    assert bench.percentile([1.0, 2.0], 50) == 1.5
+    assert bench.percentile([7.0], 90) == 7.0
+    assert bench.percentile([], 50) is None
+
+
+def test_summarize_known_numbers():
+    ok1 = RequestResult(ok=True, ttft_s=0.1, e2e_s=1.0, itl_s=[0.1, 0.2, 0.3], output_tokens=10, usage_reported=True)
+    ok2 = RequestResult(ok=True, ttft_s=0.3, e2e_s=0.9, itl_s=[0.4], output_tokens=4, usage_reported=True)
+    bad = RequestResult(ok=False, error="HTTP 503", e2e_s=0.01)
+    s = bench.summarize([ok1, ok2, bad], wall_s=2.0, concurrency=1)
+    assert (s["requests"], s["ok"], s["errors"]) == (3, 2, 1)
+    assert s["error_kinds"] == {"HTTP 503": 1}
+    assert s["ttft_ms_p50"] == pytest.approx(200.0)
+    assert s["ttft_ms_p90"] == pytest.approx(280.0)
+    assert s["itl_ms_p50"] == pytest.approx(250.0)  # pooled gaps 0.1..0.4
+    # TPOT: (1.0-0.1)/9 = 0.1 and (0.9-0.3)/3 = 0.2 -> mean 150 ms -> 6.67 tok/s single stream
+    assert s["tpot_ms_mean"] == pytest.approx(150.0)
+    assert s["single_stream_tok_s"] == pytest.approx(1000 / 150)
+    assert s["output_tokens"] == 14
+    assert s["output_tok_s"] == pytest.approx(7.0)
+    assert s["req_s"] == pytest.approx(1.0)
+    assert s["usage_reported"] is True
+    assert bench.summarize([ok1], 1.0, concurrency=4)["single_stream_tok_s"] is None
+
+
+def test_summarize_empty_pass():
+    s = bench.summarize([RequestResult(ok=False, error="ConnectError")], wall_s=0.5, concurrency=2)
+    assert s["ok"] == 0 and s["ttft_ms_p50"] is None and s["tpot_ms_mean"] is None and s["output_tokens"] == 0
+
+
+def test_parse_config_and_bad_args(capsys):
+    cfg = bench.parse_config(["--target", "a=http://127.0.0.1:1/v1/", "--url", "http://127.0.0.1:2",
+                              "--workload", "chat,copy", "--workload", "shared-prefix", "--concurrency", "1, 4"])
+    assert [(t.label, t.url) for t in cfg.targets] == [("a", "http://127.0.0.1:1"), ("127.0.0.1:2", "http://127.0.0.1:2")]
+    assert cfg.workloads == ["chat", "copy", "shared-prefix"] and cfg.concurrency == [1, 4]
+    assert cfg.requests_for(1) == 8 and cfg.requests_for(16) == 64
+    for argv in (["--workload", "nope"], ["--concurrency", "0"], ["--concurrency", "x"], ["--target", "nolabel"],
+                 ["--url", "127.0.0.1:8000"], ["--url", "http://127.0.0.1:1", "--url", "http://127.0.0.1:1"],
+                 ["--max-tokens", "0"], ["--bogus-flag"]):
+        assert bench.main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert "unknown workload" in err and "LABEL=URL" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end against a fake server
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FakeOpenAIServer:
+    """Test double for the bench *client*: a tiny OpenAI-style SSE server that streams a fixed reply.
+
+    It records how many requests it saw and the most that were in flight at once.
+    """
+
+    MODEL = "fake-model"
+
+    def __init__(self, tokens: int = 6, delay: float = 0.004, send_usage: bool = True, fail_every: int = 0,
+                 midstream_error: bool = False):
+        self.tokens, self.delay, self.send_usage, self.fail_every = tokens, delay, send_usage, fail_every
+        self.midstream_error = midstream_error
+        self.lock = threading.Lock()
+        self.seen = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies: list[dict] = []
+        self.auth: list[str | None] = []
+        self.app = self._build_app()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def reset(self) -> None:
+        with self.lock:
+            self.seen = self.in_flight = self.max_in_flight = 0
+            self.bodies.clear()
+            self.auth.clear()
+
+    def _build_app(self):
+        app = fastapi.FastAPI()
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.MODEL, "object": "model"}]}
+
+        async def handle(request: fastapi.Request, chat: bool):
+            body = await request.json()
+            with self.lock:
+                self.seen += 1
+                n = self.seen
+                self.bodies.append(body)
+                self.auth.append(request.headers.get("authorization"))
+            if body.get("model") != self.MODEL:
+                return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
+            if self.fail_every and n % self.fail_every == 0:
+                return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+
+            async def events():
+                with self.lock:
+                    self.in_flight += 1
+                    self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    kind = "chat.completion.chunk" if chat else "text_completion"
+                    if chat:  # role-only first chunk, as OpenAI sends; carries no content
+                        yield _sse({"object": kind, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+                    for i in range(self.tokens):
+                        await asyncio.sleep(self.delay)
+                        choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
+                        yield _sse({"object": kind, "choices": [choice], "usage": None})
+                        if self.midstream_error and i == 1:  # headers already sent: error goes in-band
+                            yield _sse({"error": {"message": "engine died", "type": "server_error"}})
+                            yield "data: [DONE]\n\n"
+                            return
+                    last = {"index": 0, "delta": {}, "finish_reason": "length"} if chat else \
+                        {"index": 0, "text": "", "finish_reason": "length"}
+                    yield _sse({"object": kind, "choices": [last]})
+                    if self.send_usage and (body.get("stream_options") or {}).get("include_usage"):
+                        yield _sse({"object": kind, "choices": [], "usage": {
+                            "prompt_tokens": 11, "completion_tokens": self.tokens, "total_tokens": 11 + self.tokens}})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    with self.lock:
+                        self.in_flight -= 1
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: fastapi.Request):
+            return await handle(request, chat=True)
+
+        @app.post("/v1/completions")
+        async def completions(request: fastapi.Request):
+            return await handle(request, chat=False)
+
+        return app
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))  # free port, held open so nothing else can take it
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(self.app, log_level="error", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake server did not start")
+            time.sleep(0.01)
+        self._sock = sock
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh(fake):
+    fake.reset()
+    return fake
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_end_to_end_against_fake(fresh, tmp_path, capsys, concurrency):
+    out = tmp_path / "bench.json"
+    n = 12
+    rc = bench.main(["--url", fresh.url, "--concurrency", str(concurrency), "--num-requests", str(n),
+                     "--warmup", "2", "--max-tokens", "16", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True
+    assert doc["config"]["concurrency"] == [concurrency]
+    (p,) = doc["passes"]
+    assert p["model"] == FakeOpenAIServer.MODEL and p["workload"] == "chat" and p["concurrency"] == concurrency
+    reqs = p["requests"]
+    assert len(reqs) == n and sorted(r["index"] for r in reqs) == list(range(n))
+    assert all(r["ok"] and r["usage_reported"] and r["done"] for r in reqs)
+    assert all(r["output_tokens"] == fresh.tokens and r["content_chunks"] == fresh.tokens for r in reqs)
+    assert all(r["ttft_s"] > 0 and len(r["itl_s"]) == fresh.tokens - 1 for r in reqs)
+    s = p["summary"]
+    assert s["ok"] == n and s["errors"] == 0 and s["output_tokens"] == n * fresh.tokens
+    assert s["ttft_ms_p50"] > 0 and s["output_tok_s"] > 0 and s["req_s"] > 0 and s["tpot_ms_mean"] > 0
+    assert (s["single_stream_tok_s"] is not None) == (concurrency == 1)
+    assert s["max_in_flight"] == concurrency
+    # The server side: warmup + measured requests, never more than `concurrency` streams at once.
+    assert fresh.seen == n + 2
+    assert fresh.max_in_flight == concurrency
+    body = fresh.bodies[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 16 and body["temperature"] == 0
+    captured = capsys.readouterr()
+    assert "TTFT p50" in captured.out and "chat" in captured.out and fresh.url.split("//")[1] in captured.out
+    assert "[1/1]" in captured.err
+
+
+def test_compare_two_targets_multiple_passes(fresh, tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    rc = bench.main(["--target", f"a={fresh.url}", "--target", f"b={fresh.url}/v1", "--workload",
+                     "shared-prefix,copy", "--concurrency", "1,2", "--num-requests", "4", "--warmup", "0",
+                     "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["passes"]) == 2 * 2 * 2
+    assert fresh.seen == 2 * 2 * 2 * 4
+    by_key = {(p["target"], p["workload"], p["concurrency"]) for p in doc["passes"]}
+    assert ("b", "copy", 2) in by_key
+    # Targets run one after the other and must be sent identical prompts.
+    half = len(fresh.bodies) // 2
+    def prompts(bodies):
+        return sorted(json.dumps(b["messages"]) for b in bodies)
+    assert prompts(fresh.bodies[:half]) == prompts(fresh.bodies[half:])
+    assert len(set(prompts(fresh.bodies[:half]))) > 4
+    table = capsys.readouterr().out
+    assert "vs a" in table and "1-stream tok/s" in table
+    rows = [line for line in table.splitlines() if line.startswith(("shared-prefix", "copy"))]
+    assert len(rows) == 8 and all(line.rstrip().endswith("x") for line in rows)
+
+
+def test_completions_endpoint_without_usage(tmp_path, capsys):
+    with FakeOpenAIServer(tokens=5, send_usage=False) as server:
+        out = tmp_path / "c.json"
+        rc = bench.main(["--url", server.url, "--endpoint", "completions", "--concurrency", "2",
+                         "--num-requests", "6", "--warmup", "1", "--json", str(out)])
+        assert rc == 0
+        assert all("prompt" in b and "messages" not in b for b in server.bodies)
+    (p,) = json.loads(out.read_text())["passes"]
+    assert all(r["ok"] and not r["usage_reported"] and r["output_tokens"] == 5 for r in p["requests"])
+    assert p["summary"]["usage_reported"] is False
+    assert "no usage in stream" in capsys.readouterr().out
+
+
+def test_request_errors_are_reported_not_fatal(tmp_path, capsys):
+    with FakeOpenAIServer(tokens=3, fail_every=3) as server:
+        out = tmp_path / "e.json"
+        rc = bench.main(["--url", server.url, "--concurrency", "1", "--num-requests", "9", "--warmup", "0",
+                         "--json", str(out)])
+    assert rc == 0
+    s = json.loads(out.read_text())["passes"][0]["summary"]
+    assert (s["ok"], s["errors"], s["error_kinds"]) == (6, 3, {"HTTP 503": 3})
+    assert "HTTP 503 x3" in capsys.readouterr().out
+
+
+def test_in_band_stream_error(tmp_path, capsys):
+    with FakeOpenAIServer(tokens=4, midstream_error=True) as server:
+        rc = bench.main(["--url", server.url, "--concurrency", "1", "--num-requests", "2", "--warmup", "0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "StreamError x2" in out and "engine died" in out
+
+
+def test_unreachable_target_exits_2(capsys):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens here now
+    assert bench.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", "1", "--timeout", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "unreachable" in err and len(err.splitlines()) == 1
+
+
+def test_api_key_sent_but_not_written(fresh, tmp_path):
+    out = tmp_path / "k.json"
+    rc = bench.main(["--url", fresh.url, "--api-key", "sekrit", "--concurrency", "1", "--num-requests", "1",
+                     "--warmup", "0", "--json", str(out)])
+    assert rc == 0 and fresh.auth == ["Bearer sekrit"]
+    text = out.read_text()
+    assert "sekrit" not in text and "***" in text
+
+
+def test_wrong_model_is_reported_as_request_errors(fresh, capsys):
+    rc = bench.main(["--url", fresh.url, "--model", "other", "--concurrency", "1", "--num-requests", "2",
+                     "--warmup", "0"])
+    assert rc == 0
+    assert "HTTP 404 x2" in capsys.readouterr().out
