@@ -217,9 +217,10 @@ def _dequantize(entry: RegistryEntry, gguf: Path, progress: bool):
     return model, tokenizer
 
 
-def _save(model, tokenizer, out: Path) -> None:
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+def _save(model, tokenizer, out: Path, progress: bool) -> None:
+    with _transformers_progress(progress):
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     # Belt and braces: the cached directory must load as an ordinary unquantized model.
     cfg_file = out / "config.json"
     data = json.loads(cfg_file.read_text())
@@ -252,7 +253,7 @@ def _build(name: str, entry: RegistryEntry, staging: Path, out: Path, progress: 
         model, tokenizer = _dequantize(entry, gguf, progress)
         bar.update()
         bar.set_postfix_str("save safetensors")
-        _save(model, tokenizer, out)
+        _save(model, tokenizer, out, progress)
         bar.update()
         bar.set_postfix_str("done")
 
@@ -349,21 +350,18 @@ def _check_architecture(path: Path) -> None:
         raise ModelLoadError(f"cannot read {cfg_file}: {_first_line(exc)}") from exc
     archs = data.get("architectures") or []
     model_type = data.get("model_type")
-    label = archs[0] if archs else f"model_type '{model_type}'"
+    label = f"'{archs[0]}'" if archs else f"of model_type '{model_type}'"
     if data.get("is_encoder_decoder"):
         raise ModelLoadError(
             f"{path}: architecture {label} is an encoder-decoder model; only decoder-only causal LMs (*ForCausalLM) are supported"
         )
-    if not archs:
-        if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            return
-        raise ModelLoadError(f"{path}: config.json names no architectures and model_type '{model_type}' is not a causal LM")
-    arch = archs[0]
+    # Without "architectures", judge by the class AutoModelForCausalLM would pick for the model_type.
+    arch = archs[0] if archs else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, "")
     if not arch.endswith("ForCausalLM") or arch not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         import transformers
 
         raise ModelLoadError(
-            f"{path}: unsupported architecture '{arch}' (need a decoder-only *ForCausalLM class "
+            f"{path}: unsupported architecture {label} (need a decoder-only *ForCausalLM class "
             f"that transformers {transformers.__version__} can build)"
         )
 

@@ -6,7 +6,7 @@ from ray import serve
 
 from specserve.actors.verifier import Verifier
 from specserve.cluster.config import DeploymentConfig, SpecserveConfig
-from specserve.routing.openai_api import OpenAIIngress, app as fastapi_app
+from specserve.routing.openai_api import OpenAIIngress
 
 
 def _options(d: DeploymentConfig, name: str) -> dict:
@@ -23,5 +23,5 @@ def build_app(config: SpecserveConfig):
     cfg = config.model_dump(mode="json")
     verifier = serve.deployment(Verifier).options(**_options(config.verifier, "Verifier"),
                                                   health_check_period_s=10, health_check_timeout_s=60)
-    ingress = serve.deployment(serve.ingress(fastapi_app)(OpenAIIngress)).options(**_options(config.ingress, "Ingress"))
+    ingress = serve.deployment(OpenAIIngress).options(**_options(config.ingress, "Ingress"))
     return ingress.bind(cfg, verifier.bind(cfg))

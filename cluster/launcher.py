@@ -90,11 +90,15 @@ class LocalServer:
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.config.server.http_port}"
 
     def stop(self) -> None:
+        """Delete the app; shut Serve and Ray down only if this server started Ray."""
         import ray
         from ray import serve
 
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.delete(self.config.server.app_name)
+                if self._started_ray:
+                    serve.shutdown()
         finally:
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()

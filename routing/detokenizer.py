@@ -65,7 +65,13 @@ class IncrementalDetokenizer:
         return out
 
     def flush(self) -> str:
-        """At the end of generation: release whatever is held back (an incomplete character stays dropped)."""
+        """At the end of generation: release everything, including a trailing incomplete character (as U+FFFD,
+        the same text a one-shot decode of all tokens gives)."""
         if self.stopped:
             return ""
+        prefix_text = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self.token_ids[self._prefix_offset:])
+        if len(full_text) > len(prefix_text):
+            self._pending += full_text[len(prefix_text):]
+            self._prefix_offset = self._read_offset = len(self.token_ids)
         return self._release(hold=False)

@@ -4,8 +4,8 @@ Token ids travel from here on. Text comes back through the incremental detokeniz
 strings (a stop string ends the stream, and the verifier frees the sequence when the stream is closed).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve rewrites the route signatures and FastAPI must see real
+# classes in them to read request bodies.
 import json
 import logging
 import time
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
 from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.model_loader import resolve_model_path
@@ -36,7 +37,8 @@ async def _validation_error(_: Request, exc: RequestValidationError):
     err = exc.errors()[0] if exc.errors() else {}
     if err.get("type") == "json_invalid":
         return JSONResponse(APIError(400, "malformed JSON body: " + str(err.get("msg", ""))).body(), 400)
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ())]
+    loc = loc[1:] if loc[:1] == ["body"] else loc
     param = ".".join(loc) or None
     msg = f"{param}: {err.get('msg', 'invalid value')}" if param else str(err.get("msg", "invalid request"))
     return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
@@ -46,6 +48,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+@serve.ingress(app)  # at definition: replicas import this module and must get the routed class
 class OpenAIIngress:
     def __init__(self, config: dict, verifier):
         self.config = SpecserveConfig.model_validate(config)
@@ -130,12 +133,13 @@ class OpenAIIngress:
         events = self._generate(request, params.stop)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(events, request_id, chat, include_usage),
+            return StreamingResponse(self._stream(events, request_id, chat, include_usage, body.return_token_ids),
                                      media_type="text/event-stream")
-        text, reason, usage = "", None, {}
+        text, token_ids, reason, usage = "", [], None, {}
         try:
-            async for delta, finish_reason, u in events:
+            async for delta, ids, finish_reason, u in events:
                 text += delta
+                token_ids += ids
                 reason, usage = finish_reason or reason, u
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
             raise _api_error_of(exc) from exc
@@ -147,22 +151,26 @@ class OpenAIIngress:
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
             obj = "text_completion"
+        if body.return_token_ids:
+            choice["token_ids"] = token_ids
         return {"id": request_id, "object": obj, "created": created, "model": self.model_name,
                 "choices": [choice], "usage": usage}
 
-    async def _generate(self, request: dict, stop: list[str]) -> AsyncIterator[tuple[str, str | None, dict]]:
-        """(text delta, finish reason or None, usage) per verifier chunk; closing this generator cancels the
+    async def _generate(self, request: dict, stop: list[str]) -> AsyncIterator[tuple[str, list[int], str | None, dict]]:
+        """(text delta, new token ids, finish reason or None, usage) per verifier chunk; closing this generator cancels the
         verifier stream, which frees the sequence."""
         detok = IncrementalDetokenizer(self.tokenizer, stop)
         stream = self.verifier.options(stream=True).generate.remote(request)
         prompt_tokens, cached, completion = len(request["prompt_token_ids"]), 0, 0
         try:
             async for chunk in stream:
-                delta = detok.push(chunk["token_ids"])
+                ids = chunk["token_ids"]
+                delta = detok.push(ids)
                 cached = chunk["cached_tokens"]
                 completion = chunk["completion_tokens"]
                 reason = chunk["finish_reason"]
                 if detok.stopped:
+                    ids = ids[:len(ids) - (len(detok.token_ids) - detok.num_tokens_at_stop)]
                     completion = detok.num_tokens_at_stop
                     reason = "stop"
                 elif chunk["finished"]:
@@ -170,22 +178,25 @@ class OpenAIIngress:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                          "total_tokens": prompt_tokens + completion,
                          "prompt_tokens_details": {"cached_tokens": cached}}
-                yield delta, reason, usage
+                yield delta, ids, reason, usage
                 if detok.stopped or chunk["finished"]:
                     return
         finally:
             stream.cancel()
 
-    async def _stream(self, events, request_id: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, events, request_id: str, chat: bool, include_usage: bool,
+                      return_token_ids: bool) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta_text: str | None, reason: str | None, first: bool = False) -> dict:
+        def chunk(delta_text: str | None, reason: str | None, first: bool = False, ids=None) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": delta_text} if delta_text else {})
                 choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
+            if return_token_ids and ids is not None:
+                choice["token_ids"] = ids
             out = {"id": request_id, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
@@ -195,9 +206,9 @@ class OpenAIIngress:
         try:
             if chat:
                 yield _sse(chunk(None, None, first=True))
-            async for delta, reason, usage in events:
-                if delta or reason:
-                    yield _sse(chunk(delta, reason))
+            async for delta, ids, reason, usage in events:
+                if delta or reason or (return_token_ids and ids):
+                    yield _sse(chunk(delta, reason, ids=ids))
             if include_usage:
                 yield _sse({"id": request_id, "object": obj, "created": created, "model": self.model_name,
                             "choices": [], "usage": usage})

@@ -22,6 +22,8 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # Extension: include the generated token ids in each choice (exactness tests, debugging).
+    return_token_ids: bool = False
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: "StreamOptions | None" = None

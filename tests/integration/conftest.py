@@ -1,0 +1,38 @@
+"""One real Ray instance (and Serve) per test session; apps are deployed and deleted by the tests."""
+
+import os
+import socket
+
+import pytest
+
+from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.launcher import LocalServer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    # Logical CPUs above the 2 real cores: deployments ask for fractions, and tests must not wait for slots.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+def start_app(ray_cluster, source: str, name: str, **overrides) -> LocalServer:
+    base = {"model.source": source, "model.served_name": name, "model.dtype": "float32",
+            "verifier.num_cpus": 0.5, "ingress.num_cpus": 0.25, "server.http_port": ray_cluster,
+            "server.app_name": name, "model.cache_dir": os.environ.get("SPECSERVE_CACHE")}
+    base.update(overrides)
+    return LocalServer(SpecserveConfig.load(overrides=base)).start()
