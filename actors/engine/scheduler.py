@@ -96,8 +96,9 @@ class Scheduler:
                 budget -= n
 
         # 3. Admit waiting sequences while budget, sequence slots and blocks last. A small reserve of blocks
-        #    keeps room for the running sequences' next decode blocks.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        #    keeps room for the running sequences' next decode blocks. No admission in a step that had to
+        #    preempt: the pool is short, and the victim would come straight back.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             reserve = len(self.running) if self.running else 0
             if not self.bm.can_allocate(seq, reserve=min(reserve, self.bm.num_blocks // 10)):

@@ -1,0 +1,33 @@
+# The README's two commands: `make serve` and `make test`. Both set up .venv themselves on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch first and pinned: an open range pulls the CUDA build (gigabytes); this is the CPU wheel.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+ARGS   ?=
+
+.PHONY: install serve test test-unit bench clean
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/specserve serve $(ARGS)
+
+test: install
+	$(VENV)/bin/specserve models pull smollm2-135m
+	$(PY) -m pytest $(ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit -m "not smollm2" $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
