@@ -375,8 +375,9 @@ def load_model(cfg, attn_implementation: str | None = None) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype)
     path = resolve_model_path(cfg.source, cfg.cache_dir)
     _check_architecture(path)
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
+    # Ray sets OMP_NUM_THREADS from a replica's (fractional) num_cpus, which would leave a CPU replica on one
+    # thread; 0 means every core this process may run on. Set torch_threads with several replicas per node.
+    torch.set_num_threads(cfg.torch_threads or len(os.sched_getaffinity(0)))
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

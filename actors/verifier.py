@@ -35,14 +35,18 @@ class Verifier:
     def __init__(self, config: dict):
         self.config = SpecserveConfig.model_validate(config)
         t0 = time.perf_counter()
+        self.async_engine = AsyncEngine(self._build_engine)
+        bm = self.async_engine.engine.block_manager
+        log.info("verifier ready: %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,
+                 bm.num_blocks, bm.block_size, time.perf_counter() - t0)
+
+    def _build_engine(self) -> LLMEngine:
+        """Runs on the engine thread (see AsyncEngine)."""
         loaded = load_model(self.config.model, attn_implementation=ATTN_IMPLEMENTATION)
         mc, ec = self.config.model, self.config.engine
         namespace = f"{mc.name}|{loaded.dtype}|block={ec.block_size}"
-        self.engine = LLMEngine.from_config(loaded.model, ec, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
-                                            namespace=namespace)
-        self.async_engine = AsyncEngine(self.engine)
-        log.info("verifier ready: %s on %s/%s, %d KV blocks, loaded in %.1fs", mc.name, loaded.device, loaded.dtype,
-                 self.engine.block_manager.num_blocks, time.perf_counter() - t0)
+        return LLMEngine.from_config(loaded.model, ec, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
+                                     namespace=namespace)
 
     async def generate(self, request: dict):
         """Stream {token_ids, finished, finish_reason, prompt_tokens, cached_tokens, completion_tokens} dicts."""
@@ -69,6 +73,8 @@ class Verifier:
                 "prefix_cache_queries": bm.prefix_queries,
                 "prefix_cache_hits": bm.prefix_hits,
                 "steps": s.steps,
+                "step_time_s": s.step_time_s,
+                "torch_threads": __import__("torch").get_num_threads(),
                 "generated_tokens": s.generated_tokens,
                 "preemptions": s.preemptions,
                 "max_model_len": engine.max_model_len,

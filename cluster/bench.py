@@ -713,7 +713,7 @@ async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
     clients = {t.label: _make_client(t, cfg) for t in cfg.targets}
     try:
         for t in cfg.targets:  # check every target before measuring anything
-            t.model = await resolve_model(clients[t.label], t, cfg.model)
+            t.model = await resolve_model(clients[t.label], t, t.model or cfg.model)
         plan = _plan_prompts(cfg)
         warm_prompts = _chat(cfg.warmup, _rng("warmup", cfg.seed))  # distinct from the measured prompts
         total = len(cfg.targets) * len(plan)
@@ -824,8 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--target hf=http://127.0.0.1:8001 --workload chat,shared-prefix --concurrency 1,4,16 --json out.json",
     )
     p.add_argument("--url", action="append", default=[], help="server base URL (repeatable); default " + DEFAULT_URL)
-    p.add_argument("--target", action="append", default=[], metavar="LABEL=URL",
-                   help="labelled server to compare (repeatable); the first is the baseline for ratios")
+    p.add_argument("--target", action="append", default=[], metavar="LABEL=URL[#MODEL]",
+                   help="labelled server to compare (repeatable; #MODEL names its model); the first is the baseline for ratios")
     p.add_argument("--model", default=None, help="model name to request (default: first id of GET /v1/models)")
     p.add_argument("--workload", action="append", default=None, metavar="NAME[,NAME]",
                    help=f"workload(s): {', '.join(WORKLOADS)} (repeatable or comma list; default chat)")
@@ -850,9 +850,10 @@ def parse_config(argv: list[str]) -> BenchConfig:
     targets: list[Target] = []
     for spec in a.target:
         label, sep, url = spec.partition("=")
+        url, _, model = url.partition("#")  # LABEL=URL#MODEL: a model name for this target only
         if not sep or not label.strip() or not url.strip():
-            raise BenchError(f"bad --target {spec!r}: expected LABEL=URL")
-        targets.append(Target(label.strip(), _normalize_url(url.strip())))
+            raise BenchError(f"bad --target {spec!r}: expected LABEL=URL or LABEL=URL#MODEL")
+        targets.append(Target(label.strip(), _normalize_url(url.strip()), model=model.strip() or None))
     for url in a.url:
         norm = _normalize_url(url)
         targets.append(Target(urlparse(norm).netloc, norm))

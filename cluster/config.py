@@ -32,7 +32,7 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    # Threads for torch inside each replica (CPU); 0 = torch's default.
+    # Torch threads in each replica that holds a model (CPU); 0 = every core the process may use.
     torch_threads: int = Field(0, ge=0)
 
     @property
