@@ -69,7 +69,7 @@ class LocalServer:
 
         cfg = self.config
         # Pull/convert once here, so replicas only load from the cache.
-        path = resolve_model_path(cfg.model.source, cfg.model.cache_dir)
+        path = resolve_model_path(cfg.model.source, cfg.model.cache_dir, progress=progress)
         cfg.model.served_name = cfg.model.name
         cfg.model.source = str(path)
         if not cfg.server.redis_url:

@@ -35,4 +35,4 @@ def start_app(ray_cluster, source: str, name: str, **overrides) -> LocalServer:
             "verifier.num_cpus": 0.5, "ingress.num_cpus": 0.25, "server.http_port": ray_cluster,
             "server.app_name": name, "model.cache_dir": os.environ.get("SPECSERVE_CACHE")}
     base.update(overrides)
-    return LocalServer(SpecserveConfig.load(overrides=base)).start()
+    return LocalServer(SpecserveConfig.load(overrides=base)).start(progress=False)
