@@ -14,6 +14,7 @@ from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.model_loader import load_model
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.priority import use_default_priority
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class Verifier:
     def __init__(self, config: dict):
         self.config = SpecserveConfig.model_validate(config)
         t0 = time.perf_counter()
+        use_default_priority()  # before the engine thread starts, which inherits it
         self.async_engine = AsyncEngine(self._build_engine)
         bm = self.async_engine.engine.block_manager
         log.info("verifier ready: %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,

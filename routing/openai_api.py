@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.model_loader import resolve_model_path
 from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.priority import use_default_priority
 from specserve.routing.detokenizer import IncrementalDetokenizer
 from specserve.routing.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -52,6 +53,7 @@ def _sse(obj) -> str:
 class OpenAIIngress:
     def __init__(self, config: dict, verifier):
         self.config = SpecserveConfig.model_validate(config)
+        use_default_priority()
         self.verifier = verifier
         path = resolve_model_path(self.config.model.source, self.config.model.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

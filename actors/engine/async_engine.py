@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -115,12 +114,6 @@ class AsyncEngine:
         return await fut
 
     def _run(self) -> None:
-        # Ray starts workers at niceness 15; the engine thread is the replica's latency path, so take the
-        # default priority back where allowed (on Linux this applies to this thread only).
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
-        except (OSError, AttributeError):
-            pass
         try:
             self.engine = self._build_engine()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the constructor

@@ -1,9 +1,8 @@
+import pytest
 import torch
 
 from specserve.actors.engine.sampler import processed_logits, sample
 from specserve.actors.engine.sampling_params import SamplingParams
-
-import pytest
 
 
 def gen(seed):
@@ -30,11 +29,10 @@ def test_top_k_and_top_p_masks():
 def test_seeded_sampling_is_reproducible_and_matches_distribution():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
     p = SamplingParams(temperature=1.0, seed=7)
-    a = [sample(logits, [p], [g])[0] for g in [gen(7)] for _ in range(1)]
     g1, g2 = gen(123), gen(123)
     seq1 = [sample(logits, [p], [g1])[0] for _ in range(50)]
     seq2 = [sample(logits, [p], [g2])[0] for _ in range(50)]
-    assert seq1 == seq2 and a
+    assert seq1 == seq2 and len(set(seq1)) > 1
     g = gen(0)
     counts = torch.bincount(torch.tensor([sample(logits, [p], [g])[0] for _ in range(3000)]), minlength=3) / 3000
     assert torch.allclose(counts, torch.tensor([0.6, 0.3, 0.1]), atol=0.04)
