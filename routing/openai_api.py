@@ -19,6 +19,7 @@ from ray import serve
 from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.model_loader import resolve_model_path
+from specserve.actors.engine.engine import context_window
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.detokenizer import IncrementalDetokenizer
@@ -57,9 +58,7 @@ class OpenAIIngress:
         self.verifier = verifier
         path = resolve_model_path(self.config.model.source, self.config.model.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        hf = AutoConfig.from_pretrained(path)
-        hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-        self.max_model_len = self.config.engine.max_model_len or getattr(hf, "max_position_embeddings", 4096)
+        self.max_model_len = context_window(AutoConfig.from_pretrained(path), self.config.engine.max_model_len)
         self.max_prompt_tokens = self.config.server.max_prompt_tokens or self.max_model_len - 1
         self.model_name = self.config.model.name
         self.created = int(time.time())

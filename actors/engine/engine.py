@@ -16,6 +16,18 @@ from specserve.actors.engine.scheduler import Scheduler
 from specserve.actors.engine.sequence import Sequence, SequenceStatus
 
 
+def context_window(hf_config, max_model_len: int = 0) -> int:
+    """The context window the engine serves: the configured one, else the model's. Capped at a sliding
+    attention window, because the paged attention here attends over the whole context: within the window
+    both are the same computation, beyond it they are not."""
+    cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    window = max_model_len or getattr(cfg, "max_position_embeddings", 0) or 4096
+    sliding = getattr(cfg, "sliding_window", None)
+    if sliding and getattr(cfg, "use_sliding_window", True):
+        window = min(window, int(sliding))
+    return window
+
+
 class RequestRejected(ValueError):
     """The request can never be served by this engine (too long for the context window or the KV pool)."""
 
@@ -48,8 +60,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, namespace)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.max_model_len = max_model_len or getattr(cfg, "max_position_embeddings", 0) or 4096
+        self.max_model_len = context_window(model.config, max_model_len)
         self.eos_token_ids = set(eos_token_ids or [])
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()

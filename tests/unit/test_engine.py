@@ -112,3 +112,14 @@ def test_export_import_block_round_trip(tmp_path_factory):
     got = b.generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert got == expected
     assert b.block_manager.prefix_hits == 20  # 5 full blocks imported, the last token computed
+
+
+def test_context_window_is_capped_at_a_sliding_window():
+    from transformers import MistralConfig, Qwen2Config
+
+    from specserve.actors.engine.engine import context_window
+    assert context_window(MistralConfig(max_position_embeddings=32768, sliding_window=4096)) == 4096
+    assert context_window(MistralConfig(max_position_embeddings=32768, sliding_window=None)) == 32768
+    assert context_window(Qwen2Config(max_position_embeddings=8192, sliding_window=1024,
+                                      use_sliding_window=False)) == 8192
+    assert context_window(MistralConfig(max_position_embeddings=32768, sliding_window=None), 2048) == 2048
