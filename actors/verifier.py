@@ -63,6 +63,11 @@ class Verifier:
                 "completion_tokens": out.num_output_tokens,
             }
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine thread died is restarted."""
+        if not self.async_engine.is_alive():
+            raise RuntimeError("engine thread is not running")
+
     async def stats(self) -> dict:
         def read(engine: LLMEngine) -> dict:
             bm, s = engine.block_manager, engine.stats

@@ -119,12 +119,9 @@ def main(argv: list[str]) -> int:
     from specserve.actors.model_loader import ModelLoadError
 
     server = LocalServer(config)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     t0 = time.time()
     try:
-        server.start()
+        server.start()  # Ctrl-C here raises KeyboardInterrupt and cleans up below
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         server.stop()
@@ -146,6 +143,9 @@ Try it:
 
 Ctrl-C stops everything.
 """, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
             pass

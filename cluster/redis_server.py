@@ -45,13 +45,21 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log_path = os.path.join(self.dir, "redis.log")
+        args += ["--logfile", self.log_path]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.proc.stderr.read().decode(errors='replace')[-500:]}")
+                try:
+                    with open(self.log_path, errors="replace") as f:
+                        tail = f.read()[-500:]
+                except OSError:
+                    tail = f"exit code {self.proc.returncode}"
+                self.stop()
+                raise RuntimeError(f"redis-server exited: {tail}")
             try:
                 if redis.Redis.from_url(self.url, socket_timeout=0.5).ping():
                     return self

@@ -50,6 +50,20 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+
+# Defined before the class: serve.ingress captures the module's names when it wraps the class.
+def _api_error_of(exc: BaseException) -> APIError:
+    """Map an exception from the verifier to the error a client sees. A rejected request (too long for the
+    KV pool, ...) is the client's to fix; anything else is ours."""
+    if isinstance(exc, APIError):
+        return exc
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, ValueError) or isinstance(exc, ValueError):
+        lines = str(cause).strip().splitlines()
+        return APIError(400, lines[-1] if lines else type(cause).__name__)
+    return APIError(500, f"generation failed: {type(cause).__name__}", type_="server_error")
+
+
 @serve.ingress(app)  # at definition: replicas import this module and must get the routed class
 class OpenAIIngress:
     def __init__(self, config: dict, verifier):
@@ -59,7 +73,8 @@ class OpenAIIngress:
         path = resolve_model_path(self.config.model.source, self.config.model.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.max_model_len = context_window(AutoConfig.from_pretrained(path), self.config.engine.max_model_len)
-        self.max_prompt_tokens = self.config.server.max_prompt_tokens or self.max_model_len - 1
+        limit = self.config.server.max_prompt_tokens or self.max_model_len
+        self.max_prompt_tokens = min(limit, self.max_model_len - 1)
         self.model_name = self.config.model.name
         self.created = int(time.time())
 
@@ -114,14 +129,14 @@ class OpenAIIngress:
             raise APIError(404, f"model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def _limits(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+    def _limits(self, prompt_ids: list[int], max_tokens: int | None) -> int | None:
         n = len(prompt_ids)
         if n > self.max_prompt_tokens:
             raise APIError(400, f"prompt is {n} tokens, more than the limit of {self.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")
         room = self.max_model_len - n
         if max_tokens is None:
-            return room
+            return None  # the engine fills the window (or its KV pool, if smaller)
         if max_tokens > room:
             raise APIError(400, f"max_tokens: {max_tokens} + prompt {n} tokens exceeds the context window of "
                                 f"{self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
@@ -133,9 +148,17 @@ class OpenAIIngress:
         request = {"request_id": request_id, "prompt_token_ids": prompt_ids, "sampling": params.__dict__}
         events = self._generate(request, params.stop)
         if body.stream:
+            # Wait for the first event before sending headers, so a rejected request gets its 4xx status.
+            try:
+                first = await events.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code
+                await events.aclose()
+                raise _api_error_of(exc) from exc
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(events, request_id, chat, include_usage, body.return_token_ids),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._stream(first, events, request_id, chat, include_usage,
+                                                  body.return_token_ids), media_type="text/event-stream")
         text, token_ids, reason, usage = "", [], None, {}
         try:
             async for delta, ids, finish_reason, u in events:
@@ -166,12 +189,13 @@ class OpenAIIngress:
         try:
             async for chunk in stream:
                 ids = chunk["token_ids"]
+                before = len(detok.token_ids)
                 delta = detok.push(ids)
                 cached = chunk["cached_tokens"]
                 completion = chunk["completion_tokens"]
                 reason = chunk["finish_reason"]
                 if detok.stopped:
-                    ids = ids[:len(ids) - (len(detok.token_ids) - detok.num_tokens_at_stop)]
+                    ids = ids[:detok.num_tokens_at_stop - before]
                     completion = detok.num_tokens_at_stop
                     reason = "stop"
                 elif chunk["finished"]:
@@ -185,7 +209,7 @@ class OpenAIIngress:
         finally:
             stream.cancel()
 
-    async def _stream(self, events, request_id: str, chat: bool, include_usage: bool,
+    async def _stream(self, first, events, request_id: str, chat: bool, include_usage: bool,
                       return_token_ids: bool) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -207,7 +231,13 @@ class OpenAIIngress:
         try:
             if chat:
                 yield _sse(chunk(None, None, first=True))
-            async for delta, ids, reason, usage in events:
+            async def all_events():
+                if first is not None:
+                    yield first
+                async for ev in events:
+                    yield ev
+
+            async for delta, ids, reason, usage in all_events():
                 if delta or reason or (return_token_ids and ids):
                     yield _sse(chunk(delta, reason, ids=ids))
             if include_usage:
@@ -222,14 +252,3 @@ class OpenAIIngress:
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()
-
-
-def _api_error_of(exc: BaseException) -> APIError:
-    """Map an exception from the verifier to the error a client sees. A rejected request (too long for the
-    KV pool, ...) is the client's to fix; anything else is ours."""
-    if isinstance(exc, APIError):
-        return exc
-    cause = getattr(exc, "cause", None) or exc
-    if isinstance(cause, ValueError) or isinstance(exc, ValueError):
-        return APIError(400, str(cause).strip().splitlines()[-1])
-    return APIError(500, f"generation failed: {type(cause).__name__}", type_="server_error")

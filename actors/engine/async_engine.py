@@ -81,7 +81,13 @@ class AsyncEngine:
         target = self._streams.get(request_id)
         if target is not None:
             loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                self._streams.pop(request_id, None)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
 
     def _drain_inbox(self) -> None:
         while True:
@@ -93,7 +99,7 @@ class AsyncEngine:
                 _, rid, prompt, params = msg
                 try:
                     self.engine.add_request(rid, prompt, params)
-                except ValueError as exc:
+                except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                     self._deliver(rid, exc)
             elif msg[0] == "abort":
                 self.engine.abort_request(msg[1])
@@ -101,9 +107,13 @@ class AsyncEngine:
                 _, fn, loop, fut = msg
                 try:
                     result = fn(self.engine)
-                    loop.call_soon_threadsafe(lambda r=result: fut.done() or fut.set_result(r))
+                    done = lambda r=result: fut.done() or fut.set_result(r)  # noqa: E731
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    loop.call_soon_threadsafe(lambda e=exc: fut.done() or fut.set_exception(e))
+                    done = lambda e=exc: fut.done() or fut.set_exception(e)  # noqa: E731
+                try:
+                    loop.call_soon_threadsafe(done)
+                except RuntimeError:  # caller's loop closed
+                    pass
 
     async def call(self, fn):
         """Run `fn(engine)` on the engine thread between steps and return its result."""

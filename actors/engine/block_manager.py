@@ -110,9 +110,10 @@ class BlockManager:
             self.free(seq)
             raise
         seq.num_computed_tokens = len(hits) * self.block_size
-        seq.num_cached_tokens = seq.num_computed_tokens
-        self.prefix_queries += len(seq)
-        self.prefix_hits += seq.num_cached_tokens
+        if seq.num_preemptions == 0:  # prompt-cache figures describe the first admission, not recomputes
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            self.prefix_queries += seq.num_prompt_tokens
+            self.prefix_hits += seq.num_cached_tokens
 
     def ensure_slots(self, seq: Sequence, num_tokens: int) -> None:
         """Make room for `num_tokens` tokens in total (e.g. before a decode step writes a new token)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -79,11 +80,17 @@ class LLMEngine:
             raise RequestRejected(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
             raise RequestRejected("prompt is empty")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if params.max_tokens is None:  # the client left it open: fill the window, or the pool if smaller
+            room = min(self.max_model_len, capacity) - len(prompt_token_ids)
+            if room < 1:
+                raise RequestRejected(f"prompt of {len(prompt_token_ids)} tokens leaves no room to generate "
+                                      f"(context window {self.max_model_len}, KV cache {capacity} tokens)")
+            params = dataclasses.replace(params, max_tokens=room)
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestRejected(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
                                   f"{total} exceeds the context window of {self.max_model_len} tokens")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if total > capacity:
             raise RequestRejected(f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity of "
                                   f"{capacity} tokens")

@@ -36,7 +36,7 @@ class Sequence:
         self.arrival_time = time.monotonic()
         # Per-request generator: a seeded request reproduces its samples whatever else is in the batch.
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        self.generator.manual_seed(params.seed % 2 ** 64 if params.seed is not None else random.getrandbits(63))
 
     def __len__(self) -> int:
         return len(self.token_ids)

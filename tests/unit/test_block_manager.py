@@ -85,3 +85,19 @@ def test_import_block_registers_under_hash():
     bm.allocate(s)
     assert s.block_table[0] == block and s.num_cached_tokens == 4
     bm.check_invariants()
+
+
+def test_readmission_after_preemption_does_not_inflate_cache_figures():
+    bm = BlockManager(16, 4)
+    s = seq(list(range(4)))
+    bm.allocate(s)
+    computed(bm, s)
+    s.token_ids += [50, 51, 52, 53, 54]  # generated tokens
+    bm.ensure_slots(s, len(s))
+    s.num_computed_tokens = len(s) - 1
+    bm.register_computed_blocks(s)
+    bm.free(s)
+    s.num_preemptions = 1
+    bm.allocate(s)
+    assert s.num_computed_tokens == 8  # recompute reuses the cached blocks, generated ones included
+    assert s.num_cached_tokens == 0 and bm.prefix_queries == 4 and bm.prefix_hits == 0

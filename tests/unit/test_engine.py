@@ -123,3 +123,12 @@ def test_context_window_is_capped_at_a_sliding_window():
     assert context_window(Qwen2Config(max_position_embeddings=8192, sliding_window=1024,
                                       use_sliding_window=False)) == 8192
     assert context_window(MistralConfig(max_position_embeddings=32768, sliding_window=None), 2048) == 2048
+
+
+def test_open_max_tokens_fills_the_smaller_of_window_and_pool(tmp_path_factory):
+    _, ours = load_pair(tmp_path_factory, "llama")
+    engine = LLMEngine(ours, block_size=4, num_blocks=10, max_model_len=100)  # pool: 40 tokens < window
+    out = engine.generate([list(range(3, 13))], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert len(out) == 30
+    with pytest.raises(RequestRejected, match="no room"):
+        engine.add_request("full", [5] * 40, SamplingParams(max_tokens=None))
