@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +51,6 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     step_time_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class LLMEngine:

@@ -86,11 +86,12 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, 1))
             budget -= 1
 
-        # 2. Prefill chunks of admitted sequences (their blocks are already allocated).
+        # 2. Prefill chunks of admitted sequences (their blocks are already allocated). Sequences with one
+        #    uncomputed token were handled as decodes above.
         for seq in self.running:
             if budget <= 0:
                 break
-            if seq.num_uncomputed_tokens > 1 and not any(s.seq is seq for s in scheduled):
+            if seq.num_uncomputed_tokens > 1:
                 n = min(seq.num_uncomputed_tokens, budget)
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
