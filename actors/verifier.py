@@ -6,11 +6,15 @@ Plain class; the app builder (cluster/app.py) turns it into a Serve deployment w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
+from specserve.actors.draft.client import DrafterClient, RayLink
+from specserve.actors.draft.ngram import NgramProposer
 from specserve.actors.engine.async_engine import AsyncEngine
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.model_loader import load_model
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.cluster.config import SpecserveConfig
@@ -32,12 +36,27 @@ def eos_ids(tokenizer, hf_config) -> list[int]:
     return sorted(ids)
 
 
+def build_proposer(config: SpecserveConfig, vocab_size: int):
+    """The engine's source of drafts: n-gram in this process, a client of drafter replicas, or none."""
+    sp = config.speculative
+    if sp.method == "ngram":
+        return NgramProposer(sp.ngram_min, sp.ngram_max, recycle=sp.recycle)
+    if sp.remote:
+        return DrafterClient(vocab_size, sampled_drafts=sp.draft_sampling == "sampled", timeout_s=sp.timeout_s)
+    return None
+
+
 class Verifier:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, drafter=None):
+        """`drafter`: handle of the Drafter deployment when speculative.method runs in drafter replicas."""
         self.config = SpecserveConfig.model_validate(config)
         t0 = time.perf_counter()
         use_default_priority()  # before the engine thread starts, which inherits it
+        self._drafter = drafter
+        self._stop = threading.Event()
         self.async_engine = AsyncEngine(self._build_engine)
+        if drafter is not None and isinstance(self.async_engine.engine.proposer, DrafterClient):
+            threading.Thread(target=self._discover_drafters, name="specserve-drafter-discovery", daemon=True).start()
         bm = self.async_engine.engine.block_manager
         log.info("verifier ready: %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,
                  bm.num_blocks, bm.block_size, time.perf_counter() - t0)
@@ -47,8 +66,32 @@ class Verifier:
         loaded = load_model(self.config.model, attn_implementation=ATTN_IMPLEMENTATION)
         mc, ec = self.config.model, self.config.engine
         namespace = f"{mc.name}|{loaded.dtype}|block={ec.block_size}"
+        sp = self.config.speculative
+        proposer = build_proposer(self.config, loaded.config.get_text_config().vocab_size)
+        controller = None
+        if proposer is not None:
+            controller = SpeculationController(sp.num_speculative_tokens, adaptive=sp.adaptive,
+                                               prior_acceptance=proposer.prior_acceptance)
         return LLMEngine.from_config(loaded.model, ec, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
-                                     namespace=namespace)
+                                     namespace=namespace, proposer=proposer, controller=controller)
+
+    def _discover_drafters(self) -> None:
+        """Attach drafter workers: quickly while none is attached (startup, after a drafter died), then now and
+        then to find new replicas. Runs on its own thread: a Serve handle call must not stall engine steps."""
+        client: DrafterClient = self.async_engine.engine.proposer
+        wanted = self.config.drafter.num_replicas
+        while not self._stop.is_set():
+            try:
+                seen = set(client.workers())
+                for _ in range(2 * wanted if len(seen) < wanted else 1):
+                    worker_id, actor = self._drafter.get_worker.remote().result(timeout_s=30)
+                    if worker_id not in seen:
+                        client.attach_worker(worker_id, RayLink(actor))
+                        seen.add(worker_id)
+                        log.info("attached drafter worker %s", worker_id[:8])
+            except Exception as exc:  # noqa: BLE001 - drafters may be restarting; retry
+                log.info("no drafter worker yet: %s", exc)
+            self._stop.wait(1.0 if len(client.workers()) < wanted else 15.0)
 
     async def generate(self, request: dict):
         """Stream {token_ids, finished, finish_reason, prompt_tokens, cached_tokens, completion_tokens} dicts."""
@@ -61,6 +104,9 @@ class Verifier:
                 "prompt_tokens": out.num_prompt_tokens,
                 "cached_tokens": out.num_cached_tokens,
                 "completion_tokens": out.num_output_tokens,
+                "spec_rounds": out.num_spec_rounds,
+                "draft_tokens": out.num_draft_tokens,
+                "accepted_tokens": out.num_accepted_tokens,
             }
 
     def check_health(self) -> None:
@@ -85,9 +131,15 @@ class Verifier:
                 "generated_tokens": s.generated_tokens,
                 "preemptions": s.preemptions,
                 "max_model_len": engine.max_model_len,
+                "speculative_method": self.config.speculative.method,
+                "speculation": engine.spec_stats.as_dict() if engine.spec_stats else None,
+                "drafter_client": dict(engine.proposer.stats, workers=len(engine.proposer.workers()))
+                if isinstance(engine.proposer, DrafterClient) else None,
             }
         return await self.async_engine.call(read)
 
     def __del__(self):
+        if hasattr(self, "_stop"):
+            self._stop.set()
         if hasattr(self, "async_engine"):
             self.async_engine.shutdown()

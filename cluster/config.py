@@ -53,6 +53,34 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = True
 
 
+class SpeculativeConfig(_Strict):
+    # none | ngram (prompt lookup + recycled target guesses, inside the verifier) | model (a small checkpoint with
+    # the target's tokenizer) | layer_skip (the target with a subset of its layers) | int8 (int8 copy of the
+    # target, CPU). The model methods run in drafter replicas.
+    method: Literal["none", "ngram", "model", "layer_skip", "int8"] = "ngram"
+    # Most draft tokens per round (adaptive) or the k of every round (adaptive: false).
+    num_speculative_tokens: int = Field(4, ge=1, le=16)
+    adaptive: bool = True
+    # method=model: registry name, local directory or hub id of the draft checkpoint.
+    draft_model: str | None = None
+    # method=layer_skip: the layers to keep, or else this fraction of them, evenly spaced.
+    layer_skip_layers: list[int] | None = None
+    layer_skip_fraction: float = Field(0.5, gt=0, le=1)
+    # Model drafters: sample drafts from the draft distribution for sampled requests (and ship it back for
+    # rejection sampling), or always draft the argmax (one-hot q, nothing to ship).
+    draft_sampling: Literal["greedy", "sampled"] = "greedy"
+    ngram_min: int = Field(1, ge=1)
+    ngram_max: int = Field(3, ge=1)
+    recycle: bool = True  # n-gram: extend drafts with recycled target guesses (Token Recycling)
+    draft_kv_cache_memory_gb: float = Field(0.25, gt=0)
+    # A drafter call slower than this is given up for the round (the sequence decodes without a draft).
+    timeout_s: float = Field(2.0, gt=0)
+
+    @property
+    def remote(self) -> bool:
+        return self.method in ("model", "layer_skip", "int8")
+
+
 class DeploymentConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
@@ -75,7 +103,10 @@ class ServerConfig(_Strict):
 class SpecserveConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     verifier: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    # Drafter replicas (speculative.method model / layer_skip / int8); num_cpus/num_gpus go to the draft worker.
+    drafter: DeploymentConfig = Field(default_factory=DeploymentConfig)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
     server: ServerConfig = Field(default_factory=ServerConfig)
 
@@ -83,6 +114,11 @@ class SpecserveConfig(_Strict):
     def _check(self) -> "SpecserveConfig":
         if self.engine.max_num_batched_tokens < self.engine.max_num_seqs:
             raise ValueError("engine.max_num_batched_tokens must be >= engine.max_num_seqs (one decode token each)")
+        sp = self.speculative
+        if sp.ngram_min > sp.ngram_max:
+            raise ValueError("speculative.ngram_min must be <= speculative.ngram_max")
+        if sp.method == "model" and not sp.draft_model:
+            raise ValueError("speculative.method 'model' needs speculative.draft_model")
         return self
 
     @classmethod

@@ -202,7 +202,14 @@ class OpenAIIngress:
                     delta += detok.flush()
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                          "total_tokens": prompt_tokens + completion,
-                         "prompt_tokens_details": {"cached_tokens": cached}}
+                         "prompt_tokens_details": {"cached_tokens": cached},
+                         # OpenAI's predicted-output counters mean the same for drafts: drafted tokens the
+                         # target accepted / rejected. `speculation` adds the rounds (mean accepted length).
+                         "completion_tokens_details": {
+                             "accepted_prediction_tokens": chunk["accepted_tokens"],
+                             "rejected_prediction_tokens": chunk["draft_tokens"] - chunk["accepted_tokens"]},
+                         "speculation": {"rounds": chunk["spec_rounds"], "draft_tokens": chunk["draft_tokens"],
+                                         "accepted_tokens": chunk["accepted_tokens"]}}
                 yield delta, ids, reason, usage
                 if detok.stopped or chunk["finished"]:
                     return

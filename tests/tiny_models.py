@@ -62,14 +62,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _config(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast):
+def _config(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, num_layers: int = 2):
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(ARCHS)}")
     kw = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,  # explicit: qwen3 defaults to 128
@@ -95,7 +95,8 @@ def _config(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast):
     return CONFIG_MAPPING[arch](**kw)
 
 
-def make_tiny_model(path, arch: str = "llama", seed: int = 0, vocab_size: int | None = None) -> Path:
+def make_tiny_model(path, arch: str = "llama", seed: int = 0, vocab_size: int | None = None,
+                    num_layers: int = 2) -> Path:
     """Save a seeded tiny random causal LM plus tokenizer into `path`; returns the path."""
     path = Path(path)
     tokenizer = make_tokenizer()
@@ -104,7 +105,7 @@ def make_tiny_model(path, arch: str = "llama", seed: int = 0, vocab_size: int | 
         vocab_size = n_tokens
     elif vocab_size < n_tokens:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer ({n_tokens} tokens)")
-    config = _config(arch, vocab_size, tokenizer)
+    config = _config(arch, vocab_size, tokenizer, num_layers)
     # Fork the RNG so callers' global torch seed state is left alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -11,10 +11,12 @@ import torch
 
 from specserve.actors.engine.block_manager import BlockManager
 from specserve.actors.engine.model_runner import ModelRunner
+from specserve.actors.engine.rejection_sampler import verify_draft
 from specserve.actors.engine.sampler import sample
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.scheduler import Scheduler
 from specserve.actors.engine.sequence import Sequence, SequenceStatus
+from specserve.actors.engine.speculation import Draft, Proposer, SpeculationController
 
 
 def context_window(hf_config, max_model_len: int = 0) -> int:
@@ -42,6 +44,9 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    num_spec_rounds: int = 0  # speculative rounds so far, and their drafted / accepted tokens
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -56,7 +61,8 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int = 0, kv_cache_memory_gb: float = 1.0,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, max_model_len: int = 0,
-                 enable_prefix_caching: bool = True, eos_token_ids: list[int] | None = None, namespace: str = ""):
+                 enable_prefix_caching: bool = True, eos_token_ids: list[int] | None = None, namespace: str = "",
+                 proposer: Proposer | None = None, controller: SpeculationController | None = None):
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, namespace)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
@@ -64,14 +70,22 @@ class LLMEngine:
         self.eos_token_ids = set(eos_token_ids or [])
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        # Speculation: drafts come from `proposer`; `controller` picks k per sequence and holds the aggregate stats.
+        self.proposer = proposer
+        self.controller = controller or (SpeculationController(4) if proposer else None)
+
+    @property
+    def spec_stats(self):
+        return self.controller.method_stats if self.controller else None
 
     @classmethod
-    def from_config(cls, model, engine_cfg, eos_token_ids=None, namespace: str = "") -> "LLMEngine":
+    def from_config(cls, model, engine_cfg, eos_token_ids=None, namespace: str = "", proposer=None,
+                    controller=None) -> "LLMEngine":
         return cls(model, block_size=engine_cfg.block_size, num_blocks=engine_cfg.num_blocks,
                    kv_cache_memory_gb=engine_cfg.kv_cache_memory_gb, max_num_seqs=engine_cfg.max_num_seqs,
                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens, max_model_len=engine_cfg.max_model_len,
                    enable_prefix_caching=engine_cfg.enable_prefix_caching, eos_token_ids=eos_token_ids,
-                   namespace=namespace)
+                   namespace=namespace, proposer=proposer, controller=controller)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -101,10 +115,16 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = "abort"
+        self._finish(seq, "abort")
         return True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.seqs.pop(seq.request_id, None)
+        if self.proposer is not None:
+            self.proposer.release(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -120,35 +140,118 @@ class LLMEngine:
             return "length"
         return None
 
+    def _pending_prefill_tokens(self, num_decodes: int) -> int:
+        """Prefill tokens the next step will likely carry besides the decodes (for the cost model)."""
+        pending = sum(s.num_uncomputed_tokens for s in self.scheduler.running if s.num_uncomputed_tokens > 1)
+        pending += sum(len(s) for s in self.scheduler.waiting)
+        return min(pending, max(0, self.scheduler.max_num_batched_tokens - num_decodes))
+
+    def _draft(self) -> None:
+        """Give each decoding sequence this step's draft, or none."""
+        seqs = [s for s in self.scheduler.running if s.num_uncomputed_tokens == 1]
+        if not seqs:
+            return
+        ctl = self.controller
+        limits = []
+        for seq in seqs:
+            if seq.acceptance is None:
+                seq.acceptance = ctl.new_estimate()
+            # Never draft past the end: tokens beyond max_tokens or the window would be thrown away.
+            remaining = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
+            limits.append(max(0, min(remaining - 1, ctl.max_k)))
+        alphas = [s.acceptance.value for s in seqs]
+        idle = [s.rounds_without_draft for s in seqs]
+        other = self._pending_prefill_tokens(len(seqs))
+        if self.proposer.drafts_are_free:  # look first, then choose k within what was found
+            drafts = self.proposer.propose(seqs, limits)
+            limits = [min(lim, len(d.tokens)) if d else 0 for lim, d in zip(limits, drafts)]
+            ks = ctl.choose(alphas, limits, idle, other)
+        else:  # drafting costs a forward per token: choose k first
+            ks = ctl.choose(alphas, limits, idle, other)
+            t0 = time.perf_counter()
+            drafts = self.proposer.propose(seqs, ks) if any(ks) else [None] * len(seqs)
+            ctl.observe_draft(max(ks), time.perf_counter() - t0)
+        for seq, k, draft in zip(seqs, ks, drafts):
+            if draft is None or k == 0 or not draft.tokens:
+                seq.draft = None
+                seq.rounds_without_draft += 1
+            else:
+                probs = draft.probs[:k] if draft.probs is not None else None
+                seq.draft = Draft(list(draft.tokens[:k]), probs)
+                seq.rounds_without_draft = 0
+
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        if self.proposer is not None:
+            self._draft()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         if not sched.scheduled:
             return []
+        t_exec = time.perf_counter()
         logits = self.runner.execute(sched.scheduled)
-        producing = [s for s in sched.scheduled if s.completes_prompt]
-        tokens = sample(logits, [s.seq.params for s in producing], [s.seq.generator for s in producing])
+        if self.controller is not None:
+            self.controller.observe_step(sched.num_tokens, time.perf_counter() - t_exec)
+
+        # Rows of `logits`: 1 + k per verifying sequence, 1 per other sequence that produces a token.
+        plain = [i for i, it in enumerate(sched.scheduled) if it.completes_prompt and not it.num_draft]
+        row_of, row = {}, 0
+        for i, item in enumerate(sched.scheduled):
+            if item.num_draft or item.completes_prompt:
+                row_of[i] = row
+                row += item.num_draft + 1
+        rows = [row_of[i] for i in plain]
+        sampled = sample(logits[rows], [sched.scheduled[i].seq.params for i in plain],
+                         [sched.scheduled[i].seq.generator for i in plain]) if plain else []
+        new_tokens = dict(zip(plain, ([t] for t in sampled)))
+        argmax = logits.argmax(dim=-1).tolist() if self.proposer is not None else None
 
         outputs: list[RequestOutput] = []
-        for item in sched.scheduled:
+        for i, item in enumerate(sched.scheduled):
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
+            k = item.num_draft
+            if k:
+                r = row_of[i]
+                tokens = verify_draft(logits[r:r + k + 1], seq.draft.tokens, seq.draft.probs, seq.params,
+                                      seq.generator)
+                new_tokens[i] = tokens
+                # KV is valid for the last committed token and the accepted draft tokens only; the rest is
+                # overwritten by later steps (rolled back).
+                seq.num_computed_tokens += len(tokens)
+            else:
+                seq.num_computed_tokens += item.num_new_tokens
+            if i in row_of and self.proposer is not None:
+                r = row_of[i]
+                inputs = [seq.token_ids[-1]] + (seq.draft.tokens if k else [])
+                self.proposer.observe(seq, inputs, argmax[r:r + k + 1])
+                accepted = len(new_tokens[i]) - 1
+                seq.spec_stats.record(k, accepted)
+                self.controller.method_stats.record(k, accepted)
+                if seq.acceptance is not None:
+                    seq.acceptance.update(k, accepted)
+            seq.draft = None
+            if i not in new_tokens:
+                self.block_manager.register_computed_blocks(seq)
+                continue
+            reason = None
+            emitted = []
+            for token in new_tokens[i]:
+                seq.token_ids.append(token)
+                emitted.append(token)
+                reason = self._check_stop(seq, token)
+                if reason:
+                    break
+            seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq))
             self.block_manager.register_computed_blocks(seq)
-        for item, token in zip(producing, tokens):
-            seq = item.seq
-            seq.token_ids.append(token)
-            self.stats.generated_tokens += 1
-            reason = self._check_stop(seq, token)
+            self.stats.generated_tokens += len(emitted)
             if reason:
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = reason
-                self.scheduler.remove(seq)
-                self.seqs.pop(seq.request_id, None)
-            outputs.append(RequestOutput(seq.request_id, [token], reason is not None, reason,
-                                         seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_output_tokens))
+                self._finish(seq, reason)
+            st = seq.spec_stats
+            outputs.append(RequestOutput(seq.request_id, emitted, reason is not None, reason,
+                                         seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_output_tokens,
+                                         st.rounds, st.draft_tokens, st.accepted_tokens))
         self.stats.steps += 1
         self.stats.step_time_s += time.perf_counter() - t0
         return outputs

@@ -55,7 +55,9 @@ class ModelRunner:
             seq, n = item.seq, item.num_new_tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             row = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(seq.token_ids[start:end - item.num_draft])
+            if item.num_draft:
+                input_ids.extend(seq.draft.tokens)
             positions.extend(range(start, end))
             slot_mapping.extend(self._slots(seq.block_table, start, end))
             if n == 1:
@@ -68,7 +70,9 @@ class ModelRunner:
                         torch.arange(start, end, device=self.device)[:, None])
                 slots = torch.tensor(self._slots(seq.block_table, 0, end), device=self.device)
                 prefills.append(PrefillSpan(row, n, slots, mask))
-            if item.completes_prompt:
+            if item.num_draft:  # verification: logits at the last committed token and at every draft token
+                logit_rows.extend(range(row, row + n))
+            elif item.completes_prompt:
                 logit_rows.append(row + n - 1)
 
         dec_rows = dec_slots = dec_mask = None
@@ -91,7 +95,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Forward the batch; returns float32 logits [len(rows producing a token), vocab] in batch order."""
+        """Forward the batch; returns float32 logits in batch order: one row per sequence that completes its
+        prompt or decodes, 1 + k rows per sequence verifying k draft tokens, none for partial prefill chunks."""
         ids, pos, meta, logit_rows = self.prepare(batch)
         set_context(self.kv_cache, meta)
         try:

@@ -18,12 +18,13 @@ from specserve.actors.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on (draft tokens included)
+    num_draft: int = 0  # of which draft tokens, appended after the sequence's last token
 
     @property
     def completes_prompt(self) -> bool:
         """After this step the sequence's KV covers all its tokens, so its last logits yield a new token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+        return self.seq.num_computed_tokens + self.num_new_tokens - self.num_draft == len(self.seq)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.draft = None
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -70,10 +72,16 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
 
-        # 1. Decodes: one token each, preempting the newest sequences when a new block is needed and none is free.
-        for seq in list(self.running):
-            if seq not in self.running or seq.num_uncomputed_tokens != 1:
+        # 1. Decodes: one token each plus the sequence's draft tokens, if any. A draft is dropped when the budget
+        #    (one token kept for each decode still to come) or the pool cannot take it; when even the one
+        #    token needs a block and none is free, the newest sequences are preempted.
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        for i, seq in enumerate(decodes):
+            if seq not in self.running:
                 continue
+            if seq.draft is not None and (seq.num_draft_tokens > budget - (len(decodes) - i)
+                                          or not self.bm.can_append(seq, len(seq) + seq.num_draft_tokens)):
+                seq.draft = None
             while not self.bm.can_append(seq, len(seq)):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -82,9 +90,10 @@ class Scheduler:
                     break
             if seq not in self.running:
                 continue
-            self.bm.ensure_slots(seq, len(seq))
-            scheduled.append(ScheduledSeq(seq, 1))
-            budget -= 1
+            k = seq.num_draft_tokens
+            self.bm.ensure_slots(seq, len(seq) + k)
+            scheduled.append(ScheduledSeq(seq, 1 + k, k))
+            budget -= 1 + k
 
         # 2. Prefill chunks of admitted sequences (their blocks are already allocated). Sequences with one
         #    uncomputed token were handled as decodes above.

@@ -9,6 +9,7 @@ import time
 import torch
 
 from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.speculation import SpeculationStats
 
 
 class SequenceStatus(enum.Enum):
@@ -37,6 +38,12 @@ class Sequence:
         # Per-request generator: a seeded request reproduces its samples whatever else is in the batch.
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(params.seed % 2 ** 64 if params.seed is not None else random.getrandbits(63))
+        # Speculation: this step's draft (verified with the last committed token in one forward), the
+        # acceptance estimate that sets k, per-request counters, and rounds since it last drafted.
+        self.draft = None  # speculation.Draft | None
+        self.acceptance = None  # speculation.AcceptanceEstimate, created on the first decode round
+        self.spec_stats = SpeculationStats()
+        self.rounds_without_draft = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -48,6 +55,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft.tokens) if self.draft is not None else 0
 
     @property
     def num_uncomputed_tokens(self) -> int:

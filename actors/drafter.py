@@ -1,0 +1,67 @@
+"""Drafter deployment: proposes draft tokens for the verifiers with a draft model (method model, layer_skip, int8).
+
+A Serve deployment gives the drafters replicas, health checks, restarts and scaling of their own. The per-step
+path must not pay a Serve handle call (about 7 ms here), so each replica starts one DraftWorker, a plain Ray
+actor that holds the model and the per-sequence draft KV, and hands its handle to the verifiers, which then
+call it directly (about 1 ms). The worker is owned by the replica and dies with it; a replica whose worker
+died fails its health check and Serve replaces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import ray
+
+from specserve.cluster.config import SpecserveConfig
+
+log = logging.getLogger(__name__)
+
+
+class DraftWorker:
+    """Plain Ray actor (see cluster/app.py for its resources). A sync actor: every call, and so every torch op,
+    runs on one thread."""
+
+    def __init__(self, config: dict):
+        from specserve.actors.draft.draft_models import build_draft_model
+        from specserve.actors.draft.model_proposer import DraftModelProposer
+        from specserve.cluster.priority import use_default_priority
+
+        use_default_priority()
+        cfg = SpecserveConfig.model_validate(config)
+        sp = cfg.speculative
+        loaded = build_draft_model(sp.method, cfg.model, sp)
+        self.proposer = DraftModelProposer(loaded.model, block_size=cfg.engine.block_size,
+                                           kv_cache_memory_gb=sp.draft_kv_cache_memory_gb,
+                                           max_model_len=cfg.engine.max_model_len)
+        self.method = sp.method
+        log.info("draft worker ready: %s (%s), %d KV blocks", cfg.model.name, sp.method, self.proposer.bm.num_blocks)
+
+    def propose(self, client: str, requests: list[dict], releases: list[str]) -> list[dict]:
+        return self.proposer.propose_batch(client, requests, releases)
+
+    def stats(self) -> dict:
+        return {"method": self.method, "sequences_held": len(self.proposer.states), **self.proposer.stats}
+
+
+class Drafter:
+    def __init__(self, config: dict):
+        cfg = SpecserveConfig.model_validate(config)
+        d = cfg.drafter
+        self.worker_id = uuid.uuid4().hex
+        self.worker = ray.remote(DraftWorker).options(
+            num_cpus=d.num_cpus, num_gpus=d.num_gpus, max_restarts=0,
+            name=f"specserve-draft-worker-{self.worker_id[:12]}").remote(config)
+        ray.get(self.worker.stats.remote())  # the model is loaded before the replica reports ready
+
+    async def get_worker(self) -> tuple[str, object]:
+        """(worker id, actor handle) for a verifier to call directly."""
+        return self.worker_id, self.worker
+
+    async def stats(self) -> dict:
+        return await self.worker.stats.remote()
+
+    async def check_health(self) -> None:
+        await asyncio.wait_for(self.worker.stats.remote(), timeout=10)

@@ -1,0 +1,197 @@
+"""How much to speculate: online acceptance estimates, step-cost models, and the choice of k per sequence.
+
+Each round the engine asks `SpeculationController.choose` for a k per decoding sequence. The choice maximises
+goodput, the expected committed tokens per second of the whole step:
+
+    sum_i E_i(k_i) / (verify_cost(total tokens in the step) + draft_cost(max_i k_i))
+
+with E(k) = 1 + a + a^2 + ... + a^k the expected tokens committed by a round that drafts k tokens at per-token
+acceptance a (the bonus/correction token always commits). Acceptance is tracked per request (discounted counts,
+seeded with the method's running average); the two costs are linear models fitted online from measured step
+and draft times. k = 0 is chosen when speculation does not pay: low acceptance, or a batch large enough that the
+extra verified tokens cost more than they return. A fixed-k mode is kept for comparison.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SpeculationStats:
+    """Counters for one request or one engine. Per-position counts index the draft position (0 = first)."""
+    rounds: int = 0  # verification rounds that carried a draft
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    k_chosen: dict[int, int] = field(default_factory=dict)  # k -> decode rounds that chose it (0 included)
+
+    def record(self, k: int, accepted: int) -> None:
+        self.k_chosen[k] = self.k_chosen.get(k, 0) + 1
+        if k == 0:
+            return
+        self.rounds += 1
+        self.draft_tokens += k
+        self.accepted_tokens += accepted
+        while len(self.drafted_at) < k:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(k):
+            self.drafted_at[i] += 1
+            if i < accepted:
+                self.accepted_at[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens committed per speculative round (accepted drafts + the target's own token)."""
+        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else None
+
+    def as_dict(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "acceptance_by_position": [a / d if d else None for a, d in zip(self.accepted_at, self.drafted_at)],
+            "k_chosen": {str(k): n for k, n in sorted(self.k_chosen.items())},
+        }
+
+
+class AcceptanceEstimate:
+    """Per-token acceptance probability from discounted counts, pulled toward a prior while data is thin.
+
+    A round that drafts k and accepts n observes n successes and, when n < k, one failure (the tokens after
+    the first rejection are not observed)."""
+
+    def __init__(self, prior: float, prior_weight: float = 2.0, decay: float = 0.9):
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.successes = 0.0
+        self.trials = 0.0
+
+    def update(self, k: int, accepted: int) -> None:
+        if k <= 0:
+            return
+        trials = accepted + (1 if accepted < k else 0)
+        keep = self.decay ** trials  # discount per observed token: about the last 1 / (1 - decay) tokens count
+        self.successes = keep * self.successes + accepted
+        self.trials = keep * self.trials + trials
+
+    @property
+    def value(self) -> float:
+        a = (self.successes + self.prior_weight * self.prior) / (self.trials + self.prior_weight)
+        return min(max(a, 0.0), 0.999)
+
+
+class LinearCost:
+    """seconds = a + b * x, fitted by least squares over recent samples plus two prior pseudo-samples (so the
+    slope is defined before x has varied)."""
+
+    def __init__(self, a0: float, b0: float, window: int = 128, prior_weight: float = 2.0):
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.prior = [(1.0, a0 + b0, prior_weight), (9.0, a0 + 9 * b0, prior_weight)]
+        self.a, self.b = a0, b0
+
+    def add(self, x: float, seconds: float) -> None:
+        self.samples.append((x, seconds))
+        pts = [(x, y, 1.0) for x, y in self.samples] + self.prior
+        w = sum(p[2] for p in pts)
+        mx = sum(p[0] * p[2] for p in pts) / w
+        my = sum(p[1] * p[2] for p in pts) / w
+        sxx = sum(p[2] * (p[0] - mx) ** 2 for p in pts)
+        sxy = sum(p[2] * (p[0] - mx) * (p[1] - my) for p in pts)
+        b = max(sxy / sxx, 0.0) if sxx > 0 else self.b
+        self.a, self.b = max(my - b * mx, 0.0), b
+
+    def __call__(self, x: float) -> float:
+        return self.a + self.b * x
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens committed by one round drafting k tokens at per-token acceptance alpha."""
+    return sum(alpha ** j for j in range(k + 1))
+
+
+class SpeculationController:
+    def __init__(self, max_k: int, adaptive: bool = True, prior_acceptance: float = 0.5,
+                 verify_cost: tuple[float, float] = (0.025, 0.003), draft_cost: tuple[float, float] = (0.0, 0.0),
+                 probe_every: int = 16):
+        self.max_k = max_k
+        self.adaptive = adaptive
+        self.verify_cost = LinearCost(*verify_cost)
+        self.draft_cost = LinearCost(*draft_cost)  # x = the longest draft of the round
+        self.method_stats = SpeculationStats()
+        self.prior_acceptance = prior_acceptance
+        self.probe_every = probe_every
+
+    def new_estimate(self) -> AcceptanceEstimate:
+        """A new request starts from the method's running acceptance rate."""
+        rate = self.method_stats.acceptance_rate
+        return AcceptanceEstimate(self.prior_acceptance if rate is None else rate)
+
+    def goodput(self, alphas: list[float], ks: list[int], other_tokens: int) -> float:
+        tokens = other_tokens + len(ks) + sum(ks)
+        seconds = self.verify_cost(tokens) + (self.draft_cost(max(ks)) if any(ks) else 0.0)
+        return sum(expected_tokens(a, k) for a, k in zip(alphas, ks)) / max(seconds, 1e-6)
+
+    def choose(self, alphas: list[float], limits: list[int], idle_rounds: list[int], other_tokens: int = 0) -> list[int]:
+        """k per sequence. limits: the most each sequence may draft (remaining tokens, draft available);
+        idle_rounds: rounds since the sequence last drafted (to probe a sequence whose estimate fell to k=0)."""
+        caps = [min(self.max_k, lim) for lim in limits]
+        if not self.adaptive or not caps:
+            return caps
+        # Best uniform k first (captures the fixed draft cost), then a per-sequence pass that lowers k where
+        # the sequence's acceptance does not pay for its extra verified tokens.
+        best_ks, best = [0] * len(caps), self.goodput(alphas, [0] * len(caps), other_tokens)
+        for k in range(1, max(caps) + 1):
+            ks = [min(k, c) for c in caps]
+            g = self.goodput(alphas, ks, other_tokens)
+            if g > best:
+                best_ks, best = ks, g
+        ks = list(best_ks)
+        for i in range(len(ks)):
+            for k in range(0, best_ks[i]):
+                trial = ks[:i] + [k] + ks[i + 1:]
+                g = self.goodput(alphas, trial, other_tokens)
+                if g > best:
+                    ks, best = trial, g
+        for i, idle in enumerate(idle_rounds):
+            if ks[i] == 0 and caps[i] > 0 and idle >= self.probe_every:
+                ks[i] = 1  # cheap probe so a sequence whose drafts became good again can recover
+        return ks
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        self.verify_cost.add(tokens, seconds)
+
+    def observe_draft(self, max_k: int, seconds: float) -> None:
+        if max_k > 0:
+            self.draft_cost.add(max_k, seconds)
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: object | None = None  # torch.Tensor [len(tokens), V] for sampled drafts; None for deterministic ones
+
+
+class Proposer(Protocol):
+    """Where draft tokens come from: the n-gram proposer in the verifier, or a client of drafter replicas.
+
+    `drafts_are_free`: drafting costs (almost) nothing and its length is known only after looking (n-gram), so
+    the engine proposes first and chooses k within what was found; otherwise it chooses k first."""
+
+    drafts_are_free: bool
+    prior_acceptance: float
+
+    def propose(self, seqs: list, ks: list[int]) -> list[Draft | None]: ...
+
+    def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None: ...
+
+    def release(self, seq) -> None: ...

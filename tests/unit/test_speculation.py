@@ -1,0 +1,155 @@
+"""Speculation core without a model: verification, rejection sampling statistics, choice of k, n-gram drafts."""
+
+import torch
+
+from specserve.actors.draft.ngram import NgramIndex, NgramProposer
+from specserve.actors.engine.rejection_sampler import verify_draft
+from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.sequence import Sequence
+from specserve.actors.engine.speculation import (
+    AcceptanceEstimate,
+    LinearCost,
+    SpeculationController,
+    SpeculationStats,
+    expected_tokens,
+)
+
+
+def chi_square_p_value(observed: list[int], expected: list[float]) -> float:
+    """Pearson's chi-square goodness of fit; cells with small expectation are pooled into one."""
+    obs, exp, pool_o, pool_e = [], [], 0, 0.0
+    for o, e in zip(observed, expected):
+        if e < 5:
+            pool_o, pool_e = pool_o + o, pool_e + e
+        else:
+            obs.append(o)
+            exp.append(e)
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    dof = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def onehot_logits(tokens: list[int], vocab: int) -> torch.Tensor:
+    logits = torch.zeros(len(tokens), vocab)
+    for i, t in enumerate(tokens):
+        logits[i, t] = 10.0
+    return logits
+
+
+def test_greedy_verification_accepts_the_matching_prefix_and_adds_the_target_token():
+    greedy, g = SamplingParams(temperature=0), torch.Generator()
+    target = onehot_logits([5, 6, 7, 8], 10)  # target argmax after the last token and after each draft token
+    assert verify_draft(target, [5, 6, 7], None, greedy, g) == [5, 6, 7, 8]  # all accepted + bonus
+    assert verify_draft(target, [5, 9, 7], None, greedy, g) == [5, 6]  # first mismatch corrected
+    assert verify_draft(target, [1, 6, 7], None, greedy, g) == [5]
+    assert verify_draft(target[:1], [], None, greedy, g) == [5]
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """First committed token ~ p_0; given the first draft token was accepted, the second ~ p_1. For a sampled
+    draft (q from another distribution) and a deterministic one (one-hot q)."""
+    vocab, n = 6, 30000
+    g = torch.Generator().manual_seed(0)
+    target_logits = torch.randn(3, vocab, generator=g) * 1.5
+    draft_logits = torch.randn(2, vocab, generator=g) * 1.5
+    params = SamplingParams(temperature=0.8, top_k=5)
+    from specserve.actors.engine.sampler import processed_logits
+
+    p = processed_logits(target_logits, params).softmax(-1)
+    q = processed_logits(draft_logits, params).softmax(-1)
+    for deterministic in (False, True):
+        first = [0] * vocab
+        second = [0] * vocab
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(n):
+            if deterministic:
+                draft, probs = [2, 4], None
+            else:
+                draft = [int(torch.multinomial(q[i], 1, generator=gen)) for i in range(2)]
+                probs = q
+            out = verify_draft(target_logits, draft, probs, params, gen)
+            first[out[0]] += 1
+            if len(out) > 1 and draft[0] == 2:  # context "2" for the second position: its target is p_1
+                second[out[1]] += 1
+        assert chi_square_p_value(first, (p[0] * n).tolist()) > 0.01, (deterministic, first)
+        m = sum(second)
+        assert m > 1000
+        assert chi_square_p_value(second, (p[1] * m).tolist()) > 0.01, (deterministic, second)
+        # Power check: the counts clearly differ from the draft distribution.
+        assert chi_square_p_value(first, (q[0] * n).tolist()) < 1e-6
+
+
+def test_acceptance_estimate_and_cost_model():
+    est = AcceptanceEstimate(prior=0.5)
+    assert est.value == 0.5
+    for _ in range(30):
+        est.update(4, 4)
+    assert est.value > 0.9
+    for _ in range(30):
+        est.update(4, 0)
+    assert est.value < 0.15
+    cost = LinearCost(0.02, 0.001)
+    for tokens in (1, 2, 5, 9, 17, 33) * 10:
+        cost.add(tokens, 0.030 + 0.002 * tokens)
+    assert abs(cost.b - 0.002) < 3e-4 and abs(cost.a - 0.030) < 3e-3
+    assert expected_tokens(0.5, 2) == 1.75
+
+
+def test_controller_speculates_only_where_it_pays():
+    ctl = SpeculationController(max_k=8, verify_cost=(0.025, 0.002))
+    high, low = 0.9, 0.05
+    # One sequence with good drafts: draft deep. Poor drafts: do not draft.
+    assert ctl.choose([high], [8], [0]) == [8]
+    assert ctl.choose([low], [8], [0]) == [0]
+    # A cap from the remaining tokens or the available draft.
+    assert ctl.choose([high], [3], [0]) == [3]
+    # Mixed batch: the good sequence drafts, the poor one does not.
+    ks = ctl.choose([high, low], [8, 8], [0, 0])
+    assert ks[0] > 0 and ks[1] == 0
+    # A large batch makes every extra verified token expensive relative to the step: k shrinks.
+    steep = SpeculationController(max_k=8, verify_cost=(0.025, 0.004))
+    small = steep.choose([0.6], [8], [0])[0]
+    big = max(steep.choose([0.6] * 32, [8] * 32, [0] * 32))
+    assert big < small
+    # A sequence stuck at k=0 is probed now and then.
+    assert ctl.choose([low], [8], [ctl.probe_every]) == [1]
+    # Fixed mode uses the cap.
+    assert SpeculationController(max_k=4, adaptive=False).choose([low, high], [8, 2], [0, 0]) == [4, 2]
+    # Draft cost (model drafters): an expensive drafter lowers k.
+    slow = SpeculationController(max_k=8, verify_cost=(0.025, 0.002), draft_cost=(0.0, 0.02))
+    assert slow.choose([0.7], [8], [0])[0] < ctl.choose([0.7], [8], [0])[0]
+
+
+def test_stats_per_position():
+    st = SpeculationStats()
+    st.record(4, 2)
+    st.record(2, 2)
+    st.record(0, 0)
+    d = st.as_dict()
+    assert d["draft_tokens"] == 6 and d["accepted_tokens"] == 4 and d["rounds"] == 2
+    assert d["acceptance_by_position"] == [1.0, 1.0, 0.0, 0.0]
+    assert d["mean_accepted_length"] == 3.0
+    assert d["k_chosen"] == {"0": 1, "2": 1, "4": 1}
+
+
+def test_ngram_lookup_and_recycled_candidates():
+    idx = NgramIndex(1, 3)
+    tokens = [1, 2, 3, 4, 5, 9, 2, 3]
+    idx.update(tokens)
+    assert idx.lookup(tokens, 3) == [4, 5, 9]  # "2 3" seen before, followed by 4 5 9
+    tokens += [4, 7]
+    idx.update(tokens)
+    assert idx.lookup(tokens, 2) == []  # "7" never seen before
+    prop = NgramProposer(1, 3)
+    seq = Sequence("a", [10, 11, 12, 10, 11], SamplingParams())
+    assert prop.propose([seq], [3])[0].tokens == [12, 10, 11]
+    other = Sequence("b", [20, 21], SamplingParams())
+    assert prop.propose([other], [3]) == [None]
+    prop.observe(other, [21, 22], [22, 23])  # target guessed 22 after 21, 23 after 22
+    assert prop.propose([other], [3])[0].tokens == [22, 23]
+    prop.release(seq)
+    assert "a" not in prop.indexes
