@@ -70,8 +70,11 @@ class Verifier:
         proposer = build_proposer(self.config, loaded.config.get_text_config().vocab_size)
         controller = None
         if proposer is not None:
+            # A probe of a sequence at k=0 is nearly free for n-gram drafts; a drafter replica must first catch
+            # up on every token since its last round, so probe those rarely.
             controller = SpeculationController(sp.num_speculative_tokens, adaptive=sp.adaptive,
-                                               prior_acceptance=proposer.prior_acceptance)
+                                               prior_acceptance=proposer.prior_acceptance,
+                                               probe_every=16 if proposer.drafts_are_free else 64)
         return LLMEngine.from_config(loaded.model, ec, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
                                      namespace=namespace, proposer=proposer, controller=controller)
 

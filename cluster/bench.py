@@ -440,6 +440,11 @@ class RequestResult:
     usage_reported: bool = False
     done: bool = False  # saw `data: [DONE]`
     finish_reason: str | None = None
+    # Speculative decoding (specserve's usage.speculation): verification rounds with a draft, drafted and
+    # accepted draft tokens.
+    spec_rounds: int | None = None
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
 
     @property
     def tpot_s(self) -> float | None:
@@ -456,6 +461,10 @@ def summarize(results: list[RequestResult], wall_s: float, concurrency: int) -> 
     tpots = [t for t in (r.tpot_s for r in ok) if t is not None]
     out_tokens = sum(r.output_tokens for r in ok)
     tpot_ms = _ms(_mean(tpots))
+    spec = [r for r in ok if r.spec_rounds is not None]
+    rounds = sum(r.spec_rounds for r in spec)
+    drafted = sum(r.draft_tokens or 0 for r in spec)
+    accepted = sum(r.accepted_tokens or 0 for r in spec)
     return {
         "requests": len(results),
         "ok": len(ok),
@@ -475,6 +484,12 @@ def summarize(results: list[RequestResult], wall_s: float, concurrency: int) -> 
         "output_tok_s": out_tokens / wall_s if wall_s > 0 else None,
         "req_s": len(ok) / wall_s if wall_s > 0 else None,
         "usage_reported": bool(ok) and all(r.usage_reported for r in ok),
+        "spec_rounds": rounds if spec else None,
+        "draft_tokens": drafted if spec else None,
+        "accepted_tokens": accepted if spec else None,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        # Tokens committed per speculative round (accepted drafts + the target's token).
+        "mean_accepted_length": (accepted + rounds) / rounds if rounds else None,
     }
 
 
@@ -492,6 +507,62 @@ class Target:
     label: str
     url: str  # base URL without a trailing /v1
     model: str | None = None
+    # --serve targets: config overrides (dotted keys) of a server the bench starts for this target's passes.
+    serve: dict[str, str] | None = None
+
+
+# --spec-matrix: one server per row, in this order; the first is the baseline of the ratios.
+SPEC_MATRIX: dict[str, dict[str, str]] = {
+    "no-spec": {"speculative.method": "none"},
+    "ngram-k2": {"speculative.method": "ngram", "speculative.adaptive": "false", "speculative.num_speculative_tokens": "2"},
+    "ngram-k4": {"speculative.method": "ngram", "speculative.adaptive": "false", "speculative.num_speculative_tokens": "4"},
+    "layer_skip-k3": {"speculative.method": "layer_skip", "speculative.adaptive": "false",
+                      "speculative.num_speculative_tokens": "3"},
+    "int8-k3": {"speculative.method": "int8", "speculative.adaptive": "false", "speculative.num_speculative_tokens": "3"},
+    "ngram-adaptive": {"speculative.method": "ngram", "speculative.adaptive": "true"},
+    "int8-adaptive": {"speculative.method": "int8", "speculative.adaptive": "true"},
+}
+
+
+def _parse_overrides(text: str, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"bad {what} item {item!r}: expected KEY=VALUE with a dotted config key")
+        out[key.strip()] = value.strip()
+    return out
+
+
+class ServedTarget:
+    """A specserve server the bench starts for one target (on the Ray instance the bench started), then stops."""
+
+    def __init__(self, target: Target, base: dict[str, str]):
+        from specserve.cluster.config import SpecserveConfig
+
+        overrides = {"server.app_name": "bench", **base, **(target.serve or {})}
+        try:
+            self.config = SpecserveConfig.load(overrides=_typed(overrides))
+        except Exception as exc:  # noqa: BLE001 - pydantic's message names the field
+            raise BenchError(f"target {target.label}: invalid server config: {exc}") from exc
+        self.server = None
+
+    def start(self) -> str:
+        from specserve.cluster.launcher import LocalServer
+
+        self.server = LocalServer(self.config).start(progress=True)
+        return self.server.url
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def _typed(overrides: dict[str, str]) -> dict[str, Any]:
+    """YAML scalars: "false" -> False, "4" -> 4, lists stay strings unless written as YAML."""
+    import yaml
+
+    return {k: yaml.safe_load(v) if v != "" else None for k, v in overrides.items()}
 
 
 @dataclass
@@ -561,6 +632,11 @@ async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, 
                 res.usage_reported = True
                 res.output_tokens = int(usage["completion_tokens"])
                 res.prompt_tokens = usage.get("prompt_tokens")
+                spec = usage.get("speculation")
+                if isinstance(spec, dict):
+                    res.spec_rounds = spec.get("rounds")
+                    res.draft_tokens = spec.get("draft_tokens")
+                    res.accepted_tokens = spec.get("accepted_tokens")
             text, finish = _chunk_text(chunk)
             if finish:
                 res.finish_reason = finish
@@ -668,6 +744,7 @@ class BenchConfig:
     endpoint: str
     api_key: str | None
     json_path: str | None
+    serve_base: dict[str, str] = field(default_factory=dict)
 
     def requests_for(self, concurrency: int) -> int:
         return self.num_requests if self.num_requests else max(8, 4 * concurrency)
@@ -710,37 +787,56 @@ def _make_client(target: Target, cfg: BenchConfig) -> httpx.AsyncClient:
 async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
     """Run every pass, appending finished ones to `passes` (so an interrupted run keeps what it measured)."""
     settings = cfg.settings()
-    clients = {t.label: _make_client(t, cfg) for t in cfg.targets}
+    clients = {t.label: _make_client(t, cfg) for t in cfg.targets if t.serve is None}
+    served = {t.label: ServedTarget(t, cfg.serve_base) for t in cfg.targets if t.serve is not None}
     try:
-        for t in cfg.targets:  # check every target before measuring anything
-            t.model = await resolve_model(clients[t.label], t, t.model or cfg.model)
+        for t in cfg.targets:  # check every running target (and every --serve config) before measuring anything
+            if t.serve is None:
+                t.model = await resolve_model(clients[t.label], t, t.model or cfg.model)
         plan = _plan_prompts(cfg)
         warm_prompts = _chat(cfg.warmup, _rng("warmup", cfg.seed))  # distinct from the measured prompts
         total = len(cfg.targets) * len(plan)
         k = 0
         for t in cfg.targets:
-            client = clients[t.label]
-            if warm_prompts:
-                warm = [await run_request(client, t.model, m, settings) for m in warm_prompts]
-                bad = [r for r in warm if not r.ok]
-                note = f", {len(bad)} failed ({bad[0].error}: {bad[0].detail})" if bad else ""
-                _log(f"{t.label}: model {t.model}, warmed up with {len(warm)} requests{note}")
-            for w in cfg.workloads:
-                for c in cfg.concurrency:
-                    results, wall, max_in_flight = await run_pass(client, t.model, plan[(w, c)], c, settings)
-                    summary = summarize(results, wall, c)
-                    summary["max_in_flight"] = max_in_flight
-                    passes.append({
-                        "target": t.label, "url": t.url, "model": t.model, "workload": w, "concurrency": c,
-                        "summary": summary, "requests": [_raw(r) for r in results],
-                    })
-                    k += 1
-                    _log(f"[{k}/{total}] {t.label} {w} c={c}: {summary['ok']}/{summary['requests']} ok, "
-                         f"{_fmt(summary['output_tok_s'], 1)} out tok/s, "
-                         f"TTFT p50 {_fmt(summary['ttft_ms_p50'], 0)} ms ({wall:.1f} s)")
+            if t.label in served:
+                _log(f"{t.label}: starting a server with {t.serve}")
+                t.url = await asyncio.to_thread(served[t.label].start)
+                clients[t.label] = _make_client(t, cfg)
+                t.model = await resolve_model(clients[t.label], t, t.model or cfg.model)
+            try:
+                await _run_target(t, clients[t.label], cfg, plan, warm_prompts, settings, passes, total)
+            finally:
+                if t.label in served:
+                    await clients.pop(t.label).aclose()
+                    await asyncio.to_thread(served[t.label].stop)
     finally:
         for c in clients.values():
             await c.aclose()
+
+
+async def _run_target(t: Target, client: httpx.AsyncClient, cfg: BenchConfig, plan, warm_prompts, settings,
+                      passes: list[dict[str, Any]], total: int) -> None:
+    k = len(passes)
+    if warm_prompts:
+        warm = [await run_request(client, t.model, m, settings) for m in warm_prompts]
+        bad = [r for r in warm if not r.ok]
+        note = f", {len(bad)} failed ({bad[0].error}: {bad[0].detail})" if bad else ""
+        _log(f"{t.label}: model {t.model}, warmed up with {len(warm)} requests{note}")
+    for w in cfg.workloads:
+        for c in cfg.concurrency:
+            results, wall, max_in_flight = await run_pass(client, t.model, plan[(w, c)], c, settings)
+            summary = summarize(results, wall, c)
+            summary["max_in_flight"] = max_in_flight
+            passes.append({
+                "target": t.label, "url": t.url, "model": t.model, "workload": w, "concurrency": c,
+                "summary": summary, "requests": [_raw(r) for r in results],
+            })
+            k += 1
+            mal = summary["mean_accepted_length"]
+            _log(f"[{k}/{total}] {t.label} {w} c={c}: {summary['ok']}/{summary['requests']} ok, "
+                 f"{_fmt(summary['output_tok_s'], 1)} out tok/s, "
+                 f"TTFT p50 {_fmt(summary['ttft_ms_p50'], 0)} ms"
+                 + (f", mean accepted length {mal:.2f}" if mal else "") + f" ({wall:.1f} s)")
 
 
 def _raw(r: RequestResult) -> dict[str, Any]:
@@ -764,6 +860,8 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
     headers = ["workload", "conc", "target", "ok", "err", "TTFT p50", "TTFT p90", "ITL p50", "ITL p90", "TPOT"]
     headers += ["1-stream tok/s"] if show_single else []
     headers += ["out tok/s", "req/s"]
+    show_spec = any(p["summary"].get("spec_rounds") for p in passes)
+    headers += ["acc len", "accept"] if show_spec else []
     headers += [f"vs {labels[0]}"] if multi else []
     table = [headers]
     for p in rows:
@@ -774,6 +872,9 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
         if show_single:
             row.append(_fmt(s["single_stream_tok_s"], 1))
         row += [_fmt(s["output_tok_s"], 1), _fmt(s["req_s"], 2)]
+        if show_spec:
+            rate = s.get("acceptance_rate")
+            row += [_fmt(s.get("mean_accepted_length"), 2), "-" if rate is None else f"{100 * rate:.0f}%"]
         if multi:
             b = base.get((p["workload"], p["concurrency"]))
             row.append(f"{s['output_tok_s'] / b:.2f}x" if b and s["output_tok_s"] is not None else "-")
@@ -788,6 +889,8 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("(latencies in ms; TTFT = time to first token, ITL = gap between streamed chunks, "
                  "TPOT = (e2e - TTFT) / (tokens - 1))")
+    if show_spec:
+        lines.append("(acc len = tokens committed per speculative round; accept = accepted / drafted tokens)")
     for p in rows:
         s = p["summary"]
         if s["errors"]:
@@ -841,6 +944,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat: /v1/chat/completions (default); completions: /v1/completions")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write all results here")
     p.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    p.add_argument("--serve", action="append", default=[], metavar="LABEL=KEY=VALUE[,KEY=VALUE...]",
+                   help="start a specserve server with these config overrides (dotted keys, e.g. "
+                        "speculative.method=ngram) for this target's passes, then stop it (repeatable)")
+    p.add_argument("--serve-base", default="", metavar="KEY=VALUE[,KEY=VALUE...]",
+                   help="overrides applied to every --serve server (e.g. model.dtype=bfloat16)")
+    p.add_argument("--spec-matrix", action="store_true",
+                   help="--serve one server per speculation setting: " + ", ".join(SPEC_MATRIX))
     return p
 
 
@@ -854,6 +964,15 @@ def parse_config(argv: list[str]) -> BenchConfig:
         if not sep or not label.strip() or not url.strip():
             raise BenchError(f"bad --target {spec!r}: expected LABEL=URL or LABEL=URL#MODEL")
         targets.append(Target(label.strip(), _normalize_url(url.strip()), model=model.strip() or None))
+    served: list[tuple[str, dict[str, str]]] = list(SPEC_MATRIX.items()) if a.spec_matrix else []
+    for spec in a.serve:
+        label, sep, rest = spec.partition("=")
+        if not sep or not label.strip():
+            raise BenchError(f"bad --serve {spec!r}: expected LABEL=KEY=VALUE[,KEY=VALUE...]")
+        served.append((label.strip(), _parse_overrides(rest, "--serve")))
+    port = int(_parse_overrides(a.serve_base, "--serve-base").get("server.http_port", 8000))
+    for label, overrides in served:
+        targets.append(Target(label, f"http://127.0.0.1:{overrides.get('server.http_port', port)}", serve=overrides))
     for url in a.url:
         norm = _normalize_url(url)
         targets.append(Target(urlparse(norm).netloc, norm))
@@ -886,7 +1005,7 @@ def parse_config(argv: list[str]) -> BenchConfig:
     return BenchConfig(targets=targets, model=a.model, workloads=workloads, concurrency=concurrency,
                        num_requests=a.num_requests, max_tokens=a.max_tokens, temperature=a.temperature,
                        seed=a.seed, warmup=a.warmup, timeout=a.timeout, endpoint=a.endpoint, api_key=a.api_key,
-                       json_path=a.json_path)
+                       json_path=a.json_path, serve_base=_parse_overrides(a.serve_base, "--serve-base"))
 
 
 def _config_json(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
@@ -914,6 +1033,22 @@ def write_json(path: str, cfg: BenchConfig, argv: list[str], passes: list[dict[s
         f.write("\n")
 
 
+def _start_ray_for_served(cfg: BenchConfig) -> bool:
+    """One local Ray instance for all --serve servers (they start and stop apps on it, not Ray itself)."""
+    if not any(t.serve is not None for t in cfg.targets):
+        return False
+    import logging
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -926,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
     passes: list[dict[str, Any]] = []
     started = time.time()
     code = 0
+    ray_started = _start_ray_for_served(cfg)
     try:
         asyncio.run(run_bench(cfg, passes))
     except BenchError as exc:
@@ -934,6 +1070,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _log("interrupted; reporting the passes that finished")
         code = 130
+    finally:
+        if ray_started:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
     if passes:
         print(format_table(passes, cfg))
     if cfg.json_path:

@@ -29,9 +29,12 @@ class PrefillSpan:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    decode_rows: torch.Tensor | None  # [B] query rows of decode tokens
-    decode_slots: torch.Tensor | None  # [B, L] cache slots of each decode sequence's context (padded)
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool, True where a key is attended
+    # Short queries batched in one SDPA: decodes (1 token) and verifications (1 + k tokens), padded to Q rows.
+    decode_rows: torch.Tensor | None  # [B, Q] query rows of each sequence (padding repeats its last row)
+    decode_slots: torch.Tensor | None  # [B, L] cache slots of each sequence's context (padded)
+    decode_mask: torch.Tensor | None  # [B, 1, Q, L] bool, True where a key is attended
+    decode_valid: torch.Tensor | None  # [V] positions in the flattened [B * Q] that are real rows
+    decode_out_rows: torch.Tensor | None  # [V] the packed-batch row of each of those
     prefills: list[PrefillSpan]
 
 
@@ -69,11 +72,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     gqa = q.shape[0] != k_cache.shape[1]
 
     if meta.decode_rows is not None:
-        qd = q[:, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        b, nq = meta.decode_rows.shape
+        qd = q[:, meta.decode_rows.flatten()].view(q.shape[0], b, nq, q.shape[2]).transpose(0, 1)  # [B, H, Q, D]
         kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
         vd = v_cache[meta.decode_slots].transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=gqa)
-        out[meta.decode_rows] = od.squeeze(2)
+        od = od.transpose(1, 2).reshape(b * nq, q.shape[0], q.shape[2])  # [B * Q, H, D]
+        out[meta.decode_out_rows] = od[meta.decode_valid]
 
     for span in meta.prefills:
         qp = q[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, n, D]

@@ -47,7 +47,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        decode_rows: list[int] = []
+        decode_rows: list[list[int]] = []  # short queries: decodes and verifications
         decode_ctx: list[list[int]] = []
         prefills: list[PrefillSpan] = []
         logit_rows: list[int] = []
@@ -60,8 +60,8 @@ class ModelRunner:
                 input_ids.extend(seq.draft.tokens)
             positions.extend(range(start, end))
             slot_mapping.extend(self._slots(seq.block_table, start, end))
-            if n == 1:
-                decode_rows.append(row)
+            if n == 1 or item.num_draft:
+                decode_rows.append(list(range(row, row + n)))
                 decode_ctx.append(self._slots(seq.block_table, 0, end))
             else:
                 mask = None
@@ -75,19 +75,31 @@ class ModelRunner:
             elif item.completes_prompt:
                 logit_rows.append(row + n - 1)
 
-        dec_rows = dec_slots = dec_mask = None
+        dec_rows = dec_slots = dec_mask = dec_valid = dec_out = None
         if decode_rows:
+            b, nq = len(decode_rows), max(len(r) for r in decode_rows)
             width = max(len(c) for c in decode_ctx)
-            slots = torch.zeros(len(decode_ctx), width, dtype=torch.long)
-            lens = torch.tensor([len(c) for c in decode_ctx])
-            for i, c in enumerate(decode_ctx):
+            slots = torch.zeros(b, width, dtype=torch.long)
+            rows = torch.zeros(b, nq, dtype=torch.long)
+            # Query i of a sequence with n queries and context length L sees keys 0 .. L - n + i (causal over
+            # its own draft tokens); padding queries repeat the last one and are dropped afterwards.
+            last_key = torch.zeros(b, nq, dtype=torch.long)
+            valid: list[int] = []
+            for i, (r, c) in enumerate(zip(decode_rows, decode_ctx)):
                 slots[i, :len(c)] = torch.tensor(c)
-            dec_rows = torch.tensor(decode_rows, device=self.device)
+                n = len(r)
+                rows[i] = torch.tensor(r + [r[-1]] * (nq - n))
+                last_key[i] = torch.tensor([len(c) - n + min(j, n - 1) for j in range(nq)])
+                valid.extend(i * nq + j for j in range(n))
+            dec_rows = rows.to(self.device)
             dec_slots = slots.to(self.device)
-            dec_mask = (torch.arange(width)[None, :] < lens[:, None]).view(len(decode_ctx), 1, 1, width).to(self.device)
+            dec_mask = (torch.arange(width)[None, None, :] <= last_key[:, :, None]).unsqueeze(1).to(self.device)
+            dec_valid = torch.tensor(valid, device=self.device)
+            dec_out = rows.flatten()[dec_valid.cpu()].to(self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=self.device),
-            decode_rows=dec_rows, decode_slots=dec_slots, decode_mask=dec_mask, prefills=prefills,
+            decode_rows=dec_rows, decode_slots=dec_slots, decode_mask=dec_mask, decode_valid=dec_valid,
+            decode_out_rows=dec_out, prefills=prefills,
         )
         ids = torch.tensor([input_ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)

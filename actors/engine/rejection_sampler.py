@@ -35,7 +35,8 @@ def verify_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_pro
         out.append(target[len(out)])
         return out
 
-    p = processed_logits(target_logits, params).softmax(dim=-1)  # [k + 1, V]
+    # On the CPU, where the per-request generator lives (k + 1 rows: cheap to move).
+    p = processed_logits(target_logits.float().cpu(), params).softmax(dim=-1)  # [k + 1, V]
     out = []
     for i, d in enumerate(draft_tokens):
         q_d = float(draft_probs[i, d]) if draft_probs is not None else 1.0

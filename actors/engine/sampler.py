@@ -34,6 +34,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        probs = processed_logits(logits[i], p).softmax(-1)
+        probs = processed_logits(logits[i].cpu(), p).softmax(-1)  # the generator is a CPU one
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens

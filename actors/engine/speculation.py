@@ -114,6 +114,22 @@ class LinearCost:
         return self.a + self.b * x
 
 
+class ProportionalCost:
+    """seconds = b * x (ratio estimate over recent samples): drafting k tokens is k sequential draft forwards
+    (plus a catch-up prefill). A linear fit would be unidentifiable here, since most rounds draft the same k."""
+
+    def __init__(self, b0: float, window: int = 128):
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.b = b0
+
+    def add(self, x: float, seconds: float) -> None:
+        self.samples.append((x, seconds))
+        self.b = sum(y for _, y in self.samples) / max(sum(x for x, _ in self.samples), 1e-9)
+
+    def __call__(self, x: float) -> float:
+        return self.b * x
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """Expected tokens committed by one round drafting k tokens at per-token acceptance alpha."""
     return sum(alpha ** j for j in range(k + 1))
@@ -121,12 +137,12 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 class SpeculationController:
     def __init__(self, max_k: int, adaptive: bool = True, prior_acceptance: float = 0.5,
-                 verify_cost: tuple[float, float] = (0.025, 0.003), draft_cost: tuple[float, float] = (0.0, 0.0),
+                 verify_cost: tuple[float, float] = (0.025, 0.003), draft_cost: float = 0.0,
                  probe_every: int = 16):
         self.max_k = max_k
         self.adaptive = adaptive
         self.verify_cost = LinearCost(*verify_cost)
-        self.draft_cost = LinearCost(*draft_cost)  # x = the longest draft of the round
+        self.draft_cost = ProportionalCost(draft_cost)  # x = the longest draft of the round
         self.method_stats = SpeculationStats()
         self.prior_acceptance = prior_acceptance
         self.probe_every = probe_every

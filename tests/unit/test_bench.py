@@ -386,3 +386,27 @@ def test_wrong_model_is_reported_as_request_errors(fresh, capsys):
                      "--warmup", "0"])
     assert rc == 0
     assert "HTTP 404 x2" in capsys.readouterr().out
+
+
+def test_speculation_summary_and_serve_targets():
+    a = RequestResult(ok=True, ttft_s=0.1, e2e_s=1.0, output_tokens=10, usage_reported=True, spec_rounds=4,
+                      draft_tokens=12, accepted_tokens=6)
+    b = RequestResult(ok=True, ttft_s=0.1, e2e_s=1.0, output_tokens=5, usage_reported=True, spec_rounds=2,
+                      draft_tokens=4, accepted_tokens=1)
+    s = bench.summarize([a, b], wall_s=1.0, concurrency=1)
+    assert s["acceptance_rate"] == pytest.approx(7 / 16)
+    assert s["mean_accepted_length"] == pytest.approx((7 + 6) / 6)
+    assert bench.summarize([RequestResult(ok=True, output_tokens=3)], 1.0, 1)["mean_accepted_length"] is None
+
+    cfg = bench.parse_config(["--serve", "k2=speculative.method=ngram,speculative.num_speculative_tokens=2",
+                              "--serve-base", "model.dtype=bfloat16,server.http_port=8123"])
+    (t,) = cfg.targets
+    assert t.label == "k2" and t.url == "http://127.0.0.1:8123"
+    assert t.serve == {"speculative.method": "ngram", "speculative.num_speculative_tokens": "2"}
+    served = bench.ServedTarget(t, cfg.serve_base)
+    assert served.config.speculative.num_speculative_tokens == 2 and served.config.model.dtype == "bfloat16"
+    with pytest.raises(bench.BenchError, match="invalid server config"):
+        bench.ServedTarget(bench.Target("x", "http://h:1", serve={"speculative.method": "telepathy"}), {})
+    matrix = bench.parse_config(["--spec-matrix"])
+    assert [t.label for t in matrix.targets] == list(bench.SPEC_MATRIX)
+    assert bench.main(["--serve", "nolabel"]) == 2

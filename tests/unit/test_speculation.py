@@ -9,6 +9,7 @@ from specserve.actors.engine.sequence import Sequence
 from specserve.actors.engine.speculation import (
     AcceptanceEstimate,
     LinearCost,
+    ProportionalCost,
     SpeculationController,
     SpeculationStats,
     expected_tokens,
@@ -97,6 +98,10 @@ def test_acceptance_estimate_and_cost_model():
         cost.add(tokens, 0.030 + 0.002 * tokens)
     assert abs(cost.b - 0.002) < 3e-4 and abs(cost.a - 0.030) < 3e-3
     assert expected_tokens(0.5, 2) == 1.75
+    drafts = ProportionalCost(0.0)
+    for _ in range(5):
+        drafts.add(4, 0.100)  # every round drafts 4: still a per-token cost of 25 ms
+    assert abs(drafts(1) - 0.025) < 1e-9
 
 
 def test_controller_speculates_only_where_it_pays():
@@ -120,7 +125,7 @@ def test_controller_speculates_only_where_it_pays():
     # Fixed mode uses the cap.
     assert SpeculationController(max_k=4, adaptive=False).choose([low, high], [8, 2], [0, 0]) == [4, 2]
     # Draft cost (model drafters): an expensive drafter lowers k.
-    slow = SpeculationController(max_k=8, verify_cost=(0.025, 0.002), draft_cost=(0.0, 0.02))
+    slow = SpeculationController(max_k=8, verify_cost=(0.025, 0.002), draft_cost=0.02)
     assert slow.choose([0.7], [8], [0])[0] < ctl.choose([0.7], [8], [0])[0]
 
 
