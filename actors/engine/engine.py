@@ -190,7 +190,9 @@ class LLMEngine:
             return []
         t_exec = time.perf_counter()
         logits = self.runner.execute(sched.scheduled)
-        if self.controller is not None:
+        if self.controller is not None and all(it.num_new_tokens == 1 + it.num_draft for it in sched.scheduled):
+            # The cost model is fitted on decode/verify steps only: that is where k is chosen, and prefill
+            # chunks (many tokens of one sequence) cost less per token and would flatten the slope.
             self.controller.observe_step(sched.num_tokens, time.perf_counter() - t_exec)
 
         # Rows of `logits`: 1 + k per verifying sequence, 1 per other sequence that produces a token.
