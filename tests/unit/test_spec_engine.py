@@ -16,7 +16,7 @@ from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.model_loader import ModelLoadError
 from specserve.cluster.config import ModelConfig, SpeculativeConfig
-from test_speculation import chi_square_p_value
+from chi_square import chi_square_p_value
 from tiny_models import make_tiny_model
 
 BLOCK = 4
