@@ -158,7 +158,10 @@ class LLMEngine:
                 seq.acceptance = ctl.new_estimate()
             # Never draft past the end: tokens beyond max_tokens or the window would be thrown away.
             remaining = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
-            limits.append(max(0, min(remaining - 1, ctl.max_k)))
+            # A seeded sampled request must repeat itself: drafts depend on other traffic (recycled guesses,
+            # adaptive k) and would change how its generator is consumed, so it decodes without speculation.
+            seeded = not seq.params.greedy and seq.params.seed is not None
+            limits.append(0 if seeded else max(0, min(remaining - 1, ctl.max_k)))
         alphas = [s.acceptance.value for s in seqs]
         idle = [s.rounds_without_draft for s in seqs]
         other = self._pending_prefill_tokens(len(seqs))
