@@ -63,6 +63,7 @@ class Attachment:
 
 class DrafterClient:
     drafts_are_free = False
+    observes_target = False
 
     def __init__(self, vocab_size: int, *, sampled_drafts: bool = False, timeout_s: float = 2.0,
                  prior_acceptance: float = 0.6, rest_s: float = 5.0):
@@ -179,7 +180,7 @@ class DrafterClient:
             self.detach_worker(worker)
 
     def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None:
-        pass
+        pass  # not called: observes_target is False
 
     def release(self, seq) -> None:
         att = self._attached.pop(seq.request_id, None)

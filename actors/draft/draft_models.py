@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
-from specserve.actors.model_loader import LoadedModel, ModelLoadError, load_model
+from specserve.actors.model_loader import LoadedModel, ModelLoadError, load_model, resolve_model_path
 
 
 def skip_layers(model, keep: list[int]):
@@ -53,7 +53,6 @@ def build_draft_model(method: str, model_cfg, spec_cfg) -> LoadedModel:
         draft_cfg = model_cfg.model_copy(update={"source": spec_cfg.draft_model, "served_name": None})
         draft = load_model(draft_cfg, attn_implementation=ATTN_IMPLEMENTATION)
         from transformers import AutoTokenizer
-        from specserve.actors.model_loader import resolve_model_path
 
         target_tok = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.source, model_cfg.cache_dir))
         check_same_tokenizer(draft.tokenizer, target_tok, spec_cfg.draft_model, model_cfg.source)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from specserve.actors.engine.block_manager import BlockManager, NoFreeBlocksError
+from specserve.actors.engine.engine import context_window
 from specserve.actors.engine.model_runner import ModelRunner
 from specserve.actors.engine.sampler import processed_logits
 from specserve.actors.engine.sampling_params import SamplingParams
@@ -36,12 +37,9 @@ class DraftState:
 class DraftModelProposer:
     def __init__(self, model, *, block_size: int = 16, kv_cache_memory_gb: float = 0.25, num_blocks: int = 0,
                  max_model_len: int = 0):
-        from specserve.actors.engine.engine import context_window
-
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
         self.bm = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching=False)
         self.max_model_len = context_window(model.config, max_model_len)
-        self.vocab_size = model.config.get_text_config().vocab_size
         self.states: OrderedDict[tuple[str, str], DraftState] = OrderedDict()  # LRU first
         self.stats = {"calls": 0, "sequences": 0, "draft_tokens": 0, "resyncs": 0, "evictions": 0, "busy_s": 0.0}
 

@@ -49,6 +49,7 @@ class NgramProposer:
         if not 1 <= min_n <= max_n:
             raise ValueError("n-gram sizes need 1 <= min_n <= max_n")
         self.min_n, self.max_n, self.recycle = min_n, max_n, recycle
+        self.observes_target = recycle
         self.indexes: dict[str, NgramIndex] = {}
         self.recycled: dict[int, int] = {}
 

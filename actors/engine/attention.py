@@ -2,8 +2,9 @@
 
 The model runner packs all scheduled tokens of a step into one row (batch 1, positions per token) and sets an
 AttentionMetadata before the forward. For each layer this function writes the new keys/values into the cache
-slots, then attends: decode tokens of all sequences in one padded, masked SDPA call; prefill chunks one
-sequence at a time (causal within the chunk, full over the cached context before it).
+slots, then attends: the short queries of all sequences (decode tokens, and a verifying sequence's last token plus
+its draft tokens) in one padded, masked SDPA call; prefill chunks one sequence at a time (causal within the chunk,
+full over the cached context before it).
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ class LLMEngine:
         sampled = sample(logits[rows], [sched.scheduled[i].seq.params for i in plain],
                          [sched.scheduled[i].seq.generator for i in plain]) if plain else []
         new_tokens = dict(zip(plain, ([t] for t in sampled)))
-        argmax = logits.argmax(dim=-1).tolist() if self.proposer is not None else None
+        observe = self.proposer is not None and self.proposer.observes_target
+        argmax = logits.argmax(dim=-1).tolist() if observe else None
 
         outputs: list[RequestOutput] = []
         for i, item in enumerate(sched.scheduled):
@@ -228,9 +229,10 @@ class LLMEngine:
             else:
                 seq.num_computed_tokens += item.num_new_tokens
             if i in row_of and self.proposer is not None:
-                r = row_of[i]
-                inputs = [seq.token_ids[-1]] + (seq.draft.tokens if k else [])
-                self.proposer.observe(seq, inputs, argmax[r:r + k + 1])
+                if observe:
+                    r = row_of[i]
+                    inputs = [seq.token_ids[-1]] + (seq.draft.tokens if k else [])
+                    self.proposer.observe(seq, inputs, argmax[r:r + k + 1])
                 accepted = len(new_tokens[i]) - 1
                 seq.spec_stats.record(k, accepted)
                 self.controller.method_stats.record(k, accepted)

@@ -79,23 +79,21 @@ class ModelRunner:
         if decode_rows:
             b, nq = len(decode_rows), max(len(r) for r in decode_rows)
             width = max(len(c) for c in decode_ctx)
-            slots = torch.zeros(b, width, dtype=torch.long)
-            rows = torch.zeros(b, nq, dtype=torch.long)
             # Query i of a sequence with n queries and context length L sees keys 0 .. L - n + i (causal over
             # its own draft tokens); padding queries repeat the last one and are dropped afterwards.
-            last_key = torch.zeros(b, nq, dtype=torch.long)
-            valid: list[int] = []
+            rows, last_key, slots, valid = [], [], [], []
             for i, (r, c) in enumerate(zip(decode_rows, decode_ctx)):
-                slots[i, :len(c)] = torch.tensor(c)
                 n = len(r)
-                rows[i] = torch.tensor(r + [r[-1]] * (nq - n))
-                last_key[i] = torch.tensor([len(c) - n + min(j, n - 1) for j in range(nq)])
-                valid.extend(i * nq + j for j in range(n))
-            dec_rows = rows.to(self.device)
-            dec_slots = slots.to(self.device)
-            dec_mask = (torch.arange(width)[None, None, :] <= last_key[:, :, None]).unsqueeze(1).to(self.device)
+                rows.append(r + [r[-1]] * (nq - n))
+                last_key.append([len(c) - n + min(j, n - 1) for j in range(nq)])
+                slots.append(c + [0] * (width - len(c)))
+                valid.extend(range(i * nq, i * nq + n))
+            keys = torch.arange(width)[None, None, :] <= torch.tensor(last_key)[:, :, None]
+            dec_rows = torch.tensor(rows, device=self.device)
+            dec_slots = torch.tensor(slots, device=self.device)
+            dec_mask = keys.unsqueeze(1).to(self.device)
             dec_valid = torch.tensor(valid, device=self.device)
-            dec_out = rows.flatten()[dec_valid.cpu()].to(self.device)
+            dec_out = torch.tensor([x for r in decode_rows for x in r], device=self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=self.device),
             decode_rows=dec_rows, decode_slots=dec_slots, decode_mask=dec_mask, decode_valid=dec_valid,

@@ -152,10 +152,8 @@ class SpeculationController:
         rate = self.method_stats.acceptance_rate
         return AcceptanceEstimate(self.prior_acceptance if rate is None else rate)
 
-    def goodput(self, alphas: list[float], ks: list[int], other_tokens: int) -> float:
-        tokens = other_tokens + len(ks) + sum(ks)
-        seconds = self.verify_cost(tokens) + (self.draft_cost(max(ks)) if any(ks) else 0.0)
-        return sum(expected_tokens(a, k) for a, k in zip(alphas, ks)) / max(seconds, 1e-6)
+    def _seconds(self, tokens: int, max_k: int) -> float:
+        return max(self.verify_cost(tokens) + (self.draft_cost(max_k) if max_k else 0.0), 1e-6)
 
     def choose(self, alphas: list[float], limits: list[int], idle_rounds: list[int], other_tokens: int = 0) -> list[int]:
         """k per sequence. limits: the most each sequence may draft (remaining tokens, draft available);
@@ -163,21 +161,37 @@ class SpeculationController:
         caps = [min(self.max_k, lim) for lim in limits]
         if not self.adaptive or not caps:
             return caps
+        top = max(caps)
+        # expected[i][k]: expected committed tokens of sequence i drafting k (cumulative powers of its alpha).
+        expected = []
+        for a, c in zip(alphas, caps):
+            row, term = [1.0], 1.0
+            for _ in range(c):
+                term *= a
+                row.append(row[-1] + term)
+            expected.append(row)
+        base_tokens = other_tokens + len(caps)
         # Best uniform k first (captures the fixed draft cost), then a per-sequence pass that lowers k where
-        # the sequence's acceptance does not pay for its extra verified tokens.
-        best_ks, best = [0] * len(caps), self.goodput(alphas, [0] * len(caps), other_tokens)
-        for k in range(1, max(caps) + 1):
+        # the sequence's acceptance does not pay for its extra verified tokens. Sums are updated, not redone.
+        best_k, best = 0, sum(e[0] for e in expected) / self._seconds(base_tokens, 0)
+        for k in range(1, top + 1):
             ks = [min(k, c) for c in caps]
-            g = self.goodput(alphas, ks, other_tokens)
+            g = sum(e[x] for e, x in zip(expected, ks)) / self._seconds(base_tokens + sum(ks), k)
             if g > best:
-                best_ks, best = ks, g
-        ks = list(best_ks)
+                best_k, best = k, g
+        ks = [min(best_k, c) for c in caps]
+        total_e, total_k = sum(e[x] for e, x in zip(expected, ks)), sum(ks)
         for i in range(len(ks)):
-            for k in range(0, best_ks[i]):
-                trial = ks[:i] + [k] + ks[i + 1:]
-                g = self.goodput(alphas, trial, other_tokens)
+            old = ks[i]
+            max_others = max((x for j, x in enumerate(ks) if j != i), default=0)
+            for k in range(old):
+                e = total_e - expected[i][old] + expected[i][k]
+                t = total_k - old + k
+                g = e / self._seconds(base_tokens + t, max(max_others, k))
                 if g > best:
-                    ks, best = trial, g
+                    best, ks[i] = g, k
+            total_e += expected[i][ks[i]] - expected[i][old]
+            total_k += ks[i] - old
         for i, idle in enumerate(idle_rounds):
             if ks[i] == 0 and caps[i] > 0 and idle >= self.probe_every:
                 ks[i] = 1  # cheap probe so a sequence whose drafts became good again can recover
@@ -205,6 +219,7 @@ class Proposer(Protocol):
 
     drafts_are_free: bool
     prior_acceptance: float
+    observes_target: bool  # wants `observe` (the target's argmax after each input token) after every forward
 
     def propose(self, seqs: list, ks: list[int]) -> list[Draft | None]: ...
 
