@@ -5,9 +5,12 @@ Plain class; the app builder (cluster/app.py) turns it into a Serve deployment w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+
+import ray
 
 from specserve.actors.draft.client import DrafterClient, RayLink
 from specserve.actors.draft.ngram import NgramProposer
@@ -17,7 +20,14 @@ from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.model_loader import load_model
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
+from specserve.actors.engine.model_runner import kv_geometry
 from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name
+from specserve.cluster.kv.index import KVIndex
+from specserve.cluster.kv.namespace import KVNamespace, weights_revision
+from specserve.cluster.kv.payload import BlockLayout
+from specserve.cluster.kv.redis_client import connect, redis_config
+from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.priority import use_default_priority
 
 log = logging.getLogger(__name__)
@@ -34,6 +44,33 @@ def eos_ids(tokenizer, hf_config) -> list[int]:
     if isinstance(gen, int):
         ids.add(gen)
     return sorted(ids)
+
+
+def build_kv_store(config: SpecserveConfig, namespace: KVNamespace, layout: BlockLayout) -> KVStoreClient | None:
+    """The KV store client of this replica, or None when the store is off or no Redis is configured."""
+    kc, server = config.kv_store, config.server
+    if not kc.enabled:
+        return None
+    if not server.redis_url and not server.redis_sentinels:
+        log.warning("KV store enabled but no Redis configured (server.redis_url): running without it")
+        return None
+    redis_cfg = redis_config(server, kc.timeout_s)
+    index = KVIndex(connect(**redis_cfg), namespace.id, entry_ttl_s=kc.entry_ttl_s, claim_ttl_s=kc.claim_ttl_s,
+                    max_entries=kc.max_index_entries)
+    if kc.payload == "redis":
+        transport = RedisPayloads()
+    else:
+        node_id = ray.get_runtime_context().get_node_id()
+        capacity = int(kc.holder_capacity_gb * (1 << 30))
+
+        def local_holder():
+            return holder_name(server.app_name, node_id), holder_actor(server.app_name, node_id, redis_cfg, capacity)
+
+        transport = HolderPayloads(local_holder)
+    log.info("KV store: namespace %s, payloads in %s", namespace.id, transport.holder)
+    return KVStoreClient(index, transport, layout, timeout_s=kc.timeout_s, retry_after_s=kc.retry_after_s,
+                         admit_after=kc.admit_after, min_import_blocks=kc.min_import_blocks,
+                         max_pending_export_bytes=int(kc.max_pending_export_mb * (1 << 20)))
 
 
 def build_proposer(config: SpecserveConfig, vocab_size: int):
@@ -54,7 +91,10 @@ class Verifier:
         use_default_priority()  # before the engine thread starts, which inherits it
         self._drafter = drafter
         self._stop = threading.Event()
+        self.kv_store: KVStoreClient | None = None
         self.async_engine = AsyncEngine(self._build_engine)
+        if self.kv_store is not None:
+            self.async_engine.prefetch = self._prefetch
         if drafter is not None and isinstance(self.async_engine.engine.proposer, DrafterClient):
             threading.Thread(target=self._discover_drafters, name="specserve-drafter-discovery", daemon=True).start()
         bm = self.async_engine.engine.block_manager
@@ -65,7 +105,13 @@ class Verifier:
         """Runs on the engine thread (see AsyncEngine)."""
         loaded = load_model(self.config.model, attn_implementation=ATTN_IMPLEMENTATION)
         mc, ec = self.config.model, self.config.engine
-        namespace = f"{mc.name}|{loaded.dtype}|block={ec.block_size}"
+        layers, kv_heads, head_dim = kv_geometry(loaded.config)
+        self.namespace = KVNamespace(
+            model=mc.name, weights_revision=weights_revision(loaded.path), dtype=str(loaded.dtype).removeprefix("torch."),
+            block_size=ec.block_size, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
+            tenant=self.config.kv_store.tenant)
+        layout = BlockLayout(self.namespace.dtype, (2, layers, ec.block_size, kv_heads, head_dim))
+        self.kv_store = build_kv_store(self.config, self.namespace, layout)
         sp = self.config.speculative
         proposer = build_proposer(self.config, loaded.config.get_text_config().vocab_size)
         controller = None
@@ -76,7 +122,16 @@ class Verifier:
                                                prior_acceptance=proposer.prior_acceptance,
                                                probe_every=16 if proposer.drafts_are_free else 64)
         return LLMEngine.from_config(loaded.model, ec, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
-                                     namespace=namespace, proposer=proposer, controller=controller)
+                                     namespace=self.namespace.id, proposer=proposer, controller=controller,
+                                     kv_sink=self.kv_store.export if self.kv_store else None)
+
+    def _prefetch(self, prompt_token_ids: list[int]):
+        """The prompt's blocks this replica lacks, from the KV store (on an I/O thread, see AsyncEngine)."""
+        _, missing = self.async_engine.engine.block_manager.missing_prefix(prompt_token_ids)
+        if not missing:
+            return None
+        fetched = self.kv_store.fetch(missing)
+        return fetched if fetched.hashes else None
 
     def _discover_drafters(self) -> None:
         """Attach drafter workers: quickly while none is attached (startup, after a drafter died), then now and
@@ -110,6 +165,7 @@ class Verifier:
                 "spec_rounds": out.num_spec_rounds,
                 "draft_tokens": out.num_draft_tokens,
                 "accepted_tokens": out.num_accepted_tokens,
+                "imported_tokens": out.num_imported_tokens,
             }
 
     def check_health(self) -> None:
@@ -128,6 +184,7 @@ class Verifier:
                 "kv_usage": bm.usage(),
                 "prefix_cache_queries": bm.prefix_queries,
                 "prefix_cache_hits": bm.prefix_hits,
+                "prompt_tokens_computed": s.prompt_tokens,
                 "steps": s.steps,
                 "step_time_s": s.step_time_s,
                 "torch_threads": __import__("torch").get_num_threads(),
@@ -139,10 +196,28 @@ class Verifier:
                 "drafter_client": dict(engine.proposer.stats, workers=len(engine.proposer.workers()))
                 if isinstance(engine.proposer, DrafterClient) else None,
             }
-        return await self.async_engine.call(read)
+        out = await self.async_engine.call(read)
+        out["kv_namespace"] = self.namespace.id
+        out["kv_store"] = await asyncio.get_running_loop().run_in_executor(None, self._kv_store_stats)
+        return out
+
+    def _kv_store_stats(self) -> dict | None:
+        """Store client counters, the index size and this node's holder (Redis and Ray calls: off the loop)."""
+        if self.kv_store is None:
+            return None
+        out = self.kv_store.stats()
+        transport = self.kv_store.transport
+        if isinstance(transport, HolderPayloads):
+            try:
+                out["local_holder"] = ray.get(transport.local.stats.remote(), timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                out["local_holder"] = {"error": repr(exc)}
+        return out
 
     def __del__(self):
         if hasattr(self, "_stop"):
             self._stop.set()
+        if getattr(self, "kv_store", None) is not None:
+            self.kv_store.close()
         if hasattr(self, "async_engine"):
             self.async_engine.shutdown()

@@ -393,6 +393,41 @@ WORKLOADS: dict[str, Callable[[int, int], list[Messages]]] = {
 }
 
 
+_FOLLOW_UPS = [
+    "Can you explain that in more detail?",
+    "Give me a concrete example, please.",
+    "What are the most common mistakes people make here?",
+    "Summarize your last answer in two sentences.",
+    "How would you explain this to someone who is new to it?",
+    "What should I do first?",
+    "Are there exceptions to what you just said?",
+    "Why does that matter?",
+    "Is there anything I should double-check before going ahead?",
+    "Thanks. And what happens if that does not work?",
+]
+
+
+@dataclass
+class Conversation:
+    system: str
+    user_turns: list[str]  # each turn's user message; the assistant's replies are fed back as they come
+
+
+def multiturn_workload(n: int, turns: int = 6, seed: int = 0) -> list[Conversation]:
+    """`n` conversations of `turns` turns: a tenant's long system prompt, a support question, then short
+    follow-ups. Each turn's prompt extends the previous turn's prompt and reply."""
+    rng = _rng("multiturn", seed)
+    out = []
+    for i in range(n):
+        tenant = _TENANTS[i % len(_TENANTS)]
+        who = f"{rng.choice(_FIRST_NAMES)}, {tenant['ident'].format(rng.randrange(10000, 100000))}"
+        follow = list(_FOLLOW_UPS)
+        rng.shuffle(follow)
+        first = f"Hi, this is {who}. {rng.choice(tenant['questions'])}"
+        out.append(Conversation(tenant["system"], [first] + _take(follow, turns - 1)))
+    return out
+
+
 def build_workload(name: str, n: int, seed: int = 0) -> list[Messages]:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r} (choose from {', '.join(WORKLOADS)})")
@@ -445,6 +480,11 @@ class RequestResult:
     spec_rounds: int | None = None
     draft_tokens: int | None = None
     accepted_tokens: int | None = None
+    # Prompt tokens served from a KV cache (usage.prompt_tokens_details.cached_tokens), and of those, the ones
+    # imported from specserve's cluster KV store (usage.kv_store.imported_tokens).
+    cached_tokens: int | None = None
+    imported_tokens: int | None = None
+    text: str = ""  # the generated text (multi-turn workloads feed it back)
 
     @property
     def tpot_s(self) -> float | None:
@@ -632,6 +672,12 @@ async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, 
                 res.usage_reported = True
                 res.output_tokens = int(usage["completion_tokens"])
                 res.prompt_tokens = usage.get("prompt_tokens")
+                details = usage.get("prompt_tokens_details")
+                if isinstance(details, dict):
+                    res.cached_tokens = details.get("cached_tokens")
+                store = usage.get("kv_store")
+                if isinstance(store, dict):
+                    res.imported_tokens = store.get("imported_tokens")
                 spec = usage.get("speculation")
                 if isinstance(spec, dict):
                     res.spec_rounds = spec.get("rounds")
@@ -641,6 +687,7 @@ async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, 
             if finish:
                 res.finish_reason = finish
             if text:
+                res.text += text
                 now = time.perf_counter()
                 if last is None:
                     res.ttft_s = now - t0

@@ -85,7 +85,37 @@ class DeploymentConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0, ge=0)
+    # Custom Ray resources each replica needs (e.g. pin verifiers to a worker group that advertises them).
+    resources: dict[str, float] = Field(default_factory=dict)
     max_ongoing_requests: int = Field(64, ge=1)
+
+
+class KVStoreConfig(_Strict):
+    """The cluster tier of the KV cache: full blocks published to a store indexed in Redis (cluster/kv/)."""
+
+    enabled: bool = True
+    # Where block payloads live: "holder" = a holder actor per node (Ray object store), Redis keeps only the
+    # index; "redis" = payloads in Redis too (small deployments, no holder actors).
+    payload: Literal["holder", "redis"] = "holder"
+    # Object-store bytes each node's holder keeps before evicting its coldest blocks (and their index entries).
+    holder_capacity_gb: float = Field(2.0, gt=0)
+    # Index entries (ready blocks) per namespace; beyond it the least recently used are deleted.
+    max_index_entries: int = Field(200_000, ge=1)
+    # A ready entry not hit for this long expires (each hit refreshes it).
+    entry_ttl_s: float = Field(3600.0, gt=0)
+    # A writer's claim on a block expires after this, so a writer that died never blocks the key.
+    claim_ttl_s: float = Field(30.0, gt=0)
+    # Export a block the n-th time a replica computes it: 1 = always, 2 = when its prefix is seen a second time.
+    admit_after: int = Field(1, ge=1)
+    # Prompts whose missing prefix is shorter than this many blocks skip the store (a local prefill is cheaper).
+    min_import_blocks: int = Field(1, ge=1)
+    # A lookup or payload fetch slower than this is a miss; after a Redis error the store is skipped this long.
+    timeout_s: float = Field(2.0, gt=0)
+    retry_after_s: float = Field(2.0, gt=0)
+    # Exports waiting for Redis/holders beyond this many bytes are dropped (the hot path never waits).
+    max_pending_export_mb: float = Field(256.0, gt=0)
+    # Until authentication maps API keys to tenants, every request is in this tenant.
+    tenant: str = "default"
 
 
 class ServerConfig(_Strict):
@@ -95,7 +125,11 @@ class ServerConfig(_Strict):
     ray_address: str | None = None
     # Redis URL for the KV block index; None starts an embedded redis-server.
     redis_url: str | None = None
+    # Redis Sentinel instead of a URL: "host:port" of each sentinel and the monitored master's name.
+    redis_sentinels: list[str] = Field(default_factory=list)
+    redis_sentinel_master: str = "mymaster"
     app_name: str = "specserve"
+    route_prefix: str = "/"
     # Bound on a single request's prompt tokens (0 = context window).
     max_prompt_tokens: int = Field(0, ge=0)
 
@@ -108,6 +142,7 @@ class SpecserveConfig(_Strict):
     # Drafter replicas (speculative.method model / layer_skip / int8); num_cpus/num_gpus go to the draft worker.
     drafter: DeploymentConfig = Field(default_factory=DeploymentConfig)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
+    kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
@@ -119,6 +154,12 @@ class SpecserveConfig(_Strict):
             raise ValueError("speculative.ngram_min must be <= speculative.ngram_max")
         if sp.method == "model" and not sp.draft_model:
             raise ValueError("speculative.method 'model' needs speculative.draft_model")
+        if not self.server.route_prefix.startswith("/"):
+            raise ValueError("server.route_prefix must start with '/'")
+        for s in self.server.redis_sentinels:
+            host, _, port = s.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"server.redis_sentinels: {s!r} is not host:port")
         return self
 
     @classmethod

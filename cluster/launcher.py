@@ -81,22 +81,27 @@ class LocalServer:
                      runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}} if address else None)
             self._started_ray = True
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.http_port})
-        serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix="/", blocking=False)
+        serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix=cfg.server.route_prefix, blocking=False)
         return self
 
     @property
     def url(self) -> str:
+        """Base URL of the app (its route prefix included)."""
         host = self.config.server.host
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.config.server.http_port}"
+        prefix = self.config.server.route_prefix.rstrip("/")
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.config.server.http_port}{prefix}"
 
     def stop(self) -> None:
         """Delete the app; shut Serve and Ray down only if this server started Ray."""
         import ray
         from ray import serve
 
+        from specserve.cluster.kv.holder import kill_holders
+
         try:
             if ray.is_initialized():
                 serve.delete(self.config.server.app_name)
+                kill_holders(self.config.server.app_name)  # detached: they would outlive the app
                 if self._started_ray:
                     serve.shutdown()
         finally:

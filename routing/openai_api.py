@@ -209,7 +209,9 @@ class OpenAIIngress:
                              "accepted_prediction_tokens": chunk["accepted_tokens"],
                              "rejected_prediction_tokens": chunk["draft_tokens"] - chunk["accepted_tokens"]},
                          "speculation": {"rounds": chunk["spec_rounds"], "draft_tokens": chunk["draft_tokens"],
-                                         "accepted_tokens": chunk["accepted_tokens"]}}
+                                         "accepted_tokens": chunk["accepted_tokens"]},
+                         # of the cached prompt tokens, those whose KV blocks came from the cluster's KV store
+                         "kv_store": {"imported_tokens": chunk["imported_tokens"]}}
                 yield delta, ids, reason, usage
                 if detok.stopped or chunk["finished"]:
                     return

@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from specserve.actors.engine.engine import LLMEngine, RequestOutput
 from specserve.actors.engine.sampling_params import SamplingParams
@@ -27,6 +28,10 @@ class AsyncEngine:
         """Starts the engine thread, builds the engine there with `build_engine()`, and returns once it is
         ready; an exception raised while building is raised here."""
         self.engine: LLMEngine | None = None
+        # Optional `prefetch(prompt_token_ids) -> Fetched | None`: blocks of the prompt that the engine lacks,
+        # from the KV store. Runs on an I/O thread before the request reaches the engine thread.
+        self.prefetch: Callable | None = None
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="specserve-kv-fetch")
         self._build_engine = build_engine
         self._build_error: BaseException | None = None
         self._ready = threading.Event()
@@ -45,6 +50,7 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self._io.shutdown(wait=False)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -53,10 +59,13 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._streams[request_id] = (loop, q)
-        self._inbox.put(("add", request_id, prompt_token_ids, params))
-        self._wake.set()
         finished = False
         try:
+            fetched = None
+            if self.prefetch is not None:
+                fetched = await loop.run_in_executor(self._io, self.prefetch, prompt_token_ids)
+            self._inbox.put(("add", request_id, prompt_token_ids, params, fetched))
+            self._wake.set()
             while not finished:
                 item = await q.get()
                 items = [item]
@@ -96,9 +105,16 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, prompt, params = msg
+                _, rid, prompt, params, fetched = msg
+                imported = 0
+                if fetched is not None:
+                    try:
+                        self.engine.import_blocks(fetched.hashes, fetched.blocks)
+                        imported = len(fetched.hashes) * self.engine.block_manager.block_size
+                    except Exception:  # noqa: BLE001 - an import that fails is a miss: the prompt is prefilled
+                        log.exception("KV block import failed")
                 try:
-                    self.engine.add_request(rid, prompt, params)
+                    self.engine.add_request(rid, prompt, params, imported_tokens=imported)
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                     self._deliver(rid, exc)
             elif msg[0] == "abort":

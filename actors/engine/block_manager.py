@@ -131,22 +131,38 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
-    def register_computed_blocks(self, seq: Sequence) -> None:
-        """Register the full, computed blocks of `seq` in the prefix cache (after a forward step)."""
+    def register_computed_blocks(self, seq: Sequence) -> list[tuple[int, bytes]]:
+        """Register the full, computed blocks of `seq` in the prefix cache (after a forward step). Returns the
+        (block, hash) pairs that are new to the cache."""
         if not self.enable_prefix_caching:
-            return
+            return []
         num_full = seq.num_computed_tokens // self.block_size
         start = len(seq.block_hashes)
         if num_full <= start:
-            return
+            return []
         parent = seq.block_hashes[-1] if seq.block_hashes else self.root
         new = block_hashes(seq.token_ids[:num_full * self.block_size], self.block_size, parent=parent, start_block=start)
+        added = []
         for i, h in enumerate(new, start=start):
             block = seq.block_table[i]
             seq.block_hashes.append(h)
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
+                added.append((block, h))
+        return added
+
+    def missing_prefix(self, token_ids: list[int]) -> tuple[int, list[bytes]]:
+        """(number of leading blocks cached here, hashes of the full blocks after them) for a prompt: what a
+        store could supply. Safe to call from another thread: it only reads, and a stale answer costs a miss."""
+        if not self.enable_prefix_caching:
+            return 0, []
+        usable = (len(token_ids) - 1) // self.block_size
+        hashes = block_hashes(token_ids[:usable * self.block_size], self.block_size, parent=self.root)
+        cached = 0
+        while cached < len(hashes) and hashes[cached] in self.hash_to_block:
+            cached += 1
+        return cached, hashes[cached:]
 
     # ---- blocks computed elsewhere (KV store) -------------------------------------------------------------------
     def cached_block(self, h: bytes) -> int | None:

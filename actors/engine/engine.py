@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ class RequestOutput:
     num_spec_rounds: int = 0  # speculative rounds so far, and their drafted / accepted tokens
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_imported_tokens: int = 0  # of the cached prompt tokens, those whose blocks came from the KV store
 
 
 @dataclass
@@ -62,7 +64,8 @@ class LLMEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int = 0, kv_cache_memory_gb: float = 1.0,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, max_model_len: int = 0,
                  enable_prefix_caching: bool = True, eos_token_ids: list[int] | None = None, namespace: str = "",
-                 proposer: Proposer | None = None, controller: SpeculationController | None = None):
+                 proposer: Proposer | None = None, controller: SpeculationController | None = None,
+                 kv_sink: Callable[[list[bytes], torch.Tensor], object] | None = None):
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, namespace)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
@@ -73,6 +76,8 @@ class LLMEngine:
         # Speculation: drafts come from `proposer`; `controller` picks k per sequence and holds the aggregate stats.
         self.proposer = proposer
         self.controller = controller or (SpeculationController(4) if proposer else None)
+        # Receives (hashes, [n, *block shape] KV copy) of blocks newly computed here: the KV store's export.
+        self.kv_sink = kv_sink
 
     @property
     def spec_stats(self):
@@ -80,15 +85,17 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, model, engine_cfg, eos_token_ids=None, namespace: str = "", proposer=None,
-                    controller=None) -> "LLMEngine":
+                    controller=None, kv_sink=None) -> "LLMEngine":
         return cls(model, block_size=engine_cfg.block_size, num_blocks=engine_cfg.num_blocks,
                    kv_cache_memory_gb=engine_cfg.kv_cache_memory_gb, max_num_seqs=engine_cfg.max_num_seqs,
                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens, max_model_len=engine_cfg.max_model_len,
                    enable_prefix_caching=engine_cfg.enable_prefix_caching, eos_token_ids=eos_token_ids,
-                   namespace=namespace, proposer=proposer, controller=controller)
+                   namespace=namespace, proposer=proposer, controller=controller, kv_sink=kv_sink)
 
     # ---- requests -----------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    imported_tokens: int = 0) -> None:
+        """`imported_tokens`: prompt tokens whose blocks were just imported from the store for this request."""
         if request_id in self.seqs:
             raise RequestRejected(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -108,6 +115,7 @@ class LLMEngine:
             raise RequestRejected(f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity of "
                                   f"{capacity} tokens")
         seq = Sequence(request_id, prompt_token_ids, params)
+        seq.num_imported_tokens = imported_tokens
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -213,6 +221,7 @@ class LLMEngine:
         argmax = logits.argmax(dim=-1).tolist() if observe else None
 
         outputs: list[RequestOutput] = []
+        new_blocks: list[tuple[int, bytes]] = []
         for i, item in enumerate(sched.scheduled):
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -240,7 +249,7 @@ class LLMEngine:
                     seq.acceptance.update(k, accepted)
             seq.draft = None
             if i not in new_tokens:
-                self.block_manager.register_computed_blocks(seq)
+                new_blocks += self.block_manager.register_computed_blocks(seq)
                 continue
             reason = None
             emitted = []
@@ -251,14 +260,16 @@ class LLMEngine:
                 if reason:
                     break
             seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq))
-            self.block_manager.register_computed_blocks(seq)
+            new_blocks += self.block_manager.register_computed_blocks(seq)
             self.stats.generated_tokens += len(emitted)
             if reason:
                 self._finish(seq, reason)
             st = seq.spec_stats
             outputs.append(RequestOutput(seq.request_id, emitted, reason is not None, reason,
                                          seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_output_tokens,
-                                         st.rounds, st.draft_tokens, st.accepted_tokens))
+                                         st.rounds, st.draft_tokens, st.accepted_tokens,
+                                         min(seq.num_imported_tokens, seq.num_cached_tokens)))
+        self._export_new_blocks(new_blocks)
         self.stats.steps += 1
         self.stats.step_time_s += time.perf_counter() - t0
         return outputs
@@ -276,19 +287,28 @@ class LLMEngine:
         return [results[rid] for rid in ids]
 
     # ---- KV blocks shared with other replicas ------------------------------------------------------------------------
-    def export_block(self, block_hash: bytes) -> torch.Tensor | None:
-        """KV of a cached, computed block, or None if this engine no longer holds it."""
-        block = self.block_manager.cached_block(block_hash)
-        return None if block is None else self.runner.read_block(block)
-
-    def import_block(self, block_hash: bytes, kv: torch.Tensor) -> bool:
-        """Install a block computed elsewhere under its chained hash; later prompts with that prefix hit it."""
-        block = self.block_manager.take_block_for_import(block_hash)
-        if block is None:
-            return False
+    def import_blocks(self, hashes: list[bytes], blocks: list[torch.Tensor]) -> int:
+        """Install blocks computed elsewhere under their chained hashes (a prompt's missing prefix, fetched from
+        the store); the next admission of that prompt hits them. Returns how many were installed."""
+        ids, kvs = [], []
+        for h, kv in zip(hashes, blocks):
+            block = self.block_manager.take_block_for_import(h)
+            if block is None:  # cached meanwhile, or no room
+                continue
+            ids.append(block)
+            kvs.append(kv)
+        if not ids:
+            return 0
         try:
-            self.runner.write_block(block, kv)
-        except ValueError:
-            self.block_manager.drop_cached(block)
+            self.runner.write_blocks(ids, torch.stack(kvs))
+        except Exception:
+            for block in ids:
+                self.block_manager.drop_cached(block)
             raise
-        return True
+        return len(ids)
+
+    def _export_new_blocks(self, new_blocks: list[tuple[int, bytes]]) -> None:
+        """Hand blocks that just entered the prefix cache to the KV sink: one copy here, the rest is the sink's
+        (it only queues). Only committed tokens are ever registered, so no draft token leaves the engine."""
+        if new_blocks and self.kv_sink is not None:
+            self.kv_sink([h for _, h in new_blocks], self.runner.read_blocks([b for b, _ in new_blocks]))

@@ -118,16 +118,30 @@ class ModelRunner:
         logits = out.logits[0].float()
         return logits if logit_rows else logits[:0]
 
-    # ---- KV of single blocks (export to / import from the shared store) ------------------------------------
-    def read_block(self, block: int) -> torch.Tensor:
-        """[2, layers, block_size, kv_heads, head_dim] copy of one block's KV."""
-        sl = self.kv_cache.block_slots(block)
-        return torch.stack([self.kv_cache.k[:, sl], self.kv_cache.v[:, sl]]).clone()
+    # ---- KV of whole blocks (export to / import from the shared store) ------------------------------------
+    def _block_slots(self, blocks: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        return (torch.tensor(blocks, device=self.device)[:, None] * bs + torch.arange(bs, device=self.device)).flatten()
 
-    def write_block(self, block: int, kv: torch.Tensor) -> None:
-        sl = self.kv_cache.block_slots(block)
-        expected = (2, *self.kv_cache.k[:, sl].shape)
-        if tuple(kv.shape) != expected:
-            raise ValueError(f"KV block shape {tuple(kv.shape)} does not match this engine's {expected}")
-        self.kv_cache.k[:, sl] = kv[0].to(self.kv_cache.k.dtype)
-        self.kv_cache.v[:, sl] = kv[1].to(self.kv_cache.v.dtype)
+    def block_shape(self) -> tuple[int, ...]:
+        """[2 (K, V), layers, block_size, kv_heads, head_dim]: one block as it travels."""
+        layers, _, heads, dim = self.kv_cache.k.shape
+        return 2, layers, self.block_size, heads, dim
+
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """[n, 2, layers, block_size, kv_heads, head_dim] copy of the blocks' KV, on the CPU."""
+        slots = self._block_slots(blocks)
+        n, (_, layers, bs, heads, dim) = len(blocks), self.block_shape()
+        k = self.kv_cache.k[:, slots].view(layers, n, bs, heads, dim)
+        v = self.kv_cache.v[:, slots].view(layers, n, bs, heads, dim)
+        return torch.stack([k, v], dim=1).transpose(0, 2).contiguous().to("cpu")
+
+    def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
+        if tuple(kv.shape[1:]) != self.block_shape() or kv.shape[0] != len(blocks):
+            raise ValueError(f"KV blocks of shape {tuple(kv.shape)} do not match {len(blocks)} blocks of this "
+                             f"engine's {self.block_shape()}")
+        slots = self._block_slots(blocks)
+        layers, heads, dim = self.kv_cache.k.shape[0], self.kv_cache.k.shape[2], self.kv_cache.k.shape[3]
+        kv = kv.to(self.device, self.kv_cache.k.dtype).transpose(0, 2)  # [layers, 2, n, bs, heads, dim]
+        self.kv_cache.k[:, slots] = kv[:, 0].reshape(layers, -1, heads, dim)
+        self.kv_cache.v[:, slots] = kv[:, 1].reshape(layers, -1, heads, dim)

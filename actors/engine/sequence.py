@@ -28,8 +28,10 @@ class Sequence:
         self.block_table: list[int] = []
         # Tokens whose KV is in the cache. The next forward computes token_ids[num_computed_tokens:].
         self.num_computed_tokens = 0
-        # Prompt tokens served from the prefix cache at (last) admission.
+        # Prompt tokens served from the prefix cache at (last) admission, and how many of the prompt's tokens
+        # had their blocks imported from the KV store for it.
         self.num_cached_tokens = 0
+        self.num_imported_tokens = 0
         # Hashes of the full blocks registered in the prefix cache so far (chained).
         self.block_hashes: list[bytes] = []
         self.finish_reason: str | None = None

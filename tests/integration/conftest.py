@@ -15,19 +15,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Two simulated nodes (each its own raylet and object store); tests pin replicas with these resources.
+NODE_A, NODE_B = "test_node_a", "test_node_b"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
     from ray import serve
+    from ray.cluster_utils import Cluster
 
     # Logical CPUs above the 2 real cores: deployments ask for fractions, and tests must not wait for slots.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    store = 300 * 1024 * 1024
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {NODE_A: 100}, "object_store_memory": store, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={NODE_B: 100}, object_store_memory=store)
+    ray.init(address=cluster.address, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One HTTP proxy: both simulated nodes share this machine's ports.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 def start_app(ray_cluster, source: str, name: str, **overrides) -> LocalServer:

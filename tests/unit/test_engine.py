@@ -96,22 +96,55 @@ def test_seeded_sampling_is_reproducible_across_batch_composition(tmp_path_facto
     assert alone != engine.generate([p], SamplingParams(max_tokens=16, temperature=1.0, seed=43))[0]
 
 
-def test_export_import_block_round_trip(tmp_path_factory):
+def test_exported_blocks_import_into_another_engine(tmp_path_factory):
+    """Blocks one engine computed, handed to its KV sink, installed in a second engine: the second prefills only
+    the remainder and its greedy output is token-identical."""
     ref, ours = load_pair(tmp_path_factory, "llama")
     _, ours2 = load_pair(tmp_path_factory, "llama")
-    a = LLMEngine(ours, block_size=4, num_blocks=64)
+    exported: dict[bytes, torch.Tensor] = {}
+    a = LLMEngine(ours, block_size=4, num_blocks=64, kv_sink=lambda hs, kv: exported.update(zip(hs, kv)))
     b = LLMEngine(ours2, block_size=4, num_blocks=64)
     p = prompts(ref.config.vocab_size, [22], seed=5)[0]
-    expected = a.generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
-    from specserve.routing.block_hash import block_hashes
-    hashes = block_hashes(p, 4, parent=a.block_manager.root)
-    for h in hashes:
-        kv = a.export_block(h)
-        assert kv is not None
-        assert b.import_block(h, kv)
-    got = b.generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = a.generate([p], params)[0]
+    cached, missing = b.block_manager.missing_prefix(p)
+    assert cached == 0 and len(missing) == 5  # 21 usable tokens: 5 full blocks
+    assert all(h in exported for h in missing)
+    assert b.import_blocks(missing, [exported[h] for h in missing]) == 5
+    assert b.block_manager.missing_prefix(p) == (5, [])
+    got = b.generate([p], params)[0]
     assert got == expected
-    assert b.block_manager.prefix_hits == 20  # 5 full blocks imported, the last token computed
+    assert b.block_manager.prefix_hits == 20  # 5 full blocks imported, the last 2 tokens computed
+    b.block_manager.check_invariants()
+
+
+def test_only_committed_tokens_are_exported_under_speculation(tmp_path_factory):
+    """With n-gram speculation (draft tokens written into the cache and rolled back), every exported block is a
+    block of the final committed sequence and its KV equals a plain prefill of that sequence."""
+    from specserve.actors.draft.ngram import NgramProposer
+    from specserve.routing.block_hash import block_hashes
+
+    ref, ours = load_pair(tmp_path_factory, "llama")
+    exported: dict[bytes, torch.Tensor] = {}
+    from specserve.actors.engine.speculation import SpeculationController
+
+    spec = LLMEngine(ours, block_size=4, num_blocks=128, proposer=NgramProposer(1, 3),
+                     controller=SpeculationController(3, adaptive=False),
+                     kv_sink=lambda hs, kv: exported.update(zip(hs, kv)))
+    base = prompts(ref.config.vocab_size, [12], seed=3)[0]
+    p = base * 3  # repetitive: the n-gram drafter proposes, and some drafts are rejected
+    out = spec.generate([p], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert spec.spec_stats.draft_tokens > spec.spec_stats.accepted_tokens > 0
+    full = p + out
+    committed = block_hashes(full, 4, parent=spec.block_manager.root)
+    assert set(exported) <= set(committed) and len(exported) >= len(committed) - 1
+
+    plain = LLMEngine(ours, block_size=4, num_blocks=128)
+    plain.generate([full], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    for i, h in enumerate(committed):
+        if h in exported:
+            block = plain.block_manager.cached_block(h)
+            assert torch.allclose(plain.runner.read_blocks([block])[0], exported[h], atol=1e-5), f"block {i}"
 
 
 def test_context_window_is_capped_at_a_sliding_window():

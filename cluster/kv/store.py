@@ -1,0 +1,332 @@
+"""The KV store client a verifier uses: fetch the blocks of a prompt it lacks, export blocks it computed.
+
+fetch() runs on a request's way into the engine (not on the engine thread): one index lookup for the prompt's
+missing blocks, one payload fetch per holder, a checksum per block. Anything that goes wrong — Redis down or
+slow, a holder gone, a corrupt or incompatible block — ends the prefix there and is counted as a miss with its
+reason; the engine then prefills the rest. After a Redis error the store is skipped for `retry_after_s`, then
+tried again: a Redis that comes back is used again without a restart.
+
+export() only queues: a background thread claims the blocks, hands the bytes to the payload transport and
+commits them. A full queue or an unavailable Redis drops the export (counted), never waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from specserve.cluster.kv.index import REDIS_HOLDER, Entry, KVIndex
+from specserve.cluster.kv.payload import BlockLayout, blocks_to_bytes, bytes_to_block, checksum
+
+log = logging.getLogger(__name__)
+
+MISS_REASONS = ("not_found", "writing", "fenced", "redis_unavailable", "timeout", "holder_gone", "evicted",
+                "checksum", "incompatible", "error")
+
+
+class PayloadTransport(Protocol):
+    """Moves block bytes between a writer/reader and where they are held."""
+
+    holder: str  # the holder name this writer's blocks are recorded under
+
+    def put(self, index: KVIndex, hashes: list[bytes], data: np.ndarray) -> str:
+        """Store `data` ([n, nbytes] uint8, one row per block); returns the holder epoch to commit with."""
+
+    def get(self, index: KVIndex, entries: list[Entry], timeout_s: float) -> tuple[list, str | None]:
+        """Buffers of the longest fetchable run of `entries`, and why it stopped (a miss reason) or None."""
+
+
+class RedisPayloads:
+    """Payloads in Redis next to the index: no holder actors (small deployments)."""
+
+    holder = REDIS_HOLDER
+
+    def put(self, index: KVIndex, hashes: list[bytes], data: np.ndarray) -> str:
+        index.put_payloads(hashes, list(data))
+        return "0"
+
+    def get(self, index: KVIndex, entries: list[Entry], timeout_s: float) -> tuple[list, str | None]:
+        bufs = []
+        for buf in index.get_payloads([e.block_hash for e in entries]):
+            if buf is None:
+                return bufs, "evicted"
+            bufs.append(buf)
+        return bufs, None
+
+
+class LatencyStat:
+    """Count, mean and recent percentiles of one latency (seconds)."""
+
+    def __init__(self, keep: int = 512):
+        self.count = 0
+        self.total = 0.0
+        self.recent: deque[float] = deque(maxlen=keep)
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.recent.append(seconds)
+
+    def as_dict(self) -> dict:
+        r = sorted(self.recent)
+        pick = (lambda q: r[min(len(r) - 1, int(q * len(r)))]) if r else (lambda q: None)
+        return {"count": self.count, "mean_s": self.total / self.count if self.count else None,
+                "p50_s": pick(0.5), "p99_s": pick(0.99)}
+
+
+@dataclass
+class Fetched:
+    """The blocks a fetch found, in prompt order, from the first block asked for."""
+
+    hashes: list[bytes] = field(default_factory=list)
+    blocks: list[torch.Tensor] = field(default_factory=list)
+    miss_reason: str | None = None  # why the run ended before the last block asked for, None if it did not
+
+
+def _is_redis_error(exc: BaseException) -> bool:
+    import redis
+
+    return isinstance(exc, redis.RedisError)
+
+
+class KVStoreClient:
+    def __init__(self, index: KVIndex, transport: PayloadTransport, layout: BlockLayout, *, timeout_s: float = 2.0,
+                 retry_after_s: float = 2.0, admit_after: int = 1, min_import_blocks: int = 1,
+                 max_pending_export_bytes: int = 256 << 20):
+        self.index = index
+        self.transport = transport
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.admit_after = admit_after
+        self.min_import_blocks = min_import_blocks
+        self.max_pending_export_bytes = max_pending_export_bytes
+        self.writer = uuid.uuid4().hex[:16]
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.counters: Counter = Counter()
+        self.misses: Counter = Counter()  # blocks asked for and not served, by reason
+        self.import_latency = LatencyStat()
+        self.export_latency = LatencyStat()
+        self.lookup_latency = LatencyStat()
+        self._pending_bytes = 0
+        self._exports: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._exporter = threading.Thread(target=self._export_loop, name="specserve-kv-export", daemon=True)
+        self._exporter.start()
+
+    # ---- availability -----------------------------------------------------------------------------------------
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        if self.available():
+            log.warning("KV store: Redis unavailable (%s); skipping the store for %.1fs", exc, self.retry_after_s)
+        self._down_until = time.monotonic() + self.retry_after_s
+        self._count("redis_errors")
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def _miss(self, reason: str, n: int) -> None:
+        if n > 0:
+            with self._lock:
+                self.misses[reason] += n
+
+    # ---- import -----------------------------------------------------------------------------------------------
+    def fetch(self, hashes: list[bytes]) -> Fetched:
+        """The longest run of `hashes` (from the first) that the store can supply, checked and decoded."""
+        out = Fetched()
+        if len(hashes) < self.min_import_blocks:
+            return out
+        t0 = time.perf_counter()
+        self._count("lookups")
+        self._count("lookup_blocks", len(hashes))
+        if not self.available():
+            out.miss_reason = "redis_unavailable"
+            self._miss(out.miss_reason, len(hashes))
+            return out
+        try:
+            entries, reason = self.index.lookup(hashes)
+        except Exception as exc:  # noqa: BLE001 - any failure is a miss
+            if _is_redis_error(exc):
+                self._redis_failed(exc)
+                reason = "redis_unavailable"
+            else:
+                log.warning("KV store lookup failed: %r", exc)
+                reason = "error"
+            self._miss(reason, len(hashes))
+            out.miss_reason = reason
+            return out
+        self.lookup_latency.add(time.perf_counter() - t0)
+        for i, e in enumerate(entries):
+            if e.layout != self.layout:  # same key, different bytes: trust nothing from here on
+                entries, reason = entries[:i], "incompatible"
+                break
+        bufs: list = []
+        if entries:
+            try:
+                bufs, fetch_reason = self.transport.get(self.index, entries, self.timeout_s)
+            except Exception as exc:  # noqa: BLE001
+                fetch_reason = "redis_unavailable" if _is_redis_error(exc) else "error"
+                if fetch_reason == "redis_unavailable":
+                    self._redis_failed(exc)
+                else:
+                    log.warning("KV store payload fetch failed: %r", exc)
+            if fetch_reason:
+                reason = fetch_reason
+            if fetch_reason in ("holder_gone", "evicted", "fenced") and len(bufs) < len(entries):
+                self._forget_unreachable(entries[len(bufs):], fetch_reason)
+        for entry, buf in zip(entries, bufs):
+            if len(buf) != entry.size or checksum(buf) != entry.crc:
+                reason = "checksum"
+                self._drop_corrupt(entry)
+                break
+            out.hashes.append(entry.block_hash)
+            out.blocks.append(bytes_to_block(buf, self.layout))
+        out.miss_reason = reason if len(out.hashes) < len(hashes) else None
+        self._count("hit_blocks", len(out.hashes))
+        self._count("bytes_in", len(out.hashes) * self.layout.nbytes)
+        if out.miss_reason:
+            self._miss(out.miss_reason, len(hashes) - len(out.hashes))
+        if out.hashes:
+            self.import_latency.add(time.perf_counter() - t0)
+        return out
+
+    def _forget_unreachable(self, entries: list[Entry], reason: str) -> None:
+        """The first entry's bytes cannot be had: delete it so nobody tries again, and with it the rest of the
+        run held by the same gone (or restarted) holder instance."""
+        first = entries[0]
+        if reason == "evicted":
+            doomed = [first]
+        else:
+            doomed = [e for e in entries if e.holder == first.holder and e.epoch == first.epoch]
+        try:
+            self.index.release([e.block_hash for e in doomed], first.holder, first.epoch)
+        except Exception:  # noqa: BLE001 - they will be missed again, no harm
+            pass
+
+    def _drop_corrupt(self, entry: Entry) -> None:
+        log.warning("KV store: block %s from %s failed its checksum; dropping it", entry.block_hash.hex()[:12],
+                    entry.holder)
+        try:
+            self.index.release([entry.block_hash], entry.holder, entry.epoch)
+        except Exception:  # noqa: BLE001 - it will be missed again, no harm
+            pass
+
+    # ---- export -----------------------------------------------------------------------------------------------
+    def export(self, hashes: list[bytes], kv: torch.Tensor) -> bool:
+        """Queue computed blocks ([n, *block shape], a copy the caller will not touch) for export."""
+        nbytes = len(hashes) * self.layout.nbytes
+        if not hashes or self._closed:
+            return False
+        if not self.available() or self._pending_bytes + nbytes > self.max_pending_export_bytes:
+            self._count("export_dropped_blocks", len(hashes))
+            return False
+        with self._lock:
+            self._pending_bytes += nbytes
+        self._exports.put((hashes, kv, time.perf_counter()))
+        return True
+
+    def _export_loop(self) -> None:
+        while True:
+            item = self._exports.get()
+            if item is None:
+                return
+            hashes, kv, t_queued = item
+            try:
+                self._export(hashes, kv)
+                self.export_latency.add(time.perf_counter() - t_queued)
+            except Exception as exc:  # noqa: BLE001 - an export that fails is just not stored
+                if _is_redis_error(exc):
+                    self._redis_failed(exc)
+                else:
+                    log.warning("KV store export failed: %r", exc)
+                self._count("export_errors")
+            finally:
+                with self._lock:
+                    self._pending_bytes -= len(hashes) * self.layout.nbytes
+
+    def _export(self, hashes: list[bytes], kv: torch.Tensor) -> None:
+        if not self.available():
+            self._count("export_dropped_blocks", len(hashes))
+            return
+        if BlockLayout.of(kv[0]) != self.layout:
+            raise ValueError(f"exported blocks {BlockLayout.of(kv[0])} do not match the store layout {self.layout}")
+        claimed = self.index.claim(hashes, self.writer, self.admit_after)
+        mine = [i for i, c in enumerate(claimed) if c]
+        self._count("export_skipped_blocks", len(hashes) - len(mine))  # held already, or not admitted yet
+        if not mine:
+            return
+        data = blocks_to_bytes(kv if len(mine) == len(hashes) else kv[mine])
+        mine_hashes = [hashes[i] for i in mine]
+        try:
+            epoch = self.transport.put(self.index, mine_hashes, data)
+            crcs = [checksum(row) for row in data]
+            done = self.index.commit(mine_hashes, self.writer, self.transport.holder, epoch,
+                                     [self.layout.nbytes] * len(mine), crcs, self.layout)
+        except BaseException:
+            try:
+                self.index.release_claims(mine_hashes, self.writer)
+            except Exception:  # noqa: BLE001 - the claims expire anyway
+                pass
+            raise
+        n = sum(done)
+        self._count("exported_blocks", n)
+        self._count("bytes_out", n * self.layout.nbytes)
+        self._count("export_fenced_blocks", len(mine) - n)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until queued exports are done (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while self._pending_bytes > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self._pending_bytes <= 0
+
+    def close(self) -> None:
+        self._closed = True
+        self._exports.put(None)
+
+    # ---- metrics ----------------------------------------------------------------------------------------------
+    def stats(self, with_index_size: bool = True) -> dict:
+        with self._lock:
+            counters = dict(self.counters)
+            misses = {r: self.misses.get(r, 0) for r in MISS_REASONS}
+        index_size = None
+        if with_index_size and self.available():
+            try:
+                index_size = self.index.size()
+            except Exception as exc:  # noqa: BLE001
+                if _is_redis_error(exc):
+                    self._redis_failed(exc)
+        return {
+            "namespace": self.index.namespace_id,
+            "holder": self.transport.holder,
+            "available": self.available(),
+            "lookups": counters.get("lookups", 0),
+            "lookup_blocks": counters.get("lookup_blocks", 0),
+            "hit_blocks": counters.get("hit_blocks", 0),
+            "miss_blocks": misses,
+            "bytes_in": counters.get("bytes_in", 0),
+            "bytes_out": counters.get("bytes_out", 0),
+            "exported_blocks": counters.get("exported_blocks", 0),
+            "export_skipped_blocks": counters.get("export_skipped_blocks", 0),
+            "export_dropped_blocks": counters.get("export_dropped_blocks", 0),
+            "export_fenced_blocks": counters.get("export_fenced_blocks", 0),
+            "export_errors": counters.get("export_errors", 0),
+            "redis_errors": counters.get("redis_errors", 0),
+            "lookup_latency": self.lookup_latency.as_dict(),
+            "import_latency": self.import_latency.as_dict(),
+            "export_latency": self.export_latency.as_dict(),
+            "index_size": index_size,
+        }
