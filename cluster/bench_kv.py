@@ -138,7 +138,7 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
             lat = []
             for _ in range(200):
                 t0 = time.perf_counter()
-                entries, _ = index.lookup(hashes)
+                entries, _ = index.lookup(hashes, layout)
                 lat.append(time.perf_counter() - t0)
             assert len(entries) == len(hashes), "lookup benchmark expects a fully stored prefix"
             # Raw store throughput: write (claim, put, commit) and read (lookup, fetch, checksum) of fresh blocks.

@@ -85,20 +85,28 @@ end
 return out
 """
 
-_LOOKUP = """
-local ttl, now = tonumber(ARGV[1]), ARGV[2]
-local out, reason = {}, ''
+# Returns one string (holder TAB epoch TAB crc per block, one block per line) and the stop reason: a reply of
+# hundreds of small fields costs more to build and parse than the lookup itself.
+_LOOKUP = r"""
+local ttl, now, dtype, shape, size = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local out, reason, live, touched = {}, '', {}, {}
 for i = 3, #KEYS do
   local e = redis.call('HMGET', KEYS[i], 'state', 'holder', 'epoch', 'size', 'crc', 'dtype', 'shape')
   if not e[1] then reason = 'not_found' break end
   if e[1] ~= 'ready' then reason = 'writing' break end
-  if e[2] ~= 'redis' and redis.call('HGET', KEYS[1], e[2]) ~= e[3] then reason = 'fenced' break end
+  if e[6] ~= dtype or e[7] ~= shape or e[4] ~= size then reason = 'incompatible' break end
+  if e[2] ~= 'redis' then
+    if live[e[2]] == nil then live[e[2]] = redis.call('HGET', KEYS[1], e[2]) end
+    if live[e[2]] ~= e[3] then reason = 'fenced' break end
+  end
   redis.call('PEXPIRE', KEYS[i], ttl)
   if e[2] == 'redis' then redis.call('PEXPIRE', (string.gsub(KEYS[i], ':e:', ':p:')), ttl) end
-  redis.call('ZADD', KEYS[2], now, KEYS[i])
-  out[#out + 1] = e
+  touched[#touched + 1] = now
+  touched[#touched + 1] = KEYS[i]
+  out[#out + 1] = e[2] .. '\t' .. e[3] .. '\t' .. e[5]
 end
-return {out, reason}
+if #touched > 0 then redis.call('ZADD', KEYS[2], unpack(touched)) end
+return {table.concat(out, '\n'), reason}
 """
 
 _RELEASE = """
@@ -207,17 +215,18 @@ class KVIndex:
         return release_entries(self.r, [self.entry_key(h) for h in hashes], "holder", holder, epoch)
 
     # ---- readers ----------------------------------------------------------------------------------------------
-    def lookup(self, hashes: list[bytes]) -> tuple[list[Entry], str | None]:
-        """The longest run of ready, unfenced blocks from the start of `hashes`, in one round trip, refreshing
-        their TTLs. Also returns why the run stopped ('not_found', 'writing', 'fenced'), None if it did not."""
+    def lookup(self, hashes: list[bytes], layout: BlockLayout) -> tuple[list[Entry], str | None]:
+        """The longest run of ready, unfenced blocks with this `layout` from the start of `hashes`, in one round
+        trip, refreshing their TTLs. Also returns why the run stopped ('not_found', 'writing', 'incompatible',
+        'fenced'), None if it did not."""
         if not hashes:
             return [], None
         rows, reason = self._lookup(keys=[HOLDERS_KEY, self.lru_key] + [self.entry_key(h) for h in hashes],
-                                    args=[self.entry_ttl_ms, _now_ms()])
+                                    args=[self.entry_ttl_ms, _now_ms(), layout.dtype, layout.shape_str, layout.nbytes])
         entries = []
-        for h, (_, holder, epoch, size, crc, dtype, shape) in zip(hashes, rows):
-            layout = BlockLayout(_s(dtype), tuple(int(x) for x in _s(shape).split("x")))
-            entries.append(Entry(h, _s(holder), _s(epoch), int(size), int(crc), layout))
+        for h, row in zip(hashes, rows.decode().split("\n") if rows else []):
+            holder, epoch, crc = row.split("\t")
+            entries.append(Entry(h, holder, epoch, layout.nbytes, int(crc), layout))
         return entries, (_s(reason) or None)
 
     def get_payloads(self, hashes: list[bytes]) -> list[bytes | None]:

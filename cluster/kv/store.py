@@ -157,7 +157,7 @@ class KVStoreClient:
             self._miss(out.miss_reason, len(hashes))
             return out
         try:
-            entries, reason = self.index.lookup(hashes)
+            entries, reason = self.index.lookup(hashes, self.layout)
         except Exception as exc:  # noqa: BLE001 - any failure is a miss
             if _is_redis_error(exc):
                 self._redis_failed(exc)
@@ -169,10 +169,6 @@ class KVStoreClient:
             out.miss_reason = reason
             return out
         self.lookup_latency.add(time.perf_counter() - t0)
-        for i, e in enumerate(entries):
-            if e.layout != self.layout:  # same key, different bytes: trust nothing from here on
-                entries, reason = entries[:i], "incompatible"
-                break
         bufs: list = []
         if entries:
             try:

@@ -74,15 +74,15 @@ def test_two_phase_write_and_one_call_lookup(r):
     hs = hashes(4)
     assert index.claim(hs[:2], "w1") == [True, True]
     assert index.claim(hs[:3], "w2") == [False, False, True]  # NX: the first writer keeps its claims
-    assert index.lookup(hs) == ([], "writing")  # claimed, not ready: invisible to readers
+    assert index.lookup(hs, LAYOUT) == ([], "writing")  # claimed, not ready: invisible to readers
     assert index.commit(hs[:2], "w2", "h", "e1", [LAYOUT.nbytes] * 2, [1, 2], LAYOUT) == [False, False]
     assert index.commit(hs[:2], "w1", "h", "e1", [LAYOUT.nbytes] * 2, [1, 2], LAYOUT) == [True, True]
-    entries, reason = index.lookup(hs)
+    entries, reason = index.lookup(hs, LAYOUT)
     assert [e.block_hash for e in entries] == hs[:2] and reason == "writing"
     assert entries[1].crc == 2 and entries[0].layout == LAYOUT and entries[0].holder == "h"
-    entries, reason = index.lookup(hs[1:])
+    entries, reason = index.lookup(hs[1:], LAYOUT)
     assert [e.block_hash for e in entries] == [hs[1]] and reason == "writing"
-    assert index.lookup([hashes(1, seed=99)[0]]) == ([], "not_found")
+    assert index.lookup([hashes(1, seed=99)[0]], LAYOUT) == ([], "not_found")
     assert index.size() == 2
 
 
@@ -94,7 +94,9 @@ def test_expired_claim_frees_the_key(r):
     time.sleep(0.3)
     assert index.claim(hs, "w2") == [True]
     assert index.commit(hs, "dead-writer", "h", "e1", [1], [1], LAYOUT) == [False]  # its claim is gone
-    assert index.commit(hs, "w2", "h", "e1", [1], [1], LAYOUT) == [True]
+    assert index.commit(hs, "w2", "h", "e1", [LAYOUT.nbytes], [1], LAYOUT) == [True]
+    assert len(index.lookup(hs, LAYOUT)[0]) == 1
+    assert index.lookup(hs, BlockLayout("bfloat16", LAYOUT.shape)) == ([], "incompatible")
 
 
 def test_restarted_holder_fences_its_old_entries(r):
@@ -102,14 +104,14 @@ def test_restarted_holder_fences_its_old_entries(r):
     register_holder(r, "h", "e1")
     hs = hashes(3)
     ready(index, hs)
-    assert len(index.lookup(hs)[0]) == 3
+    assert len(index.lookup(hs, LAYOUT)[0]) == 3
     register_holder(r, "h", "e2")  # the holder restarted
-    assert index.lookup(hs) == ([], "fenced")
+    assert index.lookup(hs, LAYOUT) == ([], "fenced")
     assert index.claim(hs[:1], "w2") == [True]  # a fenced entry can be written again
     # a commit naming an epoch that is not the live one is refused
     assert index.commit(hs[:1], "w2", "h", "e1", [1], [1], LAYOUT) == [False]
     assert index.commit(hs[:1], "w2", "h", "e2", [LAYOUT.nbytes], [1], LAYOUT) == [True]
-    assert len(index.lookup(hs)[0]) == 1
+    assert len(index.lookup(hs, LAYOUT)[0]) == 1
 
 
 def test_hits_refresh_ttl_and_index_is_bounded(r):
@@ -119,7 +121,7 @@ def test_hits_refresh_ttl_and_index_is_bounded(r):
     ready(index, hs[:4])
     r.pexpire(index.entry_key(hs[0]), 1000)
     time.sleep(0.01)  # LRU scores are milliseconds
-    index.lookup(hs[:1])
+    index.lookup(hs[:1], LAYOUT)
     assert r.pttl(index.entry_key(hs[0])) > 90_000  # the hit refreshed it
     time.sleep(0.01)
     ready(index, hs[4:])  # 8 ready entries, bound 5: the 3 least recently used go
