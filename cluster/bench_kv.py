@@ -198,19 +198,24 @@ def format_micro(res: dict[str, Any]) -> str:
 # multiturn: TTFT across two replicas, round-robin, store on versus off
 # ---------------------------------------------------------------------------------------------------------
 async def _conversations(urls: list[str], model: str, convs, max_tokens: int) -> list[dict[str, Any]]:
+    """Turn-major: every conversation's turn 0, then every turn 1, ... Requests go round-robin over `urls` in
+    that order, so with an odd number of conversations each turn lands on another replica than the turn before."""
     import httpx
 
     from specserve.cluster.bench import RequestSettings, run_request
 
     settings = RequestSettings("chat", max_tokens, 0.0, 300.0)
     clients = [httpx.AsyncClient(base_url=u, timeout=300) for u in urls]
+    histories = [[{"role": "system", "content": c.system}] for c in convs]
     out = []
     k = 0
     try:
-        for c_i, conv in enumerate(convs):
-            messages = [{"role": "system", "content": conv.system}]
-            for t_i, user in enumerate(conv.user_turns):
-                messages.append({"role": "user", "content": user})
+        for t_i in range(max(len(c.user_turns) for c in convs)):
+            for c_i, conv in enumerate(convs):
+                if t_i >= len(conv.user_turns):
+                    continue
+                messages = histories[c_i]
+                messages.append({"role": "user", "content": conv.user_turns[t_i]})
                 replica = k % len(clients)
                 k += 1
                 res = await run_request(clients[replica], model, messages, settings)
@@ -229,6 +234,14 @@ async def _conversations(urls: list[str], model: str, convs, max_tokens: int) ->
     return out
 
 
+def _replica_stats(app: str) -> dict[str, Any]:
+    from ray import serve
+
+    st = serve.get_deployment_handle("Verifier", app).stats.remote().result(timeout_s=60)
+    keep = ("prefix_cache_queries", "prefix_cache_hits", "prompt_tokens_computed", "kv_blocks_total", "kv_store")
+    return {k: st.get(k) for k in keep}
+
+
 def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int, max_tokens: int,
                   overrides: dict[str, Any]) -> dict[str, Any]:
     import ray
@@ -238,6 +251,8 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
     from specserve.cluster.launcher import LocalServer
     from specserve.cluster.redis_server import EmbeddedRedis
 
+    if conversations % 2 == 0:
+        _say(f"note: with {conversations} (even) conversations, round-robin keeps each conversation on one replica")
     convs = multiturn_workload(conversations, turns)
     redis_server = EmbeddedRedis().start()
     ray_started = not ray.is_initialized()
@@ -263,6 +278,7 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
                 asyncio.run(_conversations(urls, "kvbench", [type(convs[0])("You are terse.", ["Hi!", "Bye!"])], 8))
                 _say(f"{mode}: {conversations} conversations x {turns} turns, round-robin over 2 replicas")
                 res["modes"][mode] = asyncio.run(_conversations(urls, "kvbench", convs, max_tokens))
+                res.setdefault("replica_stats", {})[mode] = [_replica_stats(s.config.server.app_name) for s in servers]
             finally:
                 for s in servers:
                     s.stop()
@@ -284,6 +300,8 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
         summary["ttft_p50_ratio_off_over_on"] = off["ttft_p50_s"] / on["ttft_p50_s"]
         summary["same_outputs"] = [r["text"] for r in res["modes"]["store_on"]] == \
             [r["text"] for r in res["modes"]["store_off"]]
+        summary["prompt_tokens_computed"] = {
+            mode: sum(st["prompt_tokens_computed"] for st in res["replica_stats"][mode]) for mode in res["modes"]}
     res["summary"] = summary
     return res
 
@@ -301,8 +319,16 @@ def format_multiturn(res: dict[str, Any]) -> str:
                          f"{_ms(m['ttft_p50_later_turns_s']):>11} {m['prompt_tokens']:10d} {m['cached_tokens']:7d} "
                          f"{m['imported_tokens']:10d}")
     if "ttft_p50_ratio_off_over_on" in s:
-        lines.append(f"TTFT p50: store off / store on = {s['ttft_p50_ratio_off_over_on']:.2f}x; "
-                     f"same replies in both runs: {s['same_outputs']}")
+        lines.append(f"TTFT p50: store off / store on = {s['ttft_p50_ratio_off_over_on']:.2f}x; prompt tokens "
+                     f"computed (incl. warm-up) on {s['prompt_tokens_computed']['store_on']} vs off "
+                     f"{s['prompt_tokens_computed']['store_off']}; same replies in both runs: {s['same_outputs']} "
+                     f"(greedy; in bfloat16, KV computed in other batch shapes rounds differently, so replies "
+                     f"may drift)")
+    for i, st in enumerate(res.get("replica_stats", {}).get("store_on", [])):
+        kv = st.get("kv_store") or {}
+        misses = {k: v for k, v in (kv.get("miss_blocks") or {}).items() if v}
+        lines.append(f"replica {'AB'[i]} store: hit {kv.get('hit_blocks')} blocks, misses {misses}, exported "
+                     f"{kv.get('exported_blocks')}, import p50 {_ms((kv.get('import_latency') or {}).get('p50_s'))} ms")
     return "\n".join(lines)
 
 
@@ -316,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-tokens", type=int, default=1024, help="micro: prefix length (multiple of 16)")
     parser.add_argument("--repeats", type=int, default=3, help="micro: measured runs (after one warm-up)")
     parser.add_argument("--payloads", default="holder,redis", help="micro: holder,redis")
-    parser.add_argument("--conversations", type=int, default=4)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--max-tokens", type=int, default=64, help="multiturn: reply length")
+    parser.add_argument("--conversations", type=int, default=15, help="multiturn: interleaved conversations (odd)")
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32, help="multiturn: reply length")
     parser.add_argument("--serve", default="", help="multiturn: extra config overrides KEY=VAL,... for both runs")
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     args = parser.parse_args(argv)
