@@ -92,12 +92,6 @@ class Fetched:
     miss_reason: str | None = None  # why the run ended before the last block asked for, None if it did not
 
 
-def _is_redis_error(exc: BaseException) -> bool:
-    import redis
-
-    return isinstance(exc, redis.RedisError)
-
-
 class KVStoreClient:
     def __init__(self, index: KVIndex, transport: PayloadTransport, layout: BlockLayout, *, timeout_s: float = 2.0,
                  retry_after_s: float = 2.0, admit_after: int = 1, min_import_blocks: int = 1,
@@ -159,26 +153,16 @@ class KVStoreClient:
         try:
             entries, reason = self.index.lookup(hashes, self.layout)
         except Exception as exc:  # noqa: BLE001 - any failure is a miss
-            if _is_redis_error(exc):
-                self._redis_failed(exc)
-                reason = "redis_unavailable"
-            else:
-                log.warning("KV store lookup failed: %r", exc)
-                reason = "error"
-            self._miss(reason, len(hashes))
-            out.miss_reason = reason
+            out.miss_reason = self._failure(exc, "lookup")
+            self._miss(out.miss_reason, len(hashes))
             return out
         self.lookup_latency.add(time.perf_counter() - t0)
         bufs: list = []
         if entries:
             try:
                 bufs, fetch_reason = self.transport.get(self.index, entries, self.timeout_s)
-            except Exception as exc:  # noqa: BLE001
-                fetch_reason = "redis_unavailable" if _is_redis_error(exc) else "error"
-                if fetch_reason == "redis_unavailable":
-                    self._redis_failed(exc)
-                else:
-                    log.warning("KV store payload fetch failed: %r", exc)
+            except Exception as exc:  # noqa: BLE001 - any failure is a miss
+                fetch_reason = self._failure(exc, "payload fetch")
             if fetch_reason:
                 reason = fetch_reason
             if fetch_reason in ("holder_gone", "evicted", "fenced") and len(bufs) < len(entries):
@@ -198,6 +182,16 @@ class KVStoreClient:
         if out.hashes:
             self.import_latency.add(time.perf_counter() - t0)
         return out
+
+    def _failure(self, exc: BaseException, what: str) -> str:
+        """The miss reason for an exception; a Redis error also starts the back-off."""
+        import redis
+
+        if isinstance(exc, redis.RedisError):
+            self._redis_failed(exc)
+            return "timeout" if isinstance(exc, redis.TimeoutError) else "redis_unavailable"
+        log.warning("KV store %s failed: %r", what, exc)
+        return "error"
 
     def _forget_unreachable(self, entries: list[Entry], reason: str) -> None:
         """The first entry's bytes cannot be had: delete it so nobody tries again, and with it the rest of the
@@ -244,10 +238,7 @@ class KVStoreClient:
                 self._export(hashes, kv)
                 self.export_latency.add(time.perf_counter() - t_queued)
             except Exception as exc:  # noqa: BLE001 - an export that fails is just not stored
-                if _is_redis_error(exc):
-                    self._redis_failed(exc)
-                else:
-                    log.warning("KV store export failed: %r", exc)
+                self._failure(exc, "export")
                 self._count("export_errors")
             finally:
                 with self._lock:
@@ -302,9 +293,8 @@ class KVStoreClient:
         if with_index_size and self.available():
             try:
                 index_size = self.index.size()
-            except Exception as exc:  # noqa: BLE001
-                if _is_redis_error(exc):
-                    self._redis_failed(exc)
+            except Exception as exc:  # noqa: BLE001 - reported as unknown
+                self._failure(exc, "index size")
         return {
             "namespace": self.index.namespace_id,
             "holder": self.transport.holder,

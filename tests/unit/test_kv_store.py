@@ -282,3 +282,22 @@ def test_sentinel_config_reaches_the_master(tmp_path):
         proc.terminate()
         proc.wait(timeout=5)
         master.stop()
+
+
+def test_slow_redis_is_a_timeout_miss(redis_server):
+    import threading
+
+    fast = redis.Redis.from_url(redis_server.url, socket_timeout=0.3)
+    client = KVStoreClient(KVIndex(fast, "slow"), RedisPayloads(), LAYOUT, timeout_s=0.3, retry_after_s=0.3)
+    sleeper = threading.Thread(target=lambda: redis.Redis.from_url(redis_server.url).execute_command(
+        "DEBUG", "SLEEP", "1"))
+    sleeper.start()
+    time.sleep(0.05)
+    try:
+        t0 = time.perf_counter()
+        got = client.fetch(hashes(2))
+        assert got.hashes == [] and got.miss_reason == "timeout"
+        assert time.perf_counter() - t0 < 0.9  # did not wait for Redis
+    finally:
+        sleeper.join()
+        client.close()
