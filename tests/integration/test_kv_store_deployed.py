@@ -175,3 +175,15 @@ def redis_server_client(server):
     import redis
 
     return redis.Redis.from_url(server.url, decode_responses=False)
+
+
+def test_bench_kv_micro_runs_on_a_tiny_model(ray_cluster, model_dir):
+    """The shipped benchmark's micro part, small: every block imported, first token unchanged, figures present."""
+    from specserve.cluster.bench_kv import format_micro, run_micro
+
+    res = run_micro(str(model_dir), "float32", 64, 1, ["holder", "redis"], None)
+    for payload in ("holder", "redis"):
+        p = res["payloads"][payload]
+        assert p["all_blocks_imported"] and p["all_same_token"]
+        assert p["lookup_blocks"] == 4 and p["import_s"] > 0 and p["read_mb_s"] > 0
+    assert "holder" in format_micro(res)
