@@ -148,12 +148,14 @@ Try it:
 
 Ctrl-C stops everything.
 """, flush=True)
-    stop = threading.Event()
+    # The handler only appends to a list: setting a threading.Event from a signal handler can deadlock on the
+    # Event's own lock when the signal lands while the main thread holds it (seen with a second Ctrl-C).
+    stop_signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stop_signals.append(signum))
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop_signals:
+            time.sleep(0.2)
     finally:
         print("shutting down...", flush=True)
         server.stop()
