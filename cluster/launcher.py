@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
 from specserve.cluster.config import SpecserveConfig
