@@ -17,7 +17,8 @@ class NoFreeBlocksError(RuntimeError):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, namespace: str = ""):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, namespace: str = "",
+                 record_events: bool = False):
         if num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
         self.num_blocks = num_blocks
@@ -33,6 +34,8 @@ class BlockManager:
         # Counters for metrics: queried/hit prompt tokens.
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # KV events for the router's index, in order: (True, hash) entered the prefix cache, (False, hash) left it.
+        self.events: list[tuple[bool, bytes]] | None = [] if record_events else None
 
     # ---- capacity -------------------------------------------------------------------------------------------
     @property
@@ -53,6 +56,8 @@ class BlockManager:
             old = self.block_hash[block]
             if old is not None and self.hash_to_block.get(old) == block:
                 del self.hash_to_block[old]
+                if self.events is not None:
+                    self.events.append((False, old))
             self.block_hash[block] = None
         else:
             raise NoFreeBlocksError("KV cache pool is full")
@@ -150,6 +155,8 @@ class BlockManager:
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
                 added.append((block, h))
+        if self.events is not None:
+            self.events.extend((True, h) for _, h in added)
         return added
 
     def missing_prefix(self, token_ids: list[int]) -> tuple[int, list[bytes]]:
@@ -180,6 +187,8 @@ class BlockManager:
         self.block_hash[block] = h
         self.hash_to_block[h] = block
         self._unref(block)
+        if self.events is not None:
+            self.events.append((True, h))
         return block
 
     def drop_cached(self, block: int) -> None:
@@ -188,9 +197,18 @@ class BlockManager:
         h = self.block_hash[block]
         if h is not None and self.hash_to_block.get(h) == block:
             del self.hash_to_block[h]
+            if self.events is not None:
+                self.events.append((False, h))
         self.block_hash[block] = None
         self.evictable.pop(block, None)
         self.free_blocks.append(block)
+
+    def drain_events(self) -> list[tuple[bool, bytes]]:
+        """The (stored?, hash) events since the last drain, oldest first."""
+        if self.events is None:
+            return []
+        out, self.events = self.events, []
+        return out
 
     def check_invariants(self) -> None:
         """For tests: every block is in exactly one of held / evictable / free."""

@@ -101,3 +101,21 @@ def test_readmission_after_preemption_does_not_inflate_cache_figures():
     bm.allocate(s)
     assert s.num_computed_tokens == 8  # recompute reuses the cached blocks, generated ones included
     assert s.num_cached_tokens == 0 and bm.prefix_queries == 4 and bm.prefix_hits == 0
+
+
+def test_kv_events_follow_the_prefix_cache_in_order():
+    from specserve.routing.block_hash import block_hashes
+
+    bm = BlockManager(num_blocks=3, block_size=4, record_events=True)
+    a = Sequence("a", list(range(9)), SamplingParams())
+    bm.allocate(a)
+    a.num_computed_tokens = 9
+    bm.register_computed_blocks(a)
+    ha = block_hashes(a.token_ids, 4, parent=bm.root)
+    assert bm.drain_events() == [(True, ha[0]), (True, ha[1])]
+    assert bm.drain_events() == []
+    bm.free(a)
+    b = Sequence("b", list(range(100, 109)), SamplingParams())
+    bm.allocate(b)  # 3 blocks: the free one, then a's two cached blocks, its later block first
+    assert bm.drain_events() == [(False, ha[1]), (False, ha[0])]
+    assert BlockManager(num_blocks=2, block_size=4).drain_events() == []  # off by default
