@@ -11,6 +11,7 @@ import threading
 import time
 
 import ray
+from ray import serve
 
 from specserve.actors.draft.client import DrafterClient, RayLink
 from specserve.actors.draft.ngram import NgramProposer
@@ -20,15 +21,15 @@ from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.model_loader import load_model
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
-from specserve.actors.engine.model_runner import kv_geometry
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name
 from specserve.cluster.kv.index import KVIndex
-from specserve.cluster.kv.namespace import KVNamespace, weights_revision
+from specserve.cluster.kv.namespace import KVNamespace, kv_namespace
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.redis_client import connect, redis_config
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.priority import use_default_priority
+from specserve.routing.kv_events import KVEventPublisher, stream_key
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,19 @@ def build_kv_store(config: SpecserveConfig, namespace: KVNamespace, layout: Bloc
                          max_pending_export_bytes=int(kc.max_pending_export_mb * (1 << 20)))
 
 
+def build_kv_event_publisher(config: SpecserveConfig) -> KVEventPublisher | None:
+    """Publishes this replica's prefix-cache events for prefix-aware routers (router.policy prefix_cost)."""
+    server = config.server
+    if config.router.policy != "prefix_cost" or not (server.redis_url or server.redis_sentinels):
+        return None
+    try:
+        replica_id = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not in a Serve replica (tests): nobody routes by it
+        return None
+    client = connect(**redis_config(server, config.kv_store.timeout_s))
+    return KVEventPublisher(client, stream_key(server.app_name), replica_id)
+
+
 def build_proposer(config: SpecserveConfig, vocab_size: int):
     """The engine's source of drafts: n-gram in this process, a client of drafter replicas, or none."""
     sp = config.speculative
@@ -92,6 +106,7 @@ class Verifier:
         self._drafter = drafter
         self._stop = threading.Event()
         self.kv_store: KVStoreClient | None = None
+        self.kv_events: KVEventPublisher | None = None
         self.async_engine = AsyncEngine(self._build_engine)
         if self.kv_store is not None:
             self.async_engine.prefetch = self._prefetch
@@ -104,14 +119,12 @@ class Verifier:
     def _build_engine(self) -> LLMEngine:
         """Runs on the engine thread (see AsyncEngine)."""
         loaded = load_model(self.config.model, attn_implementation=ATTN_IMPLEMENTATION)
-        mc, ec = self.config.model, self.config.engine
-        layers, kv_heads, head_dim = kv_geometry(loaded.config)
-        self.namespace = KVNamespace(
-            model=mc.name, weights_revision=weights_revision(loaded.path), dtype=str(loaded.dtype).removeprefix("torch."),
-            block_size=ec.block_size, num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-            tenant=self.config.kv_store.tenant)
-        layout = BlockLayout(self.namespace.dtype, (2, layers, ec.block_size, kv_heads, head_dim))
+        ec = self.config.engine
+        self.namespace = kv_namespace(self.config, loaded.path, loaded.config)
+        ns = self.namespace
+        layout = BlockLayout(ns.dtype, (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
         self.kv_store = build_kv_store(self.config, self.namespace, layout)
+        self.kv_events = build_kv_event_publisher(self.config)
         sp = self.config.speculative
         proposer = build_proposer(self.config, loaded.config.get_text_config().vocab_size)
         controller = None
@@ -123,7 +136,8 @@ class Verifier:
                                                probe_every=16 if proposer.drafts_are_free else 64)
         return LLMEngine.from_config(loaded.model, ec, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
                                      namespace=self.namespace.id, proposer=proposer, controller=controller,
-                                     kv_sink=self.kv_store.export if self.kv_store else None)
+                                     kv_sink=self.kv_store.export if self.kv_store else None,
+                                     kv_event_sink=self.kv_events.publish if self.kv_events else None)
 
     def _prefetch(self, prompt_token_ids: list[int]):
         """The prompt's blocks this replica lacks, from the KV store (on an I/O thread, see AsyncEngine)."""
@@ -201,6 +215,25 @@ class Verifier:
         out["kv_store"] = await asyncio.get_running_loop().run_in_executor(None, self._kv_store_stats)
         return out
 
+    async def record_routing_stats(self) -> dict:
+        """Load report for the request router (Serve polls it every router.stats_period_s)."""
+        def read(engine: LLMEngine) -> dict:
+            sched = engine.scheduler
+            queued = sum(s.num_uncomputed_tokens for s in sched.running if s.num_uncomputed_tokens > 1)
+            queued += sum(s.num_uncomputed_tokens for s in sched.waiting)
+            st = engine.stats
+            return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                    "queued_prefill_tokens": queued, "prefill_tokens_per_s": st.prefill_tokens_per_s,
+                    "step_s": st.step_time_s / st.steps if st.steps else 0.0}
+
+        out = await self.async_engine.call(read)
+        if self.kv_store is not None:
+            lat = self.kv_store.import_latency
+            blocks = self.kv_store.counters.get("hit_blocks", 0)
+            if lat.total > 0 and blocks:
+                out["import_tokens_per_s"] = blocks * self.config.engine.block_size / lat.total
+        return out
+
     def _kv_store_stats(self) -> dict | None:
         """Store client counters, the index size and this node's holder (Redis and Ray calls: off the loop)."""
         if self.kv_store is None:
@@ -219,5 +252,7 @@ class Verifier:
             self._stop.set()
         if getattr(self, "kv_store", None) is not None:
             self.kv_store.close()
+        if getattr(self, "kv_events", None) is not None:
+            self.kv_events.close()
         if hasattr(self, "async_engine"):
             self.async_engine.shutdown()

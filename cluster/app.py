@@ -19,10 +19,32 @@ def _options(d: DeploymentConfig, name: str) -> dict:
     }
 
 
+def _request_router(config: SpecserveConfig) -> dict:
+    """Serve request-router options of the Verifier deployment (routing/serve_router.py)."""
+    rc = config.router
+    if rc.policy == "pow2":
+        return {}
+    from ray.serve.config import RequestRouterConfig
+
+    from specserve.cluster.kv.redis_client import redis_config
+    from specserve.routing.kv_events import stream_key
+
+    if rc.policy == "round_robin":
+        return {"request_router_config": RequestRouterConfig(
+            request_router_class="specserve.routing.serve_router.RoundRobinRouter")}
+    redis = redis_config(config.server, config.kv_store.timeout_s)
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class="specserve.routing.serve_router.PrefixCostRouter",
+        request_router_kwargs={"block_size": config.engine.block_size, "redis": redis,
+                               "stream": stream_key(config.server.app_name), "hot_factor": rc.hot_factor,
+                               "hot_slack": rc.hot_slack, "max_index_blocks": rc.max_index_blocks},
+        request_routing_stats_period_s=rc.stats_period_s)}
+
+
 def build_app(config: SpecserveConfig):
     """The Serve application. The model source must already be resolvable (pulled) on every node."""
     cfg = config.model_dump(mode="json")
-    verifier = serve.deployment(Verifier).options(**_options(config.verifier, "Verifier"),
+    verifier = serve.deployment(Verifier).options(**_options(config.verifier, "Verifier"), **_request_router(config),
                                                   health_check_period_s=10, health_check_timeout_s=60)
     ingress = serve.deployment(OpenAIIngress).options(**_options(config.ingress, "Ingress"))
     drafter = None

@@ -118,6 +118,20 @@ class KVStoreConfig(_Strict):
     tenant: str = "default"
 
 
+class RouterConfig(_Strict):
+    """How requests are spread over verifier replicas (routing/)."""
+
+    # prefix_cost: the replica with the lowest estimated time to first token, from KV events of every replica;
+    # pow2: Serve's power of two choices; round_robin: in turn (for comparison).
+    policy: Literal["prefix_cost", "pow2", "round_robin"] = "pow2"
+    # How often Serve collects each verifier's load report.
+    stats_period_s: float = Field(1.0, gt=0)
+    # Hot-spot guard: skip a replica whose load exceeds hot_factor x mean + hot_slack.
+    hot_factor: float = Field(2.0, ge=1)
+    hot_slack: int = Field(4, ge=0)
+    max_index_blocks: int = Field(1_000_000, ge=1)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
@@ -143,6 +157,7 @@ class SpecserveConfig(_Strict):
     drafter: DeploymentConfig = Field(default_factory=DeploymentConfig)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
     kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")

@@ -21,7 +21,9 @@ from transformers import AutoConfig, AutoTokenizer
 from specserve.actors.model_loader import resolve_model_path
 from specserve.actors.engine.engine import context_window
 from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.kv.namespace import kv_namespace
 from specserve.cluster.priority import use_default_priority
+from specserve.routing.block_hash import block_hashes
 from specserve.routing.detokenizer import IncrementalDetokenizer
 from specserve.routing.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
@@ -72,7 +74,11 @@ class OpenAIIngress:
         self.verifier = verifier
         path = resolve_model_path(self.config.model.source, self.config.model.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.max_model_len = context_window(AutoConfig.from_pretrained(path), self.config.engine.max_model_len)
+        hf_config = AutoConfig.from_pretrained(path)
+        self.max_model_len = context_window(hf_config, self.config.engine.max_model_len)
+        # Prefix-aware routing needs the prompt's block hashes, computed once here with the verifiers' namespace.
+        self.kv_namespace = (kv_namespace(self.config, path, hf_config).id
+                             if self.config.router.policy == "prefix_cost" else None)
         limit = self.config.server.max_prompt_tokens or self.max_model_len
         self.max_prompt_tokens = min(limit, self.max_model_len - 1)
         self.model_name = self.config.model.name
@@ -146,6 +152,11 @@ class OpenAIIngress:
         params = body.sampling_params(self._limits(prompt_ids, max_tokens))
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         request = {"request_id": request_id, "prompt_token_ids": prompt_ids, "sampling": params.__dict__}
+        if self.kv_namespace is not None:
+            bs = self.config.engine.block_size
+            usable = (len(prompt_ids) - 1) // bs * bs  # the blocks a replica's cache could hold for it
+            request["block_hashes"] = block_hashes(prompt_ids[:usable], bs, namespace=self.kv_namespace)
+            request["route_key"] = request["block_hashes"][0] if usable else bytes(str(prompt_ids[:bs]), "ascii")
         events = self._generate(request, params.stop)
         if body.stream:
             # Wait for the first event before sending headers, so a rejected request gets its 4xx status.

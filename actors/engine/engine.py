@@ -58,6 +58,12 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     step_time_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0  # moving average over prefill-dominated steps (0 until one ran)
+
+    def observe_prefill_rate(self, tokens_per_s: float) -> None:
+        a = 0.2
+        self.prefill_tokens_per_s = tokens_per_s if not self.prefill_tokens_per_s else (
+            (1 - a) * self.prefill_tokens_per_s + a * tokens_per_s)
 
 
 class LLMEngine:
@@ -65,9 +71,11 @@ class LLMEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, max_model_len: int = 0,
                  enable_prefix_caching: bool = True, eos_token_ids: list[int] | None = None, namespace: str = "",
                  proposer: Proposer | None = None, controller: SpeculationController | None = None,
-                 kv_sink: Callable[[list[bytes], torch.Tensor], object] | None = None):
+                 kv_sink: Callable[[list[bytes], torch.Tensor], object] | None = None,
+                 kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None):
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, namespace)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, namespace,
+                                          record_events=kv_event_sink is not None)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = context_window(model.config, max_model_len)
         self.eos_token_ids = set(eos_token_ids or [])
@@ -78,6 +86,8 @@ class LLMEngine:
         self.controller = controller or (SpeculationController(4) if proposer else None)
         # Receives (hashes, [n, *block shape] KV copy) of blocks newly computed here: the KV store's export.
         self.kv_sink = kv_sink
+        # Receives the prefix cache's (stored?, hash) events after each step: the routers' view of this replica.
+        self.kv_event_sink = kv_event_sink
 
     @property
     def spec_stats(self):
@@ -85,12 +95,13 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, model, engine_cfg, eos_token_ids=None, namespace: str = "", proposer=None,
-                    controller=None, kv_sink=None) -> "LLMEngine":
+                    controller=None, kv_sink=None, kv_event_sink=None) -> "LLMEngine":
         return cls(model, block_size=engine_cfg.block_size, num_blocks=engine_cfg.num_blocks,
                    kv_cache_memory_gb=engine_cfg.kv_cache_memory_gb, max_num_seqs=engine_cfg.max_num_seqs,
                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens, max_model_len=engine_cfg.max_model_len,
                    enable_prefix_caching=engine_cfg.enable_prefix_caching, eos_token_ids=eos_token_ids,
-                   namespace=namespace, proposer=proposer, controller=controller, kv_sink=kv_sink)
+                   namespace=namespace, proposer=proposer, controller=controller, kv_sink=kv_sink,
+                   kv_event_sink=kv_event_sink)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -270,8 +281,14 @@ class LLMEngine:
                                          st.rounds, st.draft_tokens, st.accepted_tokens,
                                          min(seq.num_imported_tokens, seq.num_cached_tokens)))
         self._export_new_blocks(new_blocks)
+        if self.kv_event_sink is not None:
+            self.kv_event_sink(self.block_manager.drain_events())
+        elapsed = time.perf_counter() - t0
+        prefill = sum(it.num_new_tokens for it in sched.scheduled if it.num_new_tokens > 1 + it.num_draft)
+        if prefill * 2 >= sched.num_tokens:  # a prefill-dominated step: sample the prefill rate
+            self.stats.observe_prefill_rate(sched.num_tokens / elapsed)
         self.stats.steps += 1
-        self.stats.step_time_s += time.perf_counter() - t0
+        self.stats.step_time_s += elapsed
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

@@ -70,3 +70,14 @@ def weights_revision(model_dir: str | os.PathLike) -> str:
     except OSError:
         pass
     return revision
+
+
+def kv_namespace(config, model_path: str | os.PathLike, hf_config) -> KVNamespace:
+    """The namespace of a deployment (a SpecserveConfig serving the model at `model_path`): what the verifiers
+    key their blocks with and what the router hashes prompts with."""
+    from specserve.actors.engine.model_runner import kv_geometry
+
+    layers, kv_heads, head_dim = kv_geometry(hf_config)
+    return KVNamespace(model=config.model.name, weights_revision=weights_revision(model_path),
+                       dtype=config.model.dtype, block_size=config.engine.block_size, num_layers=layers,
+                       num_kv_heads=kv_heads, head_dim=head_dim, tenant=config.kv_store.tenant)

@@ -1,0 +1,106 @@
+"""The routing policies as Ray Serve request routers (Serve's alpha `RequestRouter` API) for the Verifier deployment.
+
+Serve runs a router in every process that holds a Verifier handle (the ingress replicas) and asks it to rank the
+replicas for each request; it then checks the first rank's queue and sends the request, falling back to the next
+rank. PrefixCostRouter keeps its PrefixIndex in that process, fed by the verifiers' KV events (a Redis stream, read
+by a background thread) and by its own decisions, so a decision calls no other actor. Replica load comes from the
+verifiers' `record_routing_stats` (polled by Serve) and the router's own in-flight counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import Counter, deque
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from specserve.routing.prefix_index import PrefixIndex
+from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState
+
+log = logging.getLogger(__name__)
+
+
+def _request_of(pending: PendingRequest | None) -> dict | None:
+    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
+        return None
+    return pending.args[0]
+
+
+class PrefixCostRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, block_size: int = 16, redis: dict | None = None, stream: str = "",
+                         hot_factor: float = 2.0, hot_slack: int = 4, max_index_blocks: int = 1_000_000, **_):
+        self.index = PrefixIndex(max_index_blocks)
+        self.policy = PrefixCostPolicy(self.index, block_size, hot_factor=hot_factor, hot_slack=hot_slack)
+        self.in_flight: Counter = Counter()
+        self._routed: dict[str, str] = {}  # internal request id -> replica id
+        self.decisions: Counter = Counter()
+        self.decision_s: deque[float] = deque(maxlen=4096)
+        self.subscriber = None
+        if redis and stream:
+            from specserve.cluster.kv.redis_client import connect
+            from specserve.routing.kv_events import KVEventSubscriber
+
+            # Its own connection: XREAD blocks it for up to half a second at a time.
+            self.subscriber = KVEventSubscriber(connect(**dict(redis, timeout_s=5.0)), stream, self.index).start()
+
+    def _state(self, replica: RunningReplica) -> ReplicaState:
+        rid = replica.replica_id.unique_id
+        st = replica.routing_stats or {}
+        return ReplicaState(rid, num_running=st.get("num_running", 0), num_waiting=st.get("num_waiting", 0),
+                            queued_prefill_tokens=st.get("queued_prefill_tokens", 0),
+                            prefill_tokens_per_s=st.get("prefill_tokens_per_s", 0.0),
+                            import_tokens_per_s=st.get("import_tokens_per_s", 0.0),
+                            step_s=st.get("step_s", 0.0), in_flight=self.in_flight[rid])
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        request = _request_of(pending_request)
+        if request is None or not candidate_replicas:
+            return [candidate_replicas]
+        t0 = time.perf_counter()
+        hashes = request.get("block_hashes") or []
+        states = [self._state(r) for r in candidate_replicas]
+        decision = self.policy.choose(states, hashes, len(request["prompt_token_ids"]),
+                                      route_key=request.get("route_key"), session_key=request.get("session_key"))
+        self.index.add(decision.replica_id, hashes)  # optimistic: it will hold them once it has prefilled
+        self.decision_s.append(time.perf_counter() - t0)
+        self.decisions[decision.reason] += 1
+        chosen = [r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id]
+        rest = [r for r in candidate_replicas if r.replica_id.unique_id != decision.replica_id]
+        return [chosen, rest] if rest else [chosen]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        rid = replica_id.unique_id
+        self.in_flight[rid] += 1
+        self._routed[pending_request.metadata.internal_request_id] = rid
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        rid = self._routed.pop(internal_request_id, replica_id.unique_id)
+        if self.in_flight[rid] > 0:
+            self.in_flight[rid] -= 1
+
+    def update_replicas(self, replicas: list[RunningReplica]):
+        out = super().update_replicas(replicas)
+        live = {r.replica_id.unique_id for r in replicas}
+        for rid in self.index.replicas():
+            if rid not in live:  # a replica that left: purge it at once
+                self.index.purge(rid)
+                self.in_flight.pop(rid, None)
+        return out
+
+
+class RoundRobinRouter(FIFOMixin, RequestRouter):
+    """For comparison: each request to the next replica in turn."""
+
+    def initialize_state(self, **_):
+        self._counter = itertools.count()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return [candidate_replicas]
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        i = next(self._counter) % len(ordered)
+        return [[ordered[i]], ordered[i + 1:] + ordered[:i]] if len(ordered) > 1 else [ordered]
