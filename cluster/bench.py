@@ -505,6 +505,7 @@ def summarize(results: list[RequestResult], wall_s: float, concurrency: int) -> 
     rounds = sum(r.spec_rounds for r in spec)
     drafted = sum(r.draft_tokens or 0 for r in spec)
     accepted = sum(r.accepted_tokens or 0 for r in spec)
+    cache = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens]
     return {
         "requests": len(results),
         "ok": len(ok),
@@ -530,6 +531,10 @@ def summarize(results: list[RequestResult], wall_s: float, concurrency: int) -> 
         "acceptance_rate": accepted / drafted if drafted else None,
         # Tokens committed per speculative round (accepted drafts + the target's token).
         "mean_accepted_length": (accepted + rounds) / rounds if rounds else None,
+        # Prompt tokens served from a KV cache (the replica's own, or imported from the store) / prompt tokens.
+        "prefix_hit_rate": (sum(r.cached_tokens for r in cache) / sum(r.prompt_tokens for r in cache)) if cache
+        else None,
+        "imported_tokens": sum(r.imported_tokens or 0 for r in cache) if cache else None,
     }
 
 
@@ -909,6 +914,8 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
     headers += ["out tok/s", "req/s"]
     show_spec = any(p["summary"].get("spec_rounds") for p in passes)
     headers += ["acc len", "accept"] if show_spec else []
+    show_hits = any(p["summary"].get("prefix_hit_rate") for p in passes)
+    headers += ["prefix hit"] if show_hits else []
     headers += [f"vs {labels[0]}"] if multi else []
     table = [headers]
     for p in rows:
@@ -922,6 +929,9 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
         if show_spec:
             rate = s.get("acceptance_rate")
             row += [_fmt(s.get("mean_accepted_length"), 2), "-" if rate is None else f"{100 * rate:.0f}%"]
+        if show_hits:
+            hit = s.get("prefix_hit_rate")
+            row.append("-" if hit is None else f"{100 * hit:.0f}%")
         if multi:
             b = base.get((p["workload"], p["concurrency"]))
             row.append(f"{s['output_tok_s'] / b:.2f}x" if b and s["output_tok_s"] is not None else "-")
@@ -938,6 +948,8 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
                  "TPOT = (e2e - TTFT) / (tokens - 1))")
     if show_spec:
         lines.append("(acc len = tokens committed per speculative round; accept = accepted / drafted tokens)")
+    if show_hits:
+        lines.append("(prefix hit = prompt tokens served from a KV cache, local or imported, / prompt tokens)")
     for p in rows:
         s = p["summary"]
         if s["errors"]:
