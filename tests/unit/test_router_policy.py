@@ -139,3 +139,10 @@ def test_session_key_pins_a_conversation():
     rs = replicas("a", "b", "c")
     picks = {policy.choose(rs, chain(2, seed=s), 40, session_key="user-42").replica_id for s in range(10)}
     assert len(picks) == 1 and policy.choose(rs, chain(2), 40, session_key="user-42").reason == "session"
+
+
+def test_bench_router_smoke():
+    from specserve.cluster.bench_router import run
+
+    r = run(total_blocks=640, replicas=2, prompt_blocks=8, decisions=50)
+    assert r["indexed_blocks"] == 640 and r["decisions"] == 50 and 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]
