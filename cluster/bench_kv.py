@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import statistics
 import sys
 import time
@@ -29,12 +28,6 @@ log = logging.getLogger("specserve.bench_kv")
 
 def _say(msg: str) -> None:
     print(f"[bench-kv] {msg}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ms(x: float | None) -> str:
@@ -53,7 +46,7 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
     from specserve.actors.engine.engine import LLMEngine
     from specserve.actors.engine.model_runner import kv_geometry
     from specserve.actors.engine.sampling_params import SamplingParams
-    from specserve.actors.model_loader import load_model, resolve_model_path
+    from specserve.actors.model_loader import load_model, resolve_dtype, resolve_model_path
     from specserve.cluster.config import ModelConfig
     from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name, kill_holders
     from specserve.cluster.kv.index import KVIndex
@@ -143,7 +136,7 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
             assert len(entries) == len(hashes), "lookup benchmark expects a fully stored prefix"
             # Raw store throughput: write (claim, put, commit) and read (lookup, fetch, checksum) of fresh blocks.
             n = prefix_tokens // block
-            kv = torch.randn(n, *layout.shape).to(getattr(torch, dtype))
+            kv = torch.randn(n, *layout.shape).to(resolve_dtype(dtype))
             tput_w, tput_r = [], []
             for rep in range(3):
                 hs = block_hashes(list(range(rep * 10**6, rep * 10**6 + n * block)), block, namespace=f"tput-{payload}")
@@ -249,7 +242,7 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
     from specserve.cluster.bench import multiturn_workload
     from specserve.cluster.config import SpecserveConfig
     from specserve.cluster.launcher import LocalServer
-    from specserve.cluster.redis_server import EmbeddedRedis
+    from specserve.cluster.redis_server import EmbeddedRedis, free_port
 
     if conversations % 2 == 0:
         _say(f"note: with {conversations} (even) conversations, round-robin keeps each conversation on one replica")
@@ -258,7 +251,7 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
     ray_started = not ray.is_initialized()
     if ray_started:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    port = _free_port()
+    port = free_port()
     res: dict[str, Any] = {"model": model_source, "dtype": dtype, "conversations": conversations, "turns": turns,
                            "max_tokens": max_tokens, "overrides": overrides, "modes": {}}
     try:

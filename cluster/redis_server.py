@@ -11,7 +11,7 @@ import tempfile
 import time
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +34,7 @@ def redis_server_binary() -> str:
 
 class EmbeddedRedis:
     def __init__(self, port: int | None = None):
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="specserve-redis-")
         self.proc: subprocess.Popen | None = None
 

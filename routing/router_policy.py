@@ -123,16 +123,13 @@ class PrefixCostPolicy:
         the first block's hash, or should be a digest of a prompt shorter than a block)."""
         if not replicas:
             raise ValueError("no replicas to route to")
-        if len(replicas) == 1:
-            r = replicas[0]
-            held = self.index.match(hashes)
-            local, store = held.get(r.replica_id, 0), held.get(STORE, 0)
-            return RouteDecision(r.replica_id, "only", self._cached(prompt_tokens, local, store),
-                                 self.estimate_ttft(r, prompt_tokens, local, store))
-        candidates = self._not_hot(replicas)
-        by_id = {r.replica_id: r for r in candidates}
         held = self.index.match(hashes)
         store = held.get(STORE, 0)
+        if len(replicas) == 1:
+            r = replicas[0]
+            return self._decision(r, "only", prompt_tokens, held.get(r.replica_id, 0), store)
+        candidates = self._not_hot(replicas)
+        by_id = {r.replica_id: r for r in candidates}
         if session_key is not None:
             rid = self.ring.choose(session_key.encode(), {r.replica_id: r.load for r in candidates})
             return self._decision(by_id[rid], "session", prompt_tokens, held.get(rid, 0), store)
@@ -145,9 +142,6 @@ class PrefixCostPolicy:
         local = held.get(best.replica_id, 0)
         return self._decision(best, "prefix" if local >= store else "store", prompt_tokens, local, store)
 
-    def _cached(self, prompt_tokens: int, local: int, store: int) -> int:
-        return min(max(local, store) * self.block_size, prompt_tokens - 1)
-
     def _decision(self, r: ReplicaState, reason: str, prompt_tokens: int, local: int, store: int) -> RouteDecision:
-        return RouteDecision(r.replica_id, reason, self._cached(prompt_tokens, local, store),
-                             self.estimate_ttft(r, prompt_tokens, local, store))
+        cached = min(max(local, store) * self.block_size, prompt_tokens - 1)
+        return RouteDecision(r.replica_id, reason, cached, self.estimate_ttft(r, prompt_tokens, local, store))

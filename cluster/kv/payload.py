@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
-
+from specserve.actors.model_loader import resolve_dtype
 
 class ChecksumError(ValueError):
     pass
@@ -30,7 +29,7 @@ class BlockLayout:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * _DTYPES[self.dtype].itemsize
+        return int(np.prod(self.shape)) * resolve_dtype(self.dtype).itemsize
 
     @property
     def shape_str(self) -> str:
@@ -58,4 +57,4 @@ def bytes_to_block(buf, layout: BlockLayout) -> torch.Tensor:
         raw = torch.frombuffer(memoryview(buf).cast("B"), dtype=torch.uint8)
     if raw.numel() != layout.nbytes:
         raise ValueError(f"block payload has {raw.numel()} bytes, layout {layout} needs {layout.nbytes}")
-    return raw.view(_DTYPES[layout.dtype]).view(layout.shape)
+    return raw.view(resolve_dtype(layout.dtype)).view(layout.shape)

@@ -33,6 +33,10 @@ MISS_REASONS = ("not_found", "writing", "fenced", "redis_unavailable", "timeout"
                 "checksum", "incompatible", "error")
 
 
+_COUNTERS = ("lookups", "lookup_blocks", "hit_blocks", "bytes_in", "bytes_out", "exported_blocks",
+             "export_skipped_blocks", "export_dropped_blocks", "export_fenced_blocks", "export_errors", "redis_errors")
+
+
 class PayloadTransport(Protocol):
     """Moves block bytes between a writer/reader and where they are held."""
 
@@ -299,18 +303,8 @@ class KVStoreClient:
             "namespace": self.index.namespace_id,
             "holder": self.transport.holder,
             "available": self.available(),
-            "lookups": counters.get("lookups", 0),
-            "lookup_blocks": counters.get("lookup_blocks", 0),
-            "hit_blocks": counters.get("hit_blocks", 0),
+            **{name: counters.get(name, 0) for name in _COUNTERS},
             "miss_blocks": misses,
-            "bytes_in": counters.get("bytes_in", 0),
-            "bytes_out": counters.get("bytes_out", 0),
-            "exported_blocks": counters.get("exported_blocks", 0),
-            "export_skipped_blocks": counters.get("export_skipped_blocks", 0),
-            "export_dropped_blocks": counters.get("export_dropped_blocks", 0),
-            "export_fenced_blocks": counters.get("export_fenced_blocks", 0),
-            "export_errors": counters.get("export_errors", 0),
-            "redis_errors": counters.get("redis_errors", 0),
             "lookup_latency": self.lookup_latency.as_dict(),
             "import_latency": self.import_latency.as_dict(),
             "export_latency": self.export_latency.as_dict(),

@@ -1,18 +1,12 @@
 """One real Ray instance (and Serve) per test session; apps are deployed and deleted by the tests."""
 
 import os
-import socket
 
 import pytest
 
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.launcher import LocalServer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from specserve.cluster.redis_server import free_port
 
 
 # Two simulated nodes (each its own raylet and object store); tests pin replicas with these resources.
@@ -32,7 +26,7 @@ def ray_cluster():
     cluster.add_node(num_cpus=2, resources={NODE_B: 100}, object_store_memory=store)
     ray.init(address=cluster.address, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
-    port = _free_port()
+    port = free_port()
     # One HTTP proxy: both simulated nodes share this machine's ports.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     yield port

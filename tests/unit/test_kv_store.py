@@ -254,10 +254,10 @@ def test_sentinel_config_reaches_the_master(tmp_path):
     import subprocess
 
     from specserve.cluster.kv.redis_client import connect
-    from specserve.cluster.redis_server import _free_port, redis_server_binary
+    from specserve.cluster.redis_server import free_port, redis_server_binary
 
     master = EmbeddedRedis().start()
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "sentinel.conf"
     conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master.port} 1\n")
     proc = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
