@@ -30,6 +30,7 @@ from specserve.cluster.kv.redis_client import connect, redis_config
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.kv_events import KVEventPublisher, stream_key
+from specserve.routing.prefix_index import STORE
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ def build_kv_store(config: SpecserveConfig, namespace: KVNamespace, layout: Bloc
     else:
         node_id = ray.get_runtime_context().get_node_id()
         capacity = int(kc.holder_capacity_gb * (1 << 30))
+        events = stream_key(server.app_name) if config.router.policy == "prefix_cost" else ""
 
         def local_holder():
-            return holder_name(server.app_name, node_id), holder_actor(server.app_name, node_id, redis_cfg, capacity)
+            return holder_name(server.app_name, node_id), holder_actor(server.app_name, node_id, redis_cfg, capacity,
+                                                                       events)
 
         transport = HolderPayloads(local_holder)
     log.info("KV store: namespace %s, payloads in %s", namespace.id, transport.holder)
@@ -125,6 +128,9 @@ class Verifier:
         layout = BlockLayout(ns.dtype, (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
         self.kv_store = build_kv_store(self.config, self.namespace, layout)
         self.kv_events = build_kv_event_publisher(self.config)
+        if self.kv_store is not None and self.kv_events is not None:
+            events = self.kv_events
+            self.kv_store.on_committed = lambda hashes: events.publish([(True, h) for h in hashes], holder=STORE)
         sp = self.config.speculative
         proposer = build_proposer(self.config, loaded.config.get_text_config().vocab_size)
         controller = None

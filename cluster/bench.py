@@ -335,21 +335,29 @@ def chat_workload(n: int, seed: int = 0) -> list[Messages]:
     return _chat(n, _rng("chat", seed))
 
 
+def tenant_system_prompt(i: int, reference_passages: int = 4) -> str:
+    """Tenant i's system prompt: its instructions, then reference material (as a RAG-style assistant carries)."""
+    refs = [" ".join(_PASSAGES[(2 * i + k) % len(_PASSAGES)]) for k in range(reference_passages)]
+    return _TENANTS[i]["system"] + "\n\nReference material:\n" + "\n".join(f"- {r}" for r in refs)
+
+
 def shared_prefix_workload(n: int, seed: int = 0, tenants: int = 4) -> list[Messages]:
-    """Requests from `tenants` tenants, each with its own long (~400-500 token) system prompt."""
+    """Requests from `tenants` tenants, each with its own long (~900 token) system prompt and short questions."""
     rng = _rng("shared-prefix", seed)
-    pool = _TENANTS[: max(1, min(tenants, len(_TENANTS)))]
+    pool = list(range(max(1, min(tenants, len(_TENANTS)))))
+    systems = [tenant_system_prompt(i) for i in pool]
     out: list[Messages] = []
-    order: list[dict[str, Any]] = []
+    order: list[int] = []
     while len(out) < n:
         if not order:  # each block visits every tenant once, in shuffled order, so all tenants recur
             order = list(pool)
             rng.shuffle(order)
-        tenant = order.pop()
+        i = order.pop()
+        tenant = _TENANTS[i]
         who = f"{rng.choice(_FIRST_NAMES)}, {tenant['ident'].format(rng.randrange(10000, 100000))}"
         question = rng.choice(tenant["questions"])
         out.append([
-            {"role": "system", "content": tenant["system"]},
+            {"role": "system", "content": systems[i]},
             {"role": "user", "content": f"Hi, this is {who}. {question}"},
         ])
     return out
@@ -484,6 +492,8 @@ class RequestResult:
     # imported from specserve's cluster KV store (usage.kv_store.imported_tokens).
     cached_tokens: int | None = None
     imported_tokens: int | None = None
+    # specserve's prefix-aware router: the cached tokens it predicted for this request (usage.routing)
+    predicted_cached_tokens: int | None = None
     text: str = ""  # the generated text (multi-turn workloads feed it back)
 
     @property
@@ -506,6 +516,7 @@ def summarize(results: list[RequestResult], wall_s: float, concurrency: int) -> 
     drafted = sum(r.draft_tokens or 0 for r in spec)
     accepted = sum(r.accepted_tokens or 0 for r in spec)
     cache = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens]
+    predicted = [r for r in cache if r.predicted_cached_tokens is not None]
     return {
         "requests": len(results),
         "ok": len(ok),
@@ -535,6 +546,9 @@ def summarize(results: list[RequestResult], wall_s: float, concurrency: int) -> 
         "prefix_hit_rate": (sum(r.cached_tokens for r in cache) / sum(r.prompt_tokens for r in cache)) if cache
         else None,
         "imported_tokens": sum(r.imported_tokens or 0 for r in cache) if cache else None,
+        # The router's prediction against what the verifier found: mean |predicted - actual| cached tokens.
+        "prediction_mae_tokens": _mean([abs(r.predicted_cached_tokens - r.cached_tokens) for r in predicted])
+        if predicted else None,
     }
 
 
@@ -683,6 +697,9 @@ async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, 
                 store = usage.get("kv_store")
                 if isinstance(store, dict):
                     res.imported_tokens = store.get("imported_tokens")
+                routing = usage.get("routing")
+                if isinstance(routing, dict):
+                    res.predicted_cached_tokens = routing.get("predicted_cached_tokens")
                 spec = usage.get("speculation")
                 if isinstance(spec, dict):
                     res.spec_rounds = spec.get("rounds")
@@ -879,6 +896,7 @@ async def _run_target(t: Target, client: httpx.AsyncClient, cfg: BenchConfig, pl
             results, wall, max_in_flight = await run_pass(client, t.model, plan[(w, c)], c, settings)
             summary = summarize(results, wall, c)
             summary["max_in_flight"] = max_in_flight
+            summary["router"] = await router_summary(client)
             passes.append({
                 "target": t.label, "url": t.url, "model": t.model, "workload": w, "concurrency": c,
                 "summary": summary, "requests": [_raw(r) for r in results],
@@ -889,6 +907,26 @@ async def _run_target(t: Target, client: httpx.AsyncClient, cfg: BenchConfig, pl
                  f"{_fmt(summary['output_tok_s'], 1)} out tok/s, "
                  f"TTFT p50 {_fmt(summary['ttft_ms_p50'], 0)} ms"
                  + (f", mean accepted length {mal:.2f}" if mal else "") + f" ({wall:.1f} s)")
+
+
+async def router_summary(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    """specserve's routing figures so far (GET /router/stats), or None for servers without them."""
+    try:
+        r = await client.get("/router/stats")
+        stats = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not isinstance(stats, dict) or not stats.get("routers"):
+        return None
+    routers = stats["routers"]
+    lat = [x["decision_latency"] for x in routers]
+    p99 = max((x["p99_s"] for x in lat if x.get("p99_s") is not None), default=None)
+    p50 = max((x["p50_s"] for x in lat if x.get("p50_s") is not None), default=None)
+    return {"policy": stats.get("policy"), "decisions": sum(x["count"] for x in lat),
+            "decision_us_p50": p50 * 1e6 if p50 is not None else None,
+            "decision_us_p99": p99 * 1e6 if p99 is not None else None,
+            "index_blocks": sum(x["index_blocks"] for x in routers),
+            "hash_us_p50": (stats["hash_latency"]["p50_s"] or 0) * 1e6}
 
 
 def _raw(r: RequestResult) -> dict[str, Any]:
@@ -916,6 +954,8 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
     headers += ["acc len", "accept"] if show_spec else []
     show_hits = any(p["summary"].get("prefix_hit_rate") for p in passes)
     headers += ["prefix hit"] if show_hits else []
+    show_route = any(p["summary"].get("router") for p in passes)
+    headers += ["route p99 us"] if show_route else []
     headers += [f"vs {labels[0]}"] if multi else []
     table = [headers]
     for p in rows:
@@ -932,6 +972,8 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
         if show_hits:
             hit = s.get("prefix_hit_rate")
             row.append("-" if hit is None else f"{100 * hit:.0f}%")
+        if show_route:
+            row.append(_fmt((s.get("router") or {}).get("decision_us_p99"), 0))
         if multi:
             b = base.get((p["workload"], p["concurrency"]))
             row.append(f"{s['output_tok_s'] / b:.2f}x" if b and s["output_tok_s"] is not None else "-")
@@ -950,6 +992,8 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
         lines.append("(acc len = tokens committed per speculative round; accept = accepted / drafted tokens)")
     if show_hits:
         lines.append("(prefix hit = prompt tokens served from a KV cache, local or imported, / prompt tokens)")
+    if show_route:
+        lines.append("(route p99 us = prefix_cost routing decision time in the ingress, 99th percentile so far)")
     for p in rows:
         s = p["summary"]
         if s["errors"]:

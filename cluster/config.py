@@ -123,13 +123,15 @@ class RouterConfig(_Strict):
 
     # prefix_cost: the replica with the lowest estimated time to first token, from KV events of every replica;
     # pow2: Serve's power of two choices; round_robin: in turn (for comparison).
-    policy: Literal["prefix_cost", "pow2", "round_robin"] = "pow2"
+    policy: Literal["prefix_cost", "pow2", "round_robin"] = "prefix_cost"
     # How often Serve collects each verifier's load report.
     stats_period_s: float = Field(1.0, gt=0)
     # Hot-spot guard: skip a replica whose load exceeds hot_factor x mean + hot_slack.
     hot_factor: float = Field(2.0, ge=1)
     hot_slack: int = Field(4, ge=0)
     max_index_blocks: int = Field(1_000_000, ge=1)
+    # prefix_cost: requests carrying this HTTP header go to one replica per header value (session affinity).
+    session_header: str = "x-session-id"
 
 
 class ServerConfig(_Strict):

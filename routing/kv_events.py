@@ -7,7 +7,8 @@ background thread and apply it to their PrefixIndex, so the routing decision its
 A lost event only makes the router's view stale: a worse guess, never a wrong answer.
 
 Record: {replica, ops} where ops is 17 bytes per event: b"+" or b"-" then the 16-byte block hash; or
-{replica, reset: 1}.
+{replica, reset: 1}. The KV store's blocks travel as the pseudo-replica STORE: verifiers announce the blocks they
+commit to it, KV holders the blocks they evict (never reset: many processes write for it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def unpack_ops(ops: bytes) -> list[tuple[bool, bytes]]:
     return [(ops[i:i + 1] == b"+", ops[i + 1:i + _STEP]) for i in range(0, len(ops), _STEP)]
 
 
+def publish_ops(client, stream: str, holder: str, events: list[tuple[bool, bytes]], maxlen: int = 200_000) -> bool:
+    """Append one record; False if Redis refused (routers then see a stale view until the next events)."""
+    try:
+        client.xadd(stream, {"replica": holder, "ops": pack_ops(events)}, maxlen=maxlen, approximate=True)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log.debug("KV events not published: %s", exc)
+        return False
+
+
 class KVEventPublisher:
     def __init__(self, client, stream: str, replica_id: str, *, maxlen: int = 200_000, flush_s: float = 0.1):
         self.r = client
@@ -44,7 +55,7 @@ class KVEventPublisher:
         self.replica_id = replica_id
         self.maxlen = maxlen
         self.flush_s = flush_s
-        self._pending: list[tuple[bool, bytes]] = []
+        self._pending: dict[str, list[tuple[bool, bytes]]] = {}  # holder -> events in order
         self._lock = threading.Lock()
         self._reset_sent = False
         self._stop = threading.Event()
@@ -53,27 +64,29 @@ class KVEventPublisher:
         self._thread = threading.Thread(target=self._loop, name="specserve-kv-events", daemon=True)
         self._thread.start()
 
-    def publish(self, events: list[tuple[bool, bytes]]) -> None:
-        """Queue events (never blocks on Redis)."""
+    def publish(self, events: list[tuple[bool, bytes]], holder: str | None = None) -> None:
+        """Queue events of this replica's cache, or of `holder` (STORE); never blocks on Redis."""
         if events:
             with self._lock:
-                self._pending.extend(events)
+                self._pending.setdefault(holder or self.replica_id, []).extend(events)
 
     def flush(self) -> None:
         with self._lock:
-            events, self._pending = self._pending, []
+            pending, self._pending = self._pending, {}
         try:
             if not self._reset_sent:
                 self.r.xadd(self.stream, {"replica": self.replica_id, "reset": 1}, maxlen=self.maxlen,
                             approximate=True)
                 self._reset_sent = True
-            if events:
-                self.r.xadd(self.stream, {"replica": self.replica_id, "ops": pack_ops(events)}, maxlen=self.maxlen,
-                            approximate=True)
+        except Exception as exc:  # noqa: BLE001 - retried at the next flush
+            log.debug("KV events: reset not published: %s", exc)
+        for holder, events in pending.items():
+            if holder == self.replica_id and not self._reset_sent:
+                self.dropped_events += len(events)  # a reset still to come would erase them
+            elif publish_ops(self.r, self.stream, holder, events, self.maxlen):
                 self.published_events += len(events)
-        except Exception as exc:  # noqa: BLE001 - routers see a stale view until the next events
-            self.dropped_events += len(events)
-            log.debug("KV events not published: %s", exc)
+            else:
+                self.dropped_events += len(events)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.flush_s):

@@ -25,7 +25,9 @@ from specserve.cluster.kv.namespace import kv_namespace
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.block_hash import block_hashes
 from specserve.routing.detokenizer import IncrementalDetokenizer
+from specserve.cluster.latency import LatencyStat
 from specserve.routing.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from specserve.routing.routing_metrics import RoutingOutcomes, router_stats, take_decision
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="specserve", docs_url=None, redoc_url=None)
@@ -83,11 +85,20 @@ class OpenAIIngress:
         self.max_prompt_tokens = min(limit, self.max_model_len - 1)
         self.model_name = self.config.model.name
         self.created = int(time.time())
+        self.routing = RoutingOutcomes()
+        self.hash_latency = LatencyStat(keep=4096)
 
     # ---- endpoints ---------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
         return {"status": "ok"}
+
+    @app.get("/router/stats")
+    async def router_stats(self):
+        """Routing as this ingress replica sees it: predicted vs actual cached tokens, hit rate, and its
+        routers' decisions, decision latency, index size and per-replica load."""
+        return {"policy": self.config.router.policy, "outcomes": self.routing.as_dict(),
+                "hash_latency": self.hash_latency.as_dict(), "routers": router_stats()}
 
     @app.get("/v1/models")
     async def models(self):
@@ -95,7 +106,7 @@ class OpenAIIngress:
                                             "owned_by": "specserve", "max_model_len": self.max_model_len}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
         self._check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if not any(m["content"] for m in messages):
@@ -106,10 +117,10 @@ class OpenAIIngress:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await self._respond(body, prompt_ids, max_tokens, chat=True)
+        return await self._respond(body, prompt_ids, max_tokens, chat=True, raw=raw)
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, raw: Request):
         self._check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -127,7 +138,7 @@ class OpenAIIngress:
                 raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
         if not prompt_ids:
             raise APIError(400, "prompt: must not be empty", param="prompt")
-        return await self._respond(body, prompt_ids, body.max_tokens, chat=False)
+        return await self._respond(body, prompt_ids, body.max_tokens, chat=False, raw=raw)
 
     # ---- shared path -------------------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -148,15 +159,28 @@ class OpenAIIngress:
                                 f"{self.max_model_len} tokens", param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    async def _respond(self, body, prompt_ids: list[int], max_tokens: int | None, chat: bool):
+    def _routing_fields(self, prompt_ids: list[int], raw: Request | None) -> dict:
+        """What the prefix_cost router reads: the prompt's block hashes (computed once, here, with the
+        verifiers' namespace), the key to hash when nothing matches, and the session key if the client sent one."""
+        if self.kv_namespace is None:
+            return {}
+        t0 = time.perf_counter()
+        bs = self.config.engine.block_size
+        usable = (len(prompt_ids) - 1) // bs * bs  # the blocks a replica's cache could hold for it
+        hashes = block_hashes(prompt_ids[:usable], bs, namespace=self.kv_namespace)
+        fields = {"block_hashes": hashes, "route_key": hashes[0] if usable else bytes(str(prompt_ids[:bs]), "ascii")}
+        session = raw.headers.get(self.config.router.session_header) if raw is not None else None
+        if session:
+            fields["session_key"] = session
+        self.hash_latency.add(time.perf_counter() - t0)
+        return fields
+
+    async def _respond(self, body, prompt_ids: list[int], max_tokens: int | None, chat: bool,
+                       raw: Request | None = None):
         params = body.sampling_params(self._limits(prompt_ids, max_tokens))
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        request = {"request_id": request_id, "prompt_token_ids": prompt_ids, "sampling": params.__dict__}
-        if self.kv_namespace is not None:
-            bs = self.config.engine.block_size
-            usable = (len(prompt_ids) - 1) // bs * bs  # the blocks a replica's cache could hold for it
-            request["block_hashes"] = block_hashes(prompt_ids[:usable], bs, namespace=self.kv_namespace)
-            request["route_key"] = request["block_hashes"][0] if usable else bytes(str(prompt_ids[:bs]), "ascii")
+        request = {"request_id": request_id, "prompt_token_ids": prompt_ids, "sampling": params.__dict__,
+                   **self._routing_fields(prompt_ids, raw)}
         events = self._generate(request, params.stop)
         if body.stream:
             # Wait for the first event before sending headers, so a rejected request gets its 4xx status.
@@ -197,8 +221,11 @@ class OpenAIIngress:
         detok = IncrementalDetokenizer(self.tokenizer, stop)
         stream = self.verifier.options(stream=True).generate.remote(request)
         prompt_tokens, cached, completion = len(request["prompt_token_ids"]), 0, 0
+        decision, ended = None, False
         try:
             async for chunk in stream:
+                if decision is None:  # routed by now (prefix_cost keeps its prediction for us)
+                    decision = take_decision(request["request_id"]) or False
                 ids = chunk["token_ids"]
                 before = len(detok.token_ids)
                 delta = detok.push(ids)
@@ -223,11 +250,18 @@ class OpenAIIngress:
                                          "accepted_tokens": chunk["accepted_tokens"]},
                          # of the cached prompt tokens, those whose KV blocks came from the cluster's KV store
                          "kv_store": {"imported_tokens": chunk["imported_tokens"]}}
+                if decision:
+                    usage["routing"] = {"reason": decision.reason,
+                                        "predicted_cached_tokens": decision.predicted_cached_tokens}
+                ended = detok.stopped or chunk["finished"]
                 yield delta, ids, reason, usage
-                if detok.stopped or chunk["finished"]:
+                if ended:
                     return
         finally:
             stream.cancel()
+            if ended:
+                self.routing.record(prompt_tokens, cached, decision.predicted_cached_tokens if decision else None,
+                                    decision.reason if decision else None)
 
     async def _stream(self, first, events, request_id: str, chat: bool, include_usage: bool,
                       return_token_ids: bool) -> AsyncIterator[str]:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict
+from dataclasses import asdict
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from specserve.routing.prefix_index import PrefixIndex
-from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState
+from specserve.cluster.latency import LatencyStat
+from specserve.routing.prefix_index import STORE, PrefixIndex
+from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState, RouteDecision
 
 log = logging.getLogger(__name__)
-
 
 def _request_of(pending: PendingRequest | None) -> dict | None:
     if pending is None or not pending.args or not isinstance(pending.args[0], dict):
@@ -36,7 +37,9 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
         self.in_flight: Counter = Counter()
         self._routed: dict[str, str] = {}  # internal request id -> replica id
         self.decisions: Counter = Counter()
-        self.decision_s: deque[float] = deque(maxlen=4096)
+        self.decision_latency = LatencyStat(keep=4096)
+        self.recent_decisions: OrderedDict[str, RouteDecision] = OrderedDict()  # by the ingress's request id
+        self.replica_view: dict[str, ReplicaState] = {}  # as of the last decision
         self.subscriber = None
         if redis and stream:
             from specserve.cluster.kv.redis_client import connect
@@ -44,6 +47,11 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
 
             # Its own connection: XREAD blocks it for up to half a second at a time.
             self.subscriber = KVEventSubscriber(connect(**dict(redis, timeout_s=5.0)), stream, self.index).start()
+        # Imported here, not at module level: Serve ships this class to the ingress cloudpickled by value, so
+        # module globals its methods see are private copies, not the module the ingress imports.
+        from specserve.routing import routing_metrics
+
+        routing_metrics.register_router(self)
 
     def _state(self, replica: RunningReplica) -> ReplicaState:
         rid = replica.replica_id.unique_id
@@ -65,8 +73,13 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
         decision = self.policy.choose(states, hashes, len(request["prompt_token_ids"]),
                                       route_key=request.get("route_key"), session_key=request.get("session_key"))
         self.index.add(decision.replica_id, hashes)  # optimistic: it will hold them once it has prefilled
-        self.decision_s.append(time.perf_counter() - t0)
+        self.decision_latency.add(time.perf_counter() - t0)
         self.decisions[decision.reason] += 1
+        self.replica_view = {s.replica_id: s for s in states}
+        if "request_id" in request:
+            self.recent_decisions[request["request_id"]] = decision
+            while len(self.recent_decisions) > 4096:  # requests whose ingress never asked (errors, other callers)
+                self.recent_decisions.popitem(last=False)
         chosen = [r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id]
         rest = [r for r in candidate_replicas if r.replica_id.unique_id != decision.replica_id]
         return [chosen, rest] if rest else [chosen]
@@ -88,7 +101,22 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
             if rid not in live:  # a replica that left: purge it at once
                 self.index.purge(rid)
                 self.in_flight.pop(rid, None)
+                self.replica_view.pop(rid, None)
         return out
+
+    def stats(self) -> dict:
+        sub = self.subscriber
+        return {
+            "policy": "prefix_cost",
+            "decisions": dict(self.decisions),
+            "decision_latency": self.decision_latency.as_dict(),
+            "index_blocks": len(self.index),
+            "store_blocks": self.index.num_blocks(STORE),
+            "events_applied": sub.applied_events if sub else None,
+            "event_errors": sub.errors if sub else None,
+            "replicas": {rid: dict(asdict(s), in_flight=self.in_flight[rid], indexed_blocks=self.index.num_blocks(rid))
+                         for rid, s in self.replica_view.items()},
+        }
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):

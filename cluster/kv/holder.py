@@ -88,10 +88,12 @@ class SegmentLRU:
 class KVHolder:
     """The Ray actor (see `holder_actor`). Block ids are index entry keys, so eviction can delete the entries."""
 
-    def __init__(self, name: str, redis_config: dict, capacity_bytes: int):
+    def __init__(self, name: str, redis_config: dict, capacity_bytes: int, events_stream: str = ""):
+        """`events_stream`: where prefix-aware routers learn of evicted blocks ("" when no router listens)."""
         from specserve.cluster.kv.redis_client import connect
 
         self.name = name
+        self.events_stream = events_stream
         self.epoch = uuid.uuid4().hex[:16]
         self.lru = SegmentLRU(capacity_bytes)
         self.redis = connect(**redis_config)
@@ -132,6 +134,12 @@ class KVHolder:
             release_entries(self.redis, block_ids, "holder", self.name, self.epoch)
         except Exception:  # noqa: BLE001 - the entries then point at blocks we lack: readers see a miss
             self.stats_["redis_errors"] += 1
+        if self.events_stream:
+            from specserve.routing.kv_events import publish_ops
+            from specserve.routing.prefix_index import STORE
+
+            hashes = [bytes.fromhex(b.rsplit(":", 1)[1]) for b in block_ids]  # block ids are index entry keys
+            publish_ops(self.redis, self.events_stream, STORE, [(False, h) for h in hashes])
 
     def get(self, block_ids: list[str]) -> tuple[str, list]:
         """(epoch, [(object ref, offset, size) or None per block]). The refs are nested, so Ray passes them
@@ -163,7 +171,7 @@ def holder_name(app_name: str, node_id: str) -> str:
     return f"specserve-kv-holder-{app_name}-{node_id[:16]}"
 
 
-def holder_actor(app_name: str, node_id: str, redis_config: dict, capacity_bytes: int):
+def holder_actor(app_name: str, node_id: str, redis_config: dict, capacity_bytes: int, events_stream: str = ""):
     """Get or start the holder of `app_name` on node `node_id`. Detached, so it outlives the replica that
     started it (the launcher kills it with the app); restarted by Ray if its process dies (with a new epoch)."""
     import ray
@@ -174,7 +182,7 @@ def holder_actor(app_name: str, node_id: str, redis_config: dict, capacity_bytes
         name=name, namespace=HOLDER_NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
         max_restarts=-1,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(name, redis_config, capacity_bytes)
+    ).remote(name, redis_config, capacity_bytes, events_stream)
 
 
 def kill_holders(app_name: str) -> int:

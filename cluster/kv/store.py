@@ -17,7 +17,8 @@ import queue
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from specserve.cluster.kv.index import REDIS_HOLDER, Entry, KVIndex
+from specserve.cluster.latency import LatencyStat
 from specserve.cluster.kv.payload import BlockLayout, blocks_to_bytes, bytes_to_block, checksum
 
 log = logging.getLogger(__name__)
@@ -67,26 +69,6 @@ class RedisPayloads:
         return bufs, None
 
 
-class LatencyStat:
-    """Count, mean and recent percentiles of one latency (seconds)."""
-
-    def __init__(self, keep: int = 512):
-        self.count = 0
-        self.total = 0.0
-        self.recent: deque[float] = deque(maxlen=keep)
-
-    def add(self, seconds: float) -> None:
-        self.count += 1
-        self.total += seconds
-        self.recent.append(seconds)
-
-    def as_dict(self) -> dict:
-        r = sorted(self.recent)
-        pick = (lambda q: r[min(len(r) - 1, int(q * len(r)))]) if r else (lambda q: None)
-        return {"count": self.count, "mean_s": self.total / self.count if self.count else None,
-                "p50_s": pick(0.5), "p99_s": pick(0.99)}
-
-
 @dataclass
 class Fetched:
     """The blocks a fetch found, in prompt order, from the first block asked for."""
@@ -116,6 +98,9 @@ class KVStoreClient:
         self.import_latency = LatencyStat()
         self.export_latency = LatencyStat()
         self.lookup_latency = LatencyStat()
+        # Called from the export thread with the hashes of blocks this client has just made readable (the
+        # verifier tells prefix-aware routers through it that the store holds them).
+        self.on_committed: Callable[[list[bytes]], None] | None = None
         self._pending_bytes = 0
         self._exports: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -273,6 +258,8 @@ class KVStoreClient:
                 pass
             raise
         n = sum(done)
+        if n and self.on_committed is not None:
+            self.on_committed([h for h, ok in zip(mine_hashes, done) if ok])
         self._count("exported_blocks", n)
         self._count("bytes_out", n * self.layout.nbytes)
         self._count("export_fenced_blocks", len(mine) - n)

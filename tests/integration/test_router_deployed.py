@@ -26,8 +26,8 @@ def ids(seed: int, n: int) -> list[int]:
     return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def complete(url: str, prompt: list[int], max_tokens: int = 4) -> dict:
-    r = httpx.post(f"{url}/v1/completions", timeout=120,
+def complete(url: str, prompt: list[int], max_tokens: int = 4, session: str | None = None) -> dict:
+    r = httpx.post(f"{url}/v1/completions", timeout=120, headers={"x-session-id": session} if session else {},
                    json={"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                          "ignore_eos": True})
     assert r.status_code == 200, r.text
@@ -42,15 +42,33 @@ def test_shared_prefixes_meet_their_holder_and_a_removed_replica_loses_nothing(r
     try:
         # Two tenants' long prefixes (10 blocks each), many short questions each, interleaved.
         prefixes = [ids(100, 160), ids(200, 160)]
-        hits = []
+        hits, predicted = [], []
         for i in range(12):
             p = prefixes[i % 2] + ids(i, 12)
             out = complete(server.url, p)
             hits.append(out["usage"]["prompt_tokens_details"]["cached_tokens"])
+            predicted.append(out["usage"]["routing"]["predicted_cached_tokens"])
         # After each tenant's first request, every request finds its prefix where it lands: with two replicas
         # and no store, that means it went to the replica that computed it.
         assert hits[:2] == [0, 0]
         assert all(h >= 160 for h in hits[2:]), hits
+        assert predicted == hits  # the router's prediction per request, against what the verifier found
+
+        stats = httpx.get(f"{server.url}/router/stats", timeout=30).json()
+        outcomes, (router,) = stats["outcomes"], stats["routers"]
+        assert outcomes["requests"] == 12 and outcomes["predicted"]["mean_abs_error_tokens"] == 0
+        assert outcomes["hit_rate"] == pytest.approx(sum(hits) / (12 * 172))
+        assert sum(router["decisions"].values()) == router["decision_latency"]["count"] == 12
+        assert router["index_blocks"] >= 20 and len(router["replicas"]) == 2
+
+        # Session affinity: unrelated prompts with one session id all go to one replica.
+        before = {rid: v["indexed_blocks"] for rid, v in router["replicas"].items()}
+        for j in range(3):
+            out = complete(server.url, ids(300 + j, 64), session="user-7")
+            assert out["usage"]["routing"]["reason"] == "session"
+        after = httpx.get(f"{server.url}/router/stats", timeout=30).json()["routers"][0]["replicas"]
+        gained = sorted(after[rid]["indexed_blocks"] - before[rid] for rid in before)
+        assert gained[0] == 0 and gained[1] >= 9, gained  # 3 blocks of each prompt (and what it generated)
 
         # Scale to one replica while requests stream in: every request completes in full.
         results, errors = [], []

@@ -1,18 +1,29 @@
-"""KV events through a real Redis stream: order kept, resets purge, a late subscriber replays the stream."""
+"""KV events through a real Redis stream: order kept, resets purge, a late subscriber replays the stream; the
+KV store's blocks appear as the STORE holder when committed and leave when a holder evicts them."""
 
 import pytest
 import redis
+import torch
 
+from specserve.cluster.kv.holder import KVHolder
+from specserve.cluster.kv.index import KVIndex
+from specserve.cluster.kv.payload import BlockLayout
+from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.redis_server import EmbeddedRedis
 from specserve.routing.block_hash import block_hashes
 from specserve.routing.kv_events import KVEventPublisher, KVEventSubscriber, pack_ops, unpack_ops
-from specserve.routing.prefix_index import PrefixIndex
+from specserve.routing.prefix_index import STORE, PrefixIndex
 
 
 @pytest.fixture(scope="module")
-def r():
+def redis_url():
     with EmbeddedRedis() as server:
-        yield redis.Redis.from_url(server.url, socket_timeout=2)
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def r(redis_url):
+    return redis.Redis.from_url(redis_url, socket_timeout=2)
 
 
 def test_ops_round_trip():
@@ -49,3 +60,26 @@ def test_subscriber_index_follows_publishers(r):
     assert late.match(hs) == index.match(hs)
     for p in (a, b, b2):
         p.close()
+
+
+def test_store_blocks_follow_commits_and_holder_evictions(r, redis_url):
+    layout = BlockLayout("float32", (2, 1, 4, 1, 4))
+    hs = block_hashes(list(range(16)), 4, namespace="events")
+    index = KVIndex(r, "events")
+    publisher = KVEventPublisher(r, "s2", "replica-a", flush_s=60)
+    store = KVStoreClient(index, RedisPayloads(), layout)
+    store.on_committed = lambda committed: publisher.publish([(True, h) for h in committed], holder=STORE)
+    assert store.export(hs[:3], torch.zeros(3, *layout.shape)) and store.flush()
+    publisher.flush()
+    view = PrefixIndex()
+    sub = KVEventSubscriber(r, "s2", view)
+    sub.poll()
+    assert view.match(hs) == {STORE: 3}
+    # a holder evicting the second block tells the routers; a later reset of a replica leaves STORE alone
+    holder = KVHolder("h", {"url": redis_url}, 1 << 20, events_stream="s2")
+    holder._forget([index.entry_key(hs[1])])
+    KVEventPublisher(r, "s2", "replica-a", flush_s=60).close()
+    sub.poll()
+    assert view.match(hs) == {STORE: 1} and view.num_blocks(STORE) == 2
+    store.close()
+    publisher.close()

@@ -1,5 +1,5 @@
 """The router's pure core: the prefix index, the TTFT cost model, the hot-spot guard and bounded-load consistent
-hashing."""
+hashing; routing outcomes (predicted vs actual cached tokens)."""
 
 from collections import Counter
 
@@ -8,6 +8,7 @@ import pytest
 from specserve.routing.block_hash import block_hashes
 from specserve.routing.prefix_index import STORE, PrefixIndex
 from specserve.routing.router_policy import ConsistentHashRing, PrefixCostPolicy, ReplicaState
+from specserve.routing.routing_metrics import RoutingOutcomes
 
 BS = 16
 
@@ -146,3 +147,15 @@ def test_bench_router_smoke():
 
     r = run(total_blocks=640, replicas=2, prompt_blocks=8, decisions=50)
     assert r["indexed_blocks"] == 640 and r["decisions"] == 50 and 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]
+
+
+def test_routing_outcomes_compare_predicted_with_actual_cached_tokens():
+    out = RoutingOutcomes()
+    out.record(100, 0)  # routed by a policy without predictions
+    out.record(200, 160, predicted=160, reason="prefix")
+    out.record(200, 96, predicted=160, reason="prefix")  # the replica had evicted part of it
+    d = out.as_dict()
+    assert d["requests"] == 3 and d["hit_rate"] == pytest.approx(256 / 500)
+    p = d["predicted"]
+    assert p["requests"] == 2 and p["mean_abs_error_tokens"] == 32 and p["over_predicted_requests"] == 1
+    assert p["by_reason"] == {"prefix": 2} and p["actual_cached_tokens"] == 256
