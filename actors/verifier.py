@@ -224,9 +224,13 @@ class Verifier:
     async def record_routing_stats(self) -> dict:
         """Load report for the request router (Serve polls it every router.stats_period_s)."""
         def read(engine: LLMEngine) -> dict:
-            sched = engine.scheduler
+            sched, bm = engine.scheduler, engine.block_manager
             queued = sum(s.num_uncomputed_tokens for s in sched.running if s.num_uncomputed_tokens > 1)
-            queued += sum(s.num_uncomputed_tokens for s in sched.waiting)
+            for i, s in enumerate(sched.waiting):
+                # A waiting prompt's cached prefix costs no prefill (checked for the first 64; hashing is not free).
+                hit = i < 64 and not s.num_computed_tokens
+                cached = len(bm.match_prefix(s.token_ids)) * bm.block_size if hit else 0
+                queued += max(1, s.num_uncomputed_tokens - cached)
             st = engine.stats
             return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
                     "queued_prefill_tokens": queued, "prefill_tokens_per_s": st.prefill_tokens_per_s,

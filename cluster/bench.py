@@ -436,6 +436,24 @@ def multiturn_workload(n: int, turns: int = 6, seed: int = 0) -> list[Conversati
     return out
 
 
+def ideal_prefix_hit_rate(prompts: list[list[int]], block_size: int) -> float | None:
+    """The prefix hit rate of one cache that never evicts, seeing `prompts` (token ids) in order: the ceiling
+    for any routing over any number of replicas. Full blocks only, never a prompt's last token (as the engine)."""
+    from specserve.routing.block_hash import block_hashes
+
+    seen: set[bytes] = set()
+    hit = total = 0
+    for ids in prompts:
+        hashes = block_hashes(ids[:(len(ids) - 1) // block_size * block_size], block_size)
+        n = 0
+        while n < len(hashes) and hashes[n] in seen:
+            n += 1
+        seen.update(hashes)
+        hit += n * block_size
+        total += len(ids)
+    return hit / total if total else None
+
+
 def build_workload(name: str, n: int, seed: int = 0) -> list[Messages]:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r} (choose from {', '.join(WORKLOADS)})")
@@ -814,6 +832,7 @@ class BenchConfig:
     api_key: str | None
     json_path: str | None
     serve_base: dict[str, str] = field(default_factory=dict)
+    tokenizer: str | None = None  # model to tokenize the workloads with (for the ideal prefix hit rate)
 
     def requests_for(self, concurrency: int) -> int:
         return self.num_requests if self.num_requests else max(8, 4 * concurrency)
@@ -835,6 +854,30 @@ def _plan_prompts(cfg: BenchConfig) -> dict[tuple[str, int], list[Messages]]:
             plan[(w, c)] = prompts[pos:pos + n]
             pos += n
     return plan
+
+
+def _ideal_hit_rates(cfg: BenchConfig, plan, served: "ServedTarget | None") -> dict[tuple[str, int], float | None]:
+    """Per pass, the ideal prefix hit rate of its prompts, tokenized with their chat template by --tokenizer's
+    model, else by the served model (with its block size)."""
+    if cfg.endpoint != "chat" or not (cfg.tokenizer or served):
+        return {}
+    from transformers import AutoTokenizer
+
+    from specserve.actors.model_loader import resolve_model_path
+    from specserve.cluster.config import ModelConfig
+
+    model = served.config.model if served and not cfg.tokenizer else ModelConfig(source=cfg.tokenizer)
+    block_size = served.config.engine.block_size if served else 16
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(model.source, model.cache_dir))
+    except Exception as exc:  # noqa: BLE001 - only a reference figure: report and go on without it
+        _log(f"no ideal prefix hit rates: cannot load the tokenizer of {model.source!r}: {exc}")
+        return {}
+    out = {}
+    for key, prompts in plan.items():
+        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+        out[key] = ideal_prefix_hit_rate([tok(t, add_special_tokens=False).input_ids for t in texts], block_size)
+    return out
 
 
 def _log(msg: str) -> None:
@@ -863,6 +906,7 @@ async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
             if t.serve is None:
                 t.model = await resolve_model(clients[t.label], t, t.model or cfg.model)
         plan = _plan_prompts(cfg)
+        ideal = None  # once a served model is pulled (or from --tokenizer)
         warm_prompts = _chat(cfg.warmup, _rng("warmup", cfg.seed))  # distinct from the measured prompts
         total = len(cfg.targets) * len(plan)
         k = 0
@@ -872,8 +916,10 @@ async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
                 t.url = await asyncio.to_thread(served[t.label].start)
                 clients[t.label] = _make_client(t, cfg)
                 t.model = await resolve_model(clients[t.label], t, t.model or cfg.model)
+            if ideal is None:
+                ideal = await asyncio.to_thread(_ideal_hit_rates, cfg, plan, served.get(t.label))
             try:
-                await _run_target(t, clients[t.label], cfg, plan, warm_prompts, settings, passes, total)
+                await _run_target(t, clients[t.label], cfg, plan, warm_prompts, settings, passes, total, ideal)
             finally:
                 if t.label in served:
                     await clients.pop(t.label).aclose()
@@ -884,7 +930,7 @@ async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
 
 
 async def _run_target(t: Target, client: httpx.AsyncClient, cfg: BenchConfig, plan, warm_prompts, settings,
-                      passes: list[dict[str, Any]], total: int) -> None:
+                      passes: list[dict[str, Any]], total: int, ideal: dict | None = None) -> None:
     k = len(passes)
     if warm_prompts:
         warm = [await run_request(client, t.model, m, settings) for m in warm_prompts]
@@ -897,6 +943,7 @@ async def _run_target(t: Target, client: httpx.AsyncClient, cfg: BenchConfig, pl
             summary = summarize(results, wall, c)
             summary["max_in_flight"] = max_in_flight
             summary["router"] = await router_summary(client)
+            summary["ideal_prefix_hit_rate"] = (ideal or {}).get((w, c))
             passes.append({
                 "target": t.label, "url": t.url, "model": t.model, "workload": w, "concurrency": c,
                 "summary": summary, "requests": [_raw(r) for r in results],
@@ -992,6 +1039,13 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
         lines.append("(acc len = tokens committed per speculative round; accept = accepted / drafted tokens)")
     if show_hits:
         lines.append("(prefix hit = prompt tokens served from a KV cache, local or imported, / prompt tokens)")
+        seen = set()
+        for p in rows:
+            ideal = p["summary"].get("ideal_prefix_hit_rate")
+            if ideal is not None and (p["workload"], p["concurrency"]) not in seen:
+                seen.add((p["workload"], p["concurrency"]))
+                lines.append(f"(ideal prefix hit for {p['workload']} c={p['concurrency']}: {100 * ideal:.1f}%, "
+                             "one cache that never evicts)")
     if show_route:
         lines.append("(route p99 us = prefix_cost routing decision time in the ingress, 99th percentile so far)")
     for p in rows:
@@ -1052,6 +1106,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "speculative.method=ngram) for this target's passes, then stop it (repeatable)")
     p.add_argument("--serve-base", default="", metavar="KEY=VALUE[,KEY=VALUE...]",
                    help="overrides applied to every --serve server (e.g. model.dtype=bfloat16)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="model (registry name or path) whose chat template and tokenizer give each pass's ideal "
+                        "prefix hit rate (default: the --serve model)")
     p.add_argument("--spec-matrix", action="store_true",
                    help="--serve one server per speculation setting: " + ", ".join(SPEC_MATRIX))
     return p
@@ -1108,7 +1165,8 @@ def parse_config(argv: list[str]) -> BenchConfig:
     return BenchConfig(targets=targets, model=a.model, workloads=workloads, concurrency=concurrency,
                        num_requests=a.num_requests, max_tokens=a.max_tokens, temperature=a.temperature,
                        seed=a.seed, warmup=a.warmup, timeout=a.timeout, endpoint=a.endpoint, api_key=a.api_key,
-                       json_path=a.json_path, serve_base=_parse_overrides(a.serve_base, "--serve-base"))
+                       json_path=a.json_path, serve_base=_parse_overrides(a.serve_base, "--serve-base"),
+                       tokenizer=a.tokenizer)
 
 
 def _config_json(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState, Rout
 
 log = logging.getLogger(__name__)
 
+
 def _request_of(pending: PendingRequest | None) -> dict | None:
     if pending is None or not pending.args or not isinstance(pending.args[0], dict):
         return None

@@ -72,6 +72,16 @@ def test_shared_prefix_shares_long_prefix_per_tenant():
     assert len({m[0]["content"] for m in bench.shared_prefix_workload(12, seed=1, tenants=2)}) == 2
 
 
+def test_ideal_prefix_hit_rate_counts_full_blocks_seen_before():
+    a = list(range(40))  # 2 full usable blocks of 16
+    b = a[:32] + [99] * 9  # shares both blocks with a
+    c = a[:20] + [77] * 30  # shares one block
+    assert bench.ideal_prefix_hit_rate([a], 16) == 0
+    assert bench.ideal_prefix_hit_rate([a, b, c], 16) == pytest.approx((32 + 16) / (40 + 41 + 50))
+    assert bench.ideal_prefix_hit_rate([a[:16], a[:16]], 16) == 0  # a prompt's last token is always computed
+    assert bench.ideal_prefix_hit_rate([], 16) is None
+
+
 def test_copy_workload_embeds_passage():
     for messages in bench.copy_workload(30, seed=2):
         text = messages[0]["content"]
