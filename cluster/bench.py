@@ -973,6 +973,7 @@ async def router_summary(client: httpx.AsyncClient) -> dict[str, Any] | None:
             "decision_us_p50": p50 * 1e6 if p50 is not None else None,
             "decision_us_p99": p99 * 1e6 if p99 is not None else None,
             "index_blocks": sum(x["index_blocks"] for x in routers),
+            "store_trust": min((x.get("store_trust", 1.0) for x in routers), default=None),
             "hash_us_p50": (stats["hash_latency"]["p50_s"] or 0) * 1e6}
 
 

@@ -221,11 +221,11 @@ class OpenAIIngress:
         detok = IncrementalDetokenizer(self.tokenizer, stop)
         stream = self.verifier.options(stream=True).generate.remote(request)
         prompt_tokens, cached, completion = len(request["prompt_token_ids"]), 0, 0
-        decision, ended = None, False
+        router, decision, ended = None, None, False
         try:
             async for chunk in stream:
                 if decision is None:  # routed by now (prefix_cost keeps its prediction for us)
-                    decision = take_decision(request["request_id"]) or False
+                    router, decision = take_decision(request["request_id"]) or (None, False)
                 ids = chunk["token_ids"]
                 before = len(detok.token_ids)
                 delta = detok.push(ids)
@@ -252,7 +252,8 @@ class OpenAIIngress:
                          "kv_store": {"imported_tokens": chunk["imported_tokens"]}}
                 if decision:
                     usage["routing"] = {"reason": decision.reason,
-                                        "predicted_cached_tokens": decision.predicted_cached_tokens}
+                                        "predicted_cached_tokens": decision.predicted_cached_tokens,
+                                        "predicted_imported_tokens": decision.predicted_imported_tokens}
                 ended = detok.stopped or chunk["finished"]
                 yield delta, ids, reason, usage
                 if ended:
@@ -262,6 +263,9 @@ class OpenAIIngress:
             if ended:
                 self.routing.record(prompt_tokens, cached, decision.predicted_cached_tokens if decision else None,
                                     decision.reason if decision else None)
+                if decision and decision.predicted_imported_tokens:  # teaches the router how far to trust the store
+                    local = decision.predicted_cached_tokens - decision.predicted_imported_tokens
+                    router.policy.observe_import(decision.predicted_imported_tokens, max(0, cached - local))
 
     async def _stream(self, first, events, request_id: str, chat: bool, include_usage: bool,
                       return_token_ids: bool) -> AsyncIterator[str]:

@@ -43,6 +43,7 @@ class RouteDecision:
     reason: str  # "prefix" | "store" | "hash" | "session" | "only"
     predicted_cached_tokens: int  # local hits plus store imports the estimate counted on
     estimated_ttft_s: float
+    predicted_imported_tokens: int = 0  # of those, the ones the store was to supply
 
 
 def _point(data: bytes) -> int:
@@ -101,16 +102,28 @@ class PrefixCostPolicy:
         self.default_prefill = default_prefill_tokens_per_s
         self.default_import = default_import_tokens_per_s
         self.ring = ConsistentHashRing(vnodes, epsilon)
+        # The share of the store blocks counted on that replicas did import (EWMA over routed requests): blocks
+        # still being written, or evicted, are recomputed, and the estimate should expect that.
+        self.store_trust = 1.0
+
+    def observe_import(self, predicted_tokens: int, imported_tokens: int, alpha: float = 0.2) -> None:
+        if predicted_tokens > 0:
+            delivered = min(1.0, imported_tokens / predicted_tokens)
+            self.store_trust = (1 - alpha) * self.store_trust + alpha * delivered
+
+    def _split(self, prompt_tokens: int, local_blocks: int, store_blocks: int) -> tuple[int, int]:
+        """(tokens cached locally, tokens the store can add after them) for a prompt."""
+        local = min(local_blocks * self.block_size, prompt_tokens - 1)
+        return local, max(0, min(store_blocks * self.block_size, prompt_tokens - 1) - local)
 
     def estimate_ttft(self, r: ReplicaState, prompt_tokens: int, local_blocks: int, store_blocks: int) -> float:
         """Seconds to this replica's first token: queued prefill, the prompt tokens it lacks (imported where the
-        store has them), and one engine step."""
+        store has them, as far as the store has kept its promises), and one engine step."""
         prefill = r.prefill_tokens_per_s or self.default_prefill
         imp = r.import_tokens_per_s or self.default_import
-        local = min(local_blocks * self.block_size, prompt_tokens - 1)
-        imported = max(0, min(store_blocks * self.block_size, prompt_tokens - 1) - local)
-        compute = prompt_tokens - local - imported
-        return r.queued_prefill_tokens / prefill + compute / prefill + imported / imp + r.step_s
+        local, imported = self._split(prompt_tokens, local_blocks, store_blocks)
+        compute = prompt_tokens - local - imported * self.store_trust
+        return (r.queued_prefill_tokens + compute) / prefill + imported * self.store_trust / imp + r.step_s
 
     def _not_hot(self, replicas: list[ReplicaState]) -> list[ReplicaState]:
         mean = sum(r.load for r in replicas) / len(replicas)
@@ -143,5 +156,6 @@ class PrefixCostPolicy:
         return self._decision(best, "prefix" if local >= store else "store", prompt_tokens, local, store)
 
     def _decision(self, r: ReplicaState, reason: str, prompt_tokens: int, local: int, store: int) -> RouteDecision:
-        cached = min(max(local, store) * self.block_size, prompt_tokens - 1)
-        return RouteDecision(r.replica_id, reason, cached, self.estimate_ttft(r, prompt_tokens, local, store))
+        local_tokens, imported = self._split(prompt_tokens, local, store)
+        return RouteDecision(r.replica_id, reason, local_tokens + imported,
+                             self.estimate_ttft(r, prompt_tokens, local, store), imported)

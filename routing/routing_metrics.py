@@ -20,11 +20,11 @@ def router_stats() -> list[dict]:
 
 
 def take_decision(request_id: str):
-    """The RouteDecision a router of this process made for the request (forgotten once taken), or None."""
+    """(router, RouteDecision) for a request a router of this process placed (forgotten once taken), or None."""
     for r in list(_ROUTERS):
         d = r.recent_decisions.pop(request_id, None)
         if d is not None:
-            return d
+            return r, d
     return None
 
 

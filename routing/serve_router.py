@@ -113,6 +113,7 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
             "decision_latency": self.decision_latency.as_dict(),
             "index_blocks": len(self.index),
             "store_blocks": self.index.num_blocks(STORE),
+            "store_trust": self.policy.store_trust,
             "events_applied": sub.applied_events if sub else None,
             "event_errors": sub.errors if sub else None,
             "replicas": {rid: dict(asdict(s), in_flight=self.in_flight[rid], indexed_blocks=self.index.num_blocks(rid))

@@ -92,6 +92,23 @@ def test_store_import_beats_recompute_and_counts_as_cached():
     assert est_import < est_recompute / 5
 
 
+def test_a_store_that_fails_to_deliver_is_trusted_less():
+    idx = PrefixIndex()
+    hs = chain(40)
+    idx.add(STORE, hs)
+    idx.add("a", hs)
+    policy = PrefixCostPolicy(idx, BS)
+    rs = replicas("a", "b")
+    rs[0].queued_prefill_tokens = 200  # a holds the prompt but has work queued; b could import it all
+    d = policy.choose(rs, hs, 40 * BS + 1)
+    assert (d.replica_id, d.reason, d.predicted_imported_tokens) == ("b", "store", 40 * BS)
+    for _ in range(10):  # replicas sent to the store found a quarter of what it promised
+        policy.observe_import(40 * BS, 10 * BS)
+    assert policy.store_trust == pytest.approx(0.25, abs=0.1)
+    d = policy.choose(rs, hs, 40 * BS + 1)
+    assert (d.replica_id, d.reason, d.predicted_imported_tokens) == ("a", "prefix", 0)
+
+
 def test_hot_spot_guard_skips_an_overloaded_holder():
     idx = PrefixIndex()
     hs = chain(20)
