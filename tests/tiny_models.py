@@ -13,7 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe")  # served by the engine in the tests
+# Mixture-of-Experts architectures of the expert-dispatch tests (DeepSeek-V3: MLA attention, group-limited routing,
+# a dense first layer and shared experts).
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 # Same special tokens (and ids 0, 1, 2) as SmolLM2, so code paths that look at bos/eos behave alike.
 UNK, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -63,8 +66,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _config(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, num_layers: int = 2):
-    if arch not in ARCHS:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(ARCHS)}")
+    known = ARCHS + tuple(a for a in MOE_ARCHS if a not in ARCHS)
+    if arch not in known:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {', '.join(known)}")
     kw = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -92,6 +96,16 @@ def _config(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, num_
             decoder_sparse_step=1,
             mlp_only_layers=[],
         )
+    elif arch == "qwen3_moe":
+        kw.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                  mlp_only_layers=[], norm_topk_prob=True)
+    elif arch == "olmoe":
+        kw.update(num_experts=8, num_experts_per_tok=2, intermediate_size=32, pad_token_id=None)
+    elif arch == "deepseek_v3":
+        kw.update(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                  moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24,
+                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4,
+                  head_dim=8)  # its rotary embedding takes head_dim as the rope part
     return CONFIG_MAPPING[arch](**kw)
 
 

@@ -1,0 +1,58 @@
+"""Plugs expert dispatch into a transformers model: its own routers run unchanged in the verifier, and every MoE
+layer's expert computation goes through a transport (local shards, or expert actors) instead.
+
+transformers 5 lets a model's experts forward be swapped by name (`ALL_EXPERTS_FUNCTIONS.register` +
+`set_experts_implementation`); the swapped function gets (hidden rows, top-k expert ids, top-k weights).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from specserve.actors.experts.dispatch import ExpertRows, combine, gather_rows, plan_dispatch
+
+IMPLEMENTATION = "specserve_dispatch"
+
+
+class ExpertTransport(Protocol):
+    def run(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Each planned expert's unweighted outputs, in plan order."""
+
+
+def _dispatch_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
+    plan = plan_dispatch(top_k_index, self.num_experts)
+    rows, counts = gather_rows(hidden_states, plan)
+    outputs = self.specserve_transport.run(self.specserve_layer, plan, rows, counts)
+    return combine(hidden_states, plan, outputs, top_k_weights)
+
+
+def experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Layer index -> the layer's experts module (modules with 3-D expert weights and the swappable forward)."""
+    out = {}
+    for name, module in model.named_modules():
+        if name.endswith(".experts") and hasattr(module, "gate_up_proj") and hasattr(module, "num_experts"):
+            layer = next(int(p) for p in name.split(".") if p.isdigit())
+            out[layer] = module
+    return out
+
+
+def install_dispatch(model: torch.nn.Module, transport: ExpertTransport, drop_local_weights: bool = True) -> list[int]:
+    """Route every MoE layer of `model` through `transport`; returns the MoE layer indices. The local expert
+    weights are freed (the transport holds them), unless asked to keep them (tests compare against them)."""
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _dispatch_forward)
+    modules = experts_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no MoE experts to dispatch")
+    for layer, module in modules.items():
+        module.specserve_transport = transport
+        module.specserve_layer = layer
+        if drop_local_weights:
+            module.gate_up_proj = torch.nn.Parameter(module.gate_up_proj.new_empty(0), requires_grad=False)
+            module.down_proj = torch.nn.Parameter(module.down_proj.new_empty(0), requires_grad=False)
+    model.set_experts_implementation(IMPLEMENTATION)
+    return sorted(modules)
