@@ -1,0 +1,144 @@
+"""Expert actors: plain Ray actors, each holding a shard of the physical expert slots of every MoE layer, and the
+transport that sends them one message per actor per layer.
+
+Each actor loads only its own experts from the checkpoint (checkpoint.py); Ray restarts an actor that dies and
+its constructor reloads the same shard. The transport groups a layer's experts by the actor chosen for each
+(the replicas of an expert take turns, step by step; all of an expert's rows go to one replica, so results do not
+change), sends all messages, then collects them. A message whose actor died or timed out is re-sent to other
+replicas of its experts when every one of them has one; otherwise the step waits until Ray has restarted the actor
+and sends it again. Requests are delayed, never answered wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from specserve.actors.experts.dispatch import ExpertRows, split_by_owner
+
+log = logging.getLogger(__name__)
+
+
+class ExpertActor:
+    """A Ray actor (see `start_expert_actors`): sync, so its torch work runs on one thread."""
+
+    def __init__(self, model_path: str, slots: list[tuple[int, int]], hidden_act: str, dtype: str = "float32",
+                 torch_threads: int = 1):
+        from transformers.activations import ACT2FN
+
+        from specserve.actors.experts.checkpoint import load_experts
+        from specserve.actors.experts.expert_shard import ExpertShard
+
+        torch.set_num_threads(torch_threads)
+        weights = load_experts(model_path, {tuple(s) for s in slots}, getattr(torch, dtype))
+        self.shard = ExpertShard(weights, ACT2FN[hidden_act])
+
+    def run(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> torch.Tensor:
+        return self.shard.run(layer, experts, counts, rows)
+
+    def token_counts(self) -> dict[tuple[int, int], int]:
+        return dict(self.shard.tokens)
+
+    def ready(self) -> bool:
+        return True
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def start_expert_actors(model_path: str, slots_per_actor: list[list[tuple[int, int]]], hidden_act: str,
+                        dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True) -> tuple[list, object]:
+    """One actor per slot list, in a placement group that spreads them over nodes (SPREAD: best effort).
+    Returns (actors, placement group); remove the group to free them."""
+    pg = placement_group([{"CPU": num_cpus}] * len(slots_per_actor), strategy="SPREAD" if spread else "PACK")
+    ray.get(pg.ready(), timeout=120)
+    actors = []
+    for i, slots in enumerate(slots_per_actor):
+        actors.append(ray.remote(ExpertActor).options(
+            num_cpus=num_cpus, max_restarts=-1, max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(model_path, [list(s) for s in slots], hidden_act, dtype))
+    ray.get([a.ready.remote() for a in actors], timeout=300)
+    return actors, pg
+
+
+class RayTransport:
+    def __init__(self, actors: list, replicas: dict[tuple[int, int], list[int]], *, timeout_s: float = 30.0,
+                 restart_wait_s: float = 300.0):
+        """`replicas`: (layer, expert) -> indices of the actors holding it (first is preferred)."""
+        self.actors = actors
+        self.replicas = replicas
+        self.timeout_s = timeout_s
+        self.restart_wait_s = restart_wait_s
+        self._turn = itertools.count()
+        self.calls = 0
+        self.resent_to_replica = 0
+        self.waited_for_restart = 0
+
+    def _owner(self, layer: int, expert: int, step: int, avoid: set[int] = frozenset()) -> int | None:
+        options = [a for a in self.replicas[(layer, expert)] if a not in avoid]
+        return options[step % len(options)] if options else None
+
+    def run(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        step = next(self._turn)
+        offsets = list(itertools.accumulate([0] + counts[:-1]))
+        outputs: list[torch.Tensor | None] = [None] * len(plan)
+        pending = list(range(len(plan)))
+        avoid: set[int] = set()
+        deadline = time.monotonic() + self.restart_wait_s
+        while pending:
+            groups: dict[int, list[int]] = {}
+            for p in pending:
+                owner = self._owner(layer, plan[p].expert, step, avoid)
+                if owner is None:  # no live replica left: wait for the first choice to come back
+                    owner = self._owner(layer, plan[p].expert, step)
+                groups.setdefault(owner, []).append(p)
+            refs = {}
+            for actor, positions in groups.items():
+                part = torch.cat([rows[offsets[p]:offsets[p] + counts[p]] for p in positions])
+                refs[actor] = self.actors[actor].run.remote(layer, [plan[p].expert for p in positions],
+                                                             [counts[p] for p in positions], part)
+                self.calls += 1
+            pending = []
+            for actor, ref in refs.items():
+                positions = groups[actor]
+                try:
+                    out = ray.get(ref, timeout=self.timeout_s)
+                except (RayActorError, GetTimeoutError) as exc:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"expert actor {actor} unavailable for {self.restart_wait_s:.0f}s") from exc
+                    log.warning("expert actor %d failed on layer %d (%s); re-sending", actor, layer,
+                                type(exc).__name__)
+                    if all(self._owner(layer, plan[p].expert, step, avoid | {actor}) is not None for p in positions):
+                        self.resent_to_replica += 1
+                    else:
+                        self.waited_for_restart += 1
+                        self._wait_alive(actor, deadline)
+                    avoid.add(actor)
+                    pending += positions
+                    continue
+                start = 0
+                for p in positions:
+                    outputs[p] = out[start:start + counts[p]]
+                    start += counts[p]
+            if pending and all(self._owner(layer, plan[p].expert, step, avoid) is None for p in pending):
+                avoid.clear()  # only restarted actors can serve these: try them again
+        return outputs
+
+    def _wait_alive(self, actor: int, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actors[actor].ready.remote(), timeout=5)
+                return
+            except (RayActorError, GetTimeoutError):
+                time.sleep(0.2)
+
+    def token_counts(self) -> list[dict[tuple[int, int], int]]:
+        return ray.get([a.token_counts.remote() for a in self.actors])
