@@ -122,6 +122,16 @@ class Verifier:
     def _build_engine(self) -> LLMEngine:
         """Runs on the engine thread (see AsyncEngine)."""
         loaded = load_model(self.config.model, attn_implementation=ATTN_IMPLEMENTATION)
+        self.experts = None
+        if self.config.experts.num_actors:
+            from specserve.actors.experts.ray_transport import attach_expert_actors
+
+            ex = self.config.experts
+            self.experts = attach_expert_actors(loaded.model, str(loaded.path), ex.num_actors, num_cpus=ex.num_cpus,
+                                                timeout_s=ex.timeout_s)
+            if self.experts is None:
+                log.warning("experts.num_actors=%d ignored: %s has no MoE layers", ex.num_actors,
+                            self.config.model.name)
         ec = self.config.engine
         self.namespace = kv_namespace(self.config, loaded.path, loaded.config)
         ns = self.namespace
@@ -218,6 +228,10 @@ class Verifier:
             }
         out = await self.async_engine.call(read)
         out["kv_namespace"] = self.namespace.id
+        ex = getattr(self, "experts", None)
+        out["experts"] = None if ex is None else {
+            "actors": len(ex.actors), "calls": ex.calls, "resent_to_replica": ex.resent_to_replica,
+            "waited_for_restart": ex.waited_for_restart}
         out["kv_store"] = await asyncio.get_running_loop().run_in_executor(None, self._kv_store_stats)
         return out
 

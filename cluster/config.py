@@ -134,6 +134,17 @@ class RouterConfig(_Strict):
     session_header: str = "x-session-id"
 
 
+class ExpertsConfig(_Strict):
+    """Mixture-of-Experts models: where the experts run (actors/experts/)."""
+
+    # 0: in the verifier, as the model defines them; N: in N expert actors (a placement group spreads them over
+    # nodes), each holding expert e of every MoE layer for e % N == its index. Dense models ignore it.
+    num_actors: int = Field(0, ge=0)
+    num_cpus: float = Field(0.25, gt=0)
+    # A dispatch message unanswered this long is re-sent (to a replica of its experts, or after a restart).
+    timeout_s: float = Field(30.0, gt=0)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
@@ -160,6 +171,7 @@ class SpecserveConfig(_Strict):
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
     kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")

@@ -102,7 +102,7 @@ class RayTransport:
                 groups.setdefault(owner, []).append(p)
             refs = {}
             for actor, positions in groups.items():
-                part = torch.cat([rows[offsets[p]:offsets[p] + counts[p]] for p in positions])
+                part = torch.cat([rows[offsets[p]:offsets[p] + counts[p]] for p in positions]).cpu()
                 refs[actor] = self.actors[actor].run.remote(layer, [plan[p].expert for p in positions],
                                                              [counts[p] for p in positions], part)
                 self.calls += 1
@@ -124,6 +124,7 @@ class RayTransport:
                     avoid.add(actor)
                     pending += positions
                     continue
+                out = out.to(rows.device)
                 start = 0
                 for p in positions:
                     outputs[p] = out[start:start + counts[p]]
@@ -142,3 +143,24 @@ class RayTransport:
 
     def token_counts(self) -> list[dict[tuple[int, int], int]]:
         return ray.get([a.token_counts.remote() for a in self.actors])
+
+
+def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,
+                         timeout_s: float = 30.0) -> RayTransport | None:
+    """Move `model`'s experts into `num_actors` new expert actors (owned by the caller; expert e of every layer on
+    actor e % num_actors) and route its MoE layers through them. None if the model has no MoE layers."""
+    from specserve.actors.experts.hook import experts_modules, install_dispatch
+
+    layers = experts_modules(model)
+    if not layers:
+        return None
+    owners = {(layer, e): [e % num_actors] for layer, m in layers.items() for e in range(m.num_experts)}
+    slots = [[s for s, o in owners.items() if a in o] for a in range(num_actors)]
+    text_config = model.config.get_text_config()
+    dtype = str(next(iter(layers.values())).gate_up_proj.dtype).removeprefix("torch.")
+    actors, pg = start_expert_actors(model_path, slots, text_config.hidden_act, dtype=dtype, num_cpus=num_cpus)
+    transport = RayTransport(actors, owners, timeout_s=timeout_s)
+    transport.placement_group = pg
+    install_dispatch(model, transport)
+    log.info("experts of %d MoE layers in %d expert actors", len(layers), num_actors)
+    return transport

@@ -86,3 +86,44 @@ def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated):
             assert transport.waited_for_restart >= 1
     finally:
         remove_placement_group(pg)
+
+
+def test_bench_experts_smoke(ray_cluster, tmp_path, capsys):
+    from specserve.cluster import bench_experts
+
+    out = tmp_path / "experts.json"
+    assert bench_experts.main(["--part", "dispatch,balance", "--hidden", "64", "--intermediate", "64",
+                               "--layers", "2", "--experts", "8", "--iters", "3", "--json", str(out)]) == 0
+    import json
+
+    res = json.loads(out.read_text())
+    assert [r["tokens"] for r in res["dispatch"]] == [1, 16, 64]
+    assert res["balance"]["after"] < res["balance"]["before"]
+    assert "before" in capsys.readouterr().out
+
+
+def test_served_moe_with_expert_actors_matches_hf_generate(ray_cluster, tmp_path):
+    import httpx
+
+    from conftest import start_app
+
+    path = make_tiny_model(tmp_path / "served", arch="mixtral", seed=23, num_layers=2)
+    server = start_app(ray_cluster, str(path), "moe-actors", **{"experts.num_actors": 2,
+                                                                "experts.num_cpus": 0.1,
+                                                                "speculative.method": "none"})
+    try:
+        ref = _load(path)
+        prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 11)]
+        for prompt in prompts:
+            r = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+                "model": "moe-actors", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            expected = ref.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            assert r.json()["choices"][0]["token_ids"] == expected[0, len(prompt):].tolist()
+        from ray import serve
+
+        stats = serve.get_deployment_handle("Verifier", app_name="moe-actors").stats.remote().result()
+        assert stats["experts"]["actors"] == 2 and stats["experts"]["calls"] >= 2 * 24  # every step went to them
+    finally:
+        server.stop()
