@@ -128,10 +128,10 @@ class Verifier:
 
             ex = self.config.experts
             self.experts = attach_expert_actors(loaded.model, str(loaded.path), ex.num_actors, num_cpus=ex.num_cpus,
-                                                timeout_s=ex.timeout_s)
+                                                timeout_s=ex.timeout_s, shard_dense_ffn=ex.shard_dense_ffn)
             if self.experts is None:
-                log.warning("experts.num_actors=%d ignored: %s has no MoE layers", ex.num_actors,
-                            self.config.model.name)
+                log.warning("experts.num_actors=%d ignored: %s has no MoE layers (experts.shard_dense_ffn is off)",
+                            ex.num_actors, self.config.model.name)
         ec = self.config.engine
         self.namespace = kv_namespace(self.config, loaded.path, loaded.config)
         ns = self.namespace

@@ -141,6 +141,9 @@ class ExpertsConfig(_Strict):
     # nodes), each holding expert e of every MoE layer for e % N == its index. Dense models ignore it.
     num_actors: int = Field(0, ge=0)
     num_cpus: float = Field(0.25, gt=0)
+    # Dense models: run each MLP as num_actors slices of its intermediate dimension in the actors (exercises the
+    # expert path with a dense model; it only adds transport cost).
+    shard_dense_ffn: bool = False
     # A dispatch message unanswered this long is re-sent (to a replica of its experts, or after a restart).
     timeout_s: float = Field(30.0, gt=0)
 

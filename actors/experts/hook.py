@@ -56,3 +56,39 @@ def install_dispatch(model: torch.nn.Module, transport: ExpertTransport, drop_lo
             module.down_proj = torch.nn.Parameter(module.down_proj.new_empty(0), requires_grad=False)
     model.set_experts_implementation(IMPLEMENTATION)
     return sorted(modules)
+
+
+def mlp_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Layer index -> the dense gated MLP of each decoder layer (gate_proj, up_proj, down_proj)."""
+    out = {}
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            layer = next(int(p) for p in name.split(".") if p.isdigit())
+            out[layer] = module
+    return out
+
+
+def install_ffn_dispatch(model: torch.nn.Module, transport: ExpertTransport, num_shards: int,
+                         drop_local_weights: bool = True) -> list[int]:
+    """Run every dense MLP as `num_shards` slices of its intermediate dimension through `transport` (slice i is
+    "expert" i of the layer), summing the slices' outputs in order."""
+    modules = mlp_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no gated MLPs to shard")
+    for layer, module in modules.items():
+        def forward(x, layer=layer):
+            rows = x.reshape(-1, x.shape[-1])
+            everyone = torch.arange(rows.shape[0], device=rows.device)
+            plan = [ExpertRows(i, everyone, torch.zeros_like(everyone)) for i in range(num_shards)]
+            outputs = transport.run(layer, plan, rows.repeat(num_shards, 1), [rows.shape[0]] * num_shards)
+            total = outputs[0]
+            for out in outputs[1:]:
+                total = total + out
+            return total.reshape(x.shape)
+
+        module.forward = forward
+        if drop_local_weights:
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                getattr(module, p).weight = torch.nn.Parameter(getattr(module, p).weight.new_empty(0),
+                                                               requires_grad=False)
+    return sorted(modules)

@@ -30,14 +30,17 @@ class ExpertActor:
     """A Ray actor (see `start_expert_actors`): sync, so its torch work runs on one thread."""
 
     def __init__(self, model_path: str, slots: list[tuple[int, int]], hidden_act: str, dtype: str = "float32",
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, ffn_shards: int = 0):
+        """`ffn_shards` > 0: the slots are (layer, i) slices of a dense model's MLPs, split that many ways."""
         from transformers.activations import ACT2FN
 
-        from specserve.actors.experts.checkpoint import load_experts
+        from specserve.actors.experts.checkpoint import load_experts, load_ffn_shards
         from specserve.actors.experts.expert_shard import ExpertShard
 
         torch.set_num_threads(torch_threads)
-        weights = load_experts(model_path, {tuple(s) for s in slots}, getattr(torch, dtype))
+        wanted = {tuple(s) for s in slots}
+        weights = (load_ffn_shards(model_path, wanted, ffn_shards, getattr(torch, dtype)) if ffn_shards
+                   else load_experts(model_path, wanted, getattr(torch, dtype)))
         self.shard = ExpertShard(weights, ACT2FN[hidden_act])
 
     def run(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,8 @@ class ExpertActor:
 
 
 def start_expert_actors(model_path: str, slots_per_actor: list[list[tuple[int, int]]], hidden_act: str,
-                        dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True) -> tuple[list, object]:
+                        dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True,
+                        ffn_shards: int = 0) -> tuple[list, object]:
     """One actor per slot list, in a placement group that spreads them over nodes (SPREAD: best effort).
     Returns (actors, placement group); remove the group to free them."""
     pg = placement_group([{"CPU": num_cpus}] * len(slots_per_actor), strategy="SPREAD" if spread else "PACK")
@@ -64,7 +68,7 @@ def start_expert_actors(model_path: str, slots_per_actor: list[list[tuple[int, i
         actors.append(ray.remote(ExpertActor).options(
             num_cpus=num_cpus, max_restarts=-1, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(model_path, [list(s) for s in slots], hidden_act, dtype))
+        ).remote(model_path, [list(s) for s in slots], hidden_act, dtype, 1, ffn_shards))
     ray.get([a.ready.remote() for a in actors], timeout=300)
     return actors, pg
 
@@ -146,21 +150,32 @@ class RayTransport:
 
 
 def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,
-                         timeout_s: float = 30.0) -> RayTransport | None:
+                         timeout_s: float = 30.0, shard_dense_ffn: bool = False) -> RayTransport | None:
     """Move `model`'s experts into `num_actors` new expert actors (owned by the caller; expert e of every layer on
-    actor e % num_actors) and route its MoE layers through them. None if the model has no MoE layers."""
-    from specserve.actors.experts.hook import experts_modules, install_dispatch
+    actor e % num_actors) and route its MoE layers through them. A dense model's MLPs instead, split into
+    `num_actors` slices, if `shard_dense_ffn`. None if there is nothing to move."""
+    from specserve.actors.experts.hook import experts_modules, install_dispatch, install_ffn_dispatch, mlp_modules
 
     layers = experts_modules(model)
-    if not layers:
+    ffn = 0
+    if layers:
+        owners = {(layer, e): [e % num_actors] for layer, m in layers.items() for e in range(m.num_experts)}
+        dtype = next(iter(layers.values())).gate_up_proj.dtype
+    elif shard_dense_ffn and mlp_modules(model):
+        layers, ffn = mlp_modules(model), num_actors
+        owners = {(layer, i): [i] for layer in layers for i in range(num_actors)}
+        dtype = next(iter(layers.values())).down_proj.weight.dtype
+    else:
         return None
-    owners = {(layer, e): [e % num_actors] for layer, m in layers.items() for e in range(m.num_experts)}
     slots = [[s for s, o in owners.items() if a in o] for a in range(num_actors)]
-    text_config = model.config.get_text_config()
-    dtype = str(next(iter(layers.values())).gate_up_proj.dtype).removeprefix("torch.")
-    actors, pg = start_expert_actors(model_path, slots, text_config.hidden_act, dtype=dtype, num_cpus=num_cpus)
+    hidden_act = model.config.get_text_config().hidden_act
+    actors, pg = start_expert_actors(model_path, slots, hidden_act, dtype=str(dtype).removeprefix("torch."),
+                                     num_cpus=num_cpus, ffn_shards=ffn)
     transport = RayTransport(actors, owners, timeout_s=timeout_s)
     transport.placement_group = pg
-    install_dispatch(model, transport)
-    log.info("experts of %d MoE layers in %d expert actors", len(layers), num_actors)
+    if ffn:
+        install_ffn_dispatch(model, transport, ffn)
+    else:
+        install_dispatch(model, transport)
+    log.info("%s of %d layers in %d expert actors", "MLP shards" if ffn else "experts", len(layers), num_actors)
     return transport

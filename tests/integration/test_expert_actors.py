@@ -1,6 +1,7 @@
 """Experts in Ray actors spread over two simulated nodes: for every tiny MoE architecture, logits equal Hugging
 Face eager and 64-token greedy generation is token-identical; with an expert actor killed mid-generation the
-output is unchanged (re-sent to a replica when one exists, else after Ray restarts the actor)."""
+output is unchanged (re-sent to a replica when one exists, else after Ray restarts the actor); a served MoE model
+with experts in actors matches HF generate; SmolLM2 with its MLPs split over two actors is token-identical."""
 
 import threading
 import time
@@ -127,3 +128,23 @@ def test_served_moe_with_expert_actors_matches_hf_generate(ray_cluster, tmp_path
         assert stats["experts"]["actors"] == 2 and stats["experts"]["calls"] >= 2 * 24  # every step went to them
     finally:
         server.stop()
+
+
+def test_smollm2_with_ffn_shards_in_actors_is_token_identical(ray_cluster):
+    from specserve.actors.experts.ray_transport import attach_expert_actors
+    from specserve.actors.model_loader import resolve_model_path
+    from specserve.cluster.config import ModelConfig
+
+    path = resolve_model_path("smollm2-135m", ModelConfig().cache_dir)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    transport = attach_expert_actors(model, str(path), 2, num_cpus=0.1, shard_dense_ffn=True)
+    try:
+        assert len(set(ray.get([a.node_id.remote() for a in transport.actors]))) == 2
+        prompt = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2]])
+        kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        with torch.no_grad():
+            assert torch.equal(model.generate(prompt, **kw), ref.generate(prompt, **kw))
+        assert transport.calls >= 2 * 30 * 24  # both actors, every layer, every token
+    finally:
+        remove_placement_group(transport.placement_group)
