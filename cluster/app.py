@@ -37,7 +37,8 @@ def _request_router(config: SpecserveConfig) -> dict:
         request_router_class="specserve.routing.serve_router.PrefixCostRouter",
         request_router_kwargs={"block_size": config.engine.block_size, "redis": redis,
                                "stream": stream_key(config.server.app_name), "hot_factor": rc.hot_factor,
-                               "hot_slack": rc.hot_slack, "max_index_blocks": rc.max_index_blocks},
+                               "hot_slack": rc.hot_slack, "max_index_blocks": rc.max_index_blocks,
+                               "switch_margin": rc.switch_margin},
         request_routing_stats_period_s=rc.stats_period_s)}
 
 

@@ -1,8 +1,8 @@
 """`specserve bench-experts`: what putting MoE experts in Ray actors costs, and how well placement balances them.
 
 - dispatch: one MoE layer (random weights, HF eager's expert ops), per call: experts computed in this process
-  (the local expert compute) vs in two expert actors through the plain Ray-call transport; the difference is the
-  dispatch overhead per layer (rows out, outputs back, grouping and combining).
+  (the local expert compute) vs in two expert actors through plain Ray calls, and through a Ray Compiled Graph;
+  the difference is the dispatch overhead per layer (rows out, outputs back, grouping and combining).
 - decode: greedy decode tokens/s of a small random Mixtral at batch 1 and 16, experts local vs in two actors.
 - balance: a seeded skewed routing trace (Zipf-like expert popularity) run through expert actors with the static
   placement, then with EPLB's replicate-then-pack placement; max/mean rows per actor from the actors' own counts.
@@ -75,6 +75,7 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
     from specserve.actors.experts.dispatch import combine, gather_rows, plan_dispatch
     from specserve.actors.experts.expert_shard import ExpertShard
     from specserve.actors.experts.hook import experts_modules
+    from specserve.actors.experts.ray_transport import CompiledGraphTransport
     from specserve.actors.experts.transport import LocalTransport
 
     model = _load(path)
@@ -86,15 +87,18 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
               for a in range(2)]
     local = LocalTransport(shards, {s: o[0] for s, o in owners.items()})
     remote, pg = _actors_for(path, model, owners, 2)
+    compiled_actors, compiled_pg = _actors_for(path, model, owners, 2)  # a compiled graph keeps its actors
+    compiled = CompiledGraphTransport(compiled_actors.actors, owners)
+    transports = {"local": local, "plain": remote, "compiled": compiled}
     rows_out = []
     try:
         for n in tokens_list:
             x = torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(n))
             with torch.no_grad():
                 _, weights, index = block.gate(x)
-            times = {"local": [], "actors": []}
+            times: dict[str, list[float]] = {name: [] for name in transports}
             for i in range(iters + 5):
-                for name, transport in (("local", local), ("actors", remote)):
+                for name, transport in transports.items():
                     t0 = time.perf_counter()
                     plan = plan_dispatch(index, experts.num_experts)
                     rows, counts = gather_rows(x, plan)
@@ -102,12 +106,17 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
                     combine(x, plan, outs, weights)
                     if i >= 5:
                         times[name].append(time.perf_counter() - t0)
-            d = [a - b for a, b in zip(times["actors"], times["local"])]
-            rows_out.append({"tokens": n, "local_us_p50": _pct(times["local"], 0.5) * 1e6,
-                             "actors_us_p50": _pct(times["actors"], 0.5) * 1e6,
-                             "overhead_us_p50": _pct(d, 0.5) * 1e6, "overhead_us_p90": _pct(d, 0.9) * 1e6})
+            row = {"tokens": n, "local_us_p50": _pct(times["local"], 0.5) * 1e6}
+            for name in ("plain", "compiled"):
+                d = [a - b for a, b in zip(times[name], times["local"])]
+                row[f"{name}_us_p50"] = _pct(times[name], 0.5) * 1e6
+                row[f"{name}_overhead_us_p50"] = _pct(d, 0.5) * 1e6
+                row[f"{name}_overhead_us_p90"] = _pct(d, 0.9) * 1e6
+            rows_out.append(row)
     finally:
+        compiled.teardown()
         remove_placement_group(pg)
+        remove_placement_group(compiled_pg)
     return rows_out
 
 
@@ -211,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             if "dispatch" in parts:
                 _log("dispatch: one MoE layer, local vs two actors")
                 results["dispatch"] = bench_dispatch(path, [1, 16, 64], args.iters)
-                print(f"{'tokens':>6} {'local us p50':>12} {'actors us p50':>13} {'overhead p50':>12} "
-                      f"{'overhead p90':>12}")
+                print("per MoE layer, us: experts local; in 2 actors by plain Ray calls / by a compiled graph; "
+                      "overhead = minus local (p50, p90)")
+                print(f"{'tokens':>6} {'local':>7} {'plain':>7} {'overhead':>15} {'compiled':>8} {'overhead':>15}")
                 for r in results["dispatch"]:
-                    print(f"{r['tokens']:>6} {r['local_us_p50']:12.0f} {r['actors_us_p50']:13.0f} "
-                          f"{r['overhead_us_p50']:12.0f} {r['overhead_us_p90']:12.0f}", flush=True)
+                    print(f"{r['tokens']:>6} {r['local_us_p50']:7.0f} {r['plain_us_p50']:7.0f} "
+                          f"{r['plain_overhead_us_p50']:7.0f} {r['plain_overhead_us_p90']:7.0f} "
+                          f"{r['compiled_us_p50']:8.0f} {r['compiled_overhead_us_p50']:7.0f} "
+                          f"{r['compiled_overhead_us_p90']:7.0f}", flush=True)
             if "decode" in parts:
                 _log("decode: greedy tokens/s, experts local vs in two actors")
                 results["decode"] = bench_decode(path, [1, 16], args.new_tokens)

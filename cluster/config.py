@@ -129,6 +129,9 @@ class RouterConfig(_Strict):
     # Hot-spot guard: skip a replica whose load exceeds hot_factor x mean + hot_slack.
     hot_factor: float = Field(2.0, ge=1)
     hot_slack: int = Field(4, ge=0)
+    # A request leaves the replica holding most of its prefix only for one estimated this much faster (load
+    # reports are up to stats_period_s old).
+    switch_margin: float = Field(0.2, ge=0)
     max_index_blocks: int = Field(1_000_000, ge=1)
     # prefix_cost: requests carrying this HTTP header go to one replica per header value (session affinity).
     session_header: str = "x-session-id"

@@ -94,7 +94,7 @@ class ConsistentHashRing:
 class PrefixCostPolicy:
     def __init__(self, index: PrefixIndex, block_size: int, *, hot_factor: float = 2.0, hot_slack: int = 4,
                  default_prefill_tokens_per_s: float = 1000.0, default_import_tokens_per_s: float = 20000.0,
-                 vnodes: int = 64, epsilon: float = 0.25):
+                 vnodes: int = 64, epsilon: float = 0.25, switch_margin: float = 0.2):
         self.index = index
         self.block_size = block_size
         self.hot_factor = hot_factor
@@ -102,6 +102,7 @@ class PrefixCostPolicy:
         self.default_prefill = default_prefill_tokens_per_s
         self.default_import = default_import_tokens_per_s
         self.ring = ConsistentHashRing(vnodes, epsilon)
+        self.switch_margin = switch_margin
         # The share of the store blocks counted on that replicas did import (EWMA over routed requests): blocks
         # still being written, or evicted, are recomputed, and the estimate should expect that.
         self.store_trust = 1.0
@@ -150,8 +151,12 @@ class PrefixCostPolicy:
             key = route_key if route_key is not None else (hashes[0] if hashes else b"")
             rid = self.ring.choose(key, {r.replica_id: r.load for r in candidates})
             return self._decision(by_id[rid], "hash", prompt_tokens, 0, 0)
-        best = min(candidates, key=lambda r: (self.estimate_ttft(r, prompt_tokens, held.get(r.replica_id, 0), store),
-                                              r.load))
+        est = {r.replica_id: self.estimate_ttft(r, prompt_tokens, held.get(r.replica_id, 0), store) for r in candidates}
+        best = min(candidates, key=lambda r: (est[r.replica_id], r.load))
+        holder = max(candidates, key=lambda r: (held.get(r.replica_id, 0), -est[r.replica_id]))
+        # Load reports are up to a period old: leave the longest prefix only for a clearly faster replica.
+        if est[holder.replica_id] <= est[best.replica_id] * (1 + self.switch_margin):
+            best = holder
         local = held.get(best.replica_id, 0)
         return self._decision(best, "prefix" if local >= store else "store", prompt_tokens, local, store)
 

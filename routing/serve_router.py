@@ -32,9 +32,11 @@ def _request_of(pending: PendingRequest | None) -> dict | None:
 
 class PrefixCostRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, block_size: int = 16, redis: dict | None = None, stream: str = "",
-                         hot_factor: float = 2.0, hot_slack: int = 4, max_index_blocks: int = 1_000_000, **_):
+                         hot_factor: float = 2.0, hot_slack: int = 4, max_index_blocks: int = 1_000_000,
+                         switch_margin: float = 0.2, **_):
         self.index = PrefixIndex(max_index_blocks)
-        self.policy = PrefixCostPolicy(self.index, block_size, hot_factor=hot_factor, hot_slack=hot_slack)
+        self.policy = PrefixCostPolicy(self.index, block_size, hot_factor=hot_factor, hot_slack=hot_slack,
+                                       switch_margin=switch_margin)
         self.in_flight: Counter = Counter()
         self._routed: dict[str, str] = {}  # internal request id -> replica id
         self.decisions: Counter = Counter()

@@ -63,3 +63,18 @@ def split_by_owner(plan: list[ExpertRows], counts: list[int], owner_of) -> dict[
         offsets.append(offset)
         offset += n
     return out
+
+
+def owner_message(plan: list[ExpertRows], rows: torch.Tensor, counts: list[int], positions: list[int],
+                  offsets: list[int]) -> tuple[list[int], list[int], torch.Tensor]:
+    """(experts, row counts, their rows back to back) for one owner's positions."""
+    part = torch.cat([rows[o:o + counts[p]] for p, o in zip(positions, offsets)])
+    return [plan[p].expert for p in positions], [counts[p] for p in positions], part
+
+
+def scatter_outputs(outputs: list, positions: list[int], counts: list[int], out: torch.Tensor) -> None:
+    """Split one owner's reply (outputs back to back) into `outputs` at its plan positions."""
+    start = 0
+    for p in positions:
+        outputs[p] = out[start:start + counts[p]]
+        start += counts[p]

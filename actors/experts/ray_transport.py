@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from specserve.actors.experts.dispatch import ExpertRows, split_by_owner
+from specserve.actors.experts.dispatch import ExpertRows, owner_message, scatter_outputs, split_by_owner
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class ExpertActor:
 
     def token_counts(self) -> dict[tuple[int, int], int]:
         return dict(self.shard.tokens)
+
+    def run_message(self, message: tuple | None) -> torch.Tensor | None:
+        """`run` for a compiled graph, which sends every actor a message per layer (None: nothing for it)."""
+        return None if message is None else self.shard.run(*message)
 
     def ready(self) -> bool:
         return True
@@ -106,9 +110,8 @@ class RayTransport:
                 groups.setdefault(owner, []).append(p)
             refs = {}
             for actor, positions in groups.items():
-                part = torch.cat([rows[offsets[p]:offsets[p] + counts[p]] for p in positions]).cpu()
-                refs[actor] = self.actors[actor].run.remote(layer, [plan[p].expert for p in positions],
-                                                             [counts[p] for p in positions], part)
+                experts, n, part = owner_message(plan, rows, counts, positions, [offsets[p] for p in positions])
+                refs[actor] = self.actors[actor].run.remote(layer, experts, n, part.cpu())
                 self.calls += 1
             pending = []
             for actor, ref in refs.items():
@@ -128,11 +131,7 @@ class RayTransport:
                     avoid.add(actor)
                     pending += positions
                     continue
-                out = out.to(rows.device)
-                start = 0
-                for p in positions:
-                    outputs[p] = out[start:start + counts[p]]
-                    start += counts[p]
+                scatter_outputs(outputs, positions, counts, out.to(rows.device))
             if pending and all(self._owner(layer, plan[p].expert, step, avoid) is None for p in pending):
                 avoid.clear()  # only restarted actors can serve these: try them again
         return outputs
@@ -147,6 +146,38 @@ class RayTransport:
 
     def token_counts(self) -> list[dict[tuple[int, int], int]]:
         return ray.get([a.token_counts.remote() for a in self.actors])
+
+
+class CompiledGraphTransport:
+    """One Ray Compiled Graph over the actors: each layer's messages go out and come back through channels set
+    up once, instead of a task submission per call. Every actor gets a message every layer (None if it has no
+    rows). No failover yet: a dead actor breaks the graph, so serving uses RayTransport; bench-experts compares."""
+
+    def __init__(self, actors: list, replicas: dict[tuple[int, int], list[int]]):
+        from ray.dag import InputNode, MultiOutputNode
+
+        self.actors = actors
+        self.replicas = replicas
+        with InputNode() as inp:
+            dag = MultiOutputNode([a.run_message.bind(inp[i]) for i, a in enumerate(actors)])
+        self.graph = dag.experimental_compile()
+        self.calls = 0
+
+    def run(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor | None] = [None] * len(plan)
+        groups = split_by_owner(plan, counts, lambda e: self.replicas[(layer, e)][0])
+        messages: list[tuple | None] = [None] * len(self.actors)
+        for actor, (positions, offsets) in groups.items():
+            experts, n, part = owner_message(plan, rows, counts, positions, offsets)
+            messages[actor] = (layer, experts, n, part.cpu())
+        replies = ray.get(self.graph.execute(*messages))
+        self.calls += 1
+        for actor, (positions, _) in groups.items():
+            scatter_outputs(outputs, positions, counts, replies[actor].to(rows.device))
+        return outputs
+
+    def teardown(self) -> None:
+        self.graph.teardown()
 
 
 def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,

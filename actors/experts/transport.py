@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from specserve.actors.experts.dispatch import ExpertRows, split_by_owner
+from specserve.actors.experts.dispatch import ExpertRows, owner_message, scatter_outputs, split_by_owner
 from specserve.actors.experts.expert_shard import ExpertShard
 
 
-def _owner_rows(rows: torch.Tensor, counts: list[int], positions: list[int], offsets: list[int]) -> torch.Tensor:
-    return torch.cat([rows[o:o + counts[p]] for p, o in zip(positions, offsets)])
-
-
 class LocalTransport:
-    """Shards in this process (tests, and the reference the actor transport is checked against)."""
+    """Shards in this process (tests, and the reference the actor transports are measured against)."""
 
     def __init__(self, shards: list[ExpertShard], placement: dict[tuple[int, int], int]):
         self.shards = shards
@@ -21,13 +17,8 @@ class LocalTransport:
 
     def run(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         outputs: list[torch.Tensor | None] = [None] * len(plan)
-        for shard, (positions, offsets) in split_by_owner(plan, counts,
-                                                          lambda e: self.placement[(layer, e)]).items():
-            experts = [plan[p].expert for p in positions]
-            n = [counts[p] for p in positions]
-            out = self.shards[shard].run(layer, experts, n, _owner_rows(rows, counts, positions, offsets))
-            start = 0
-            for p, k in zip(positions, n):
-                outputs[p] = out[start:start + k]
-                start += k
+        groups = split_by_owner(plan, counts, lambda e: self.placement[(layer, e)])
+        for shard, (positions, offsets) in groups.items():
+            experts, n, part = owner_message(plan, rows, counts, positions, offsets)
+            scatter_outputs(outputs, positions, counts, self.shards[shard].run(layer, experts, n, part))
         return outputs

@@ -67,6 +67,18 @@ def test_queued_work_outweighs_a_small_prefix_hit():
     assert PrefixCostPolicy(idx, BS).choose(rs, hs, 10 * BS + 1).replica_id == "a"
 
 
+def test_a_stale_small_queue_does_not_move_a_request_off_its_prefix():
+    idx = PrefixIndex()
+    hs = chain(10)
+    idx.add("a", hs)
+    rs = replicas("a", "b")
+    rs[0].queued_prefill_tokens = 10 * BS + 8  # a reported one such prompt queued (it may be done by now)
+    d = PrefixCostPolicy(idx, BS).choose(rs, hs, 10 * BS + 12)
+    assert (d.replica_id, d.reason) == ("a", "prefix")
+    d = PrefixCostPolicy(idx, BS, switch_margin=0).choose(rs, hs, 10 * BS + 12)
+    assert d.replica_id == "b"  # without the margin, b's estimate is (just) lower
+
+
 def test_measured_rates_are_used():
     policy = PrefixCostPolicy(PrefixIndex(), BS)
     slow = ReplicaState("slow", prefill_tokens_per_s=100)
