@@ -52,17 +52,16 @@ def _load(path):
 
 
 def _owners(model, num_actors: int) -> dict[tuple[int, int], list[int]]:
+    from specserve.actors.experts.eplb import static_owners
     from specserve.actors.experts.hook import experts_modules
 
-    layers = experts_modules(model)
-    return {(layer, e): [e % num_actors] for layer, m in layers.items() for e in range(m.num_experts)}
+    return static_owners({layer: m.num_experts for layer, m in experts_modules(model).items()}, num_actors)
 
 
 def _actors_for(path, model, owners, num_actors):
     from specserve.actors.experts.ray_transport import RayTransport, start_expert_actors
 
-    slots = [[s for s, o in owners.items() if a in o] for a in range(num_actors)]
-    actors, pg = start_expert_actors(str(path), slots, model.config.hidden_act, num_cpus=0.1)
+    actors, pg = start_expert_actors(str(path), owners, num_actors, model.config.hidden_act, num_cpus=0.1)
     return RayTransport(actors, owners), pg
 
 
@@ -83,8 +82,8 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
     layer = 0
     block = model.model.layers[layer].mlp
     experts = experts_modules(model)[layer]
-    shards = [ExpertShard(load_experts(path, {s for s, o in owners.items() if o[0] == a}), ACT2FN[model.config.hidden_act])
-              for a in range(2)]
+    act = ACT2FN[model.config.hidden_act]
+    shards = [ExpertShard(load_experts(path, {s for s, o in owners.items() if o[0] == a}), act) for a in range(2)]
     local = LocalTransport(shards, {s: o[0] for s, o in owners.items()})
     remote, pg = _actors_for(path, model, owners, 2)
     compiled_actors, compiled_pg = _actors_for(path, model, owners, 2)  # a compiled graph keeps its actors
@@ -171,12 +170,8 @@ def bench_balance(path, num_actors: int, slots_per_actor: int, trace_tokens: int
     x = torch.randn(trace_tokens, model.config.hidden_size, generator=g)
 
     def run(owners) -> float:
-        from specserve.actors.experts.ray_transport import RayTransport, start_expert_actors
-
-        slots = [[s for s, o in owners.items() if a in o] for a in range(num_actors)]
-        actors, pg = start_expert_actors(str(path), slots, model.config.hidden_act, num_cpus=0.1)
+        transport, pg = _actors_for(path, model, owners, num_actors)
         try:
-            transport = RayTransport(actors, owners)
             for idx in trace:
                 for layer in layers:
                     plan = plan_dispatch(idx, num_experts)
@@ -187,7 +182,7 @@ def bench_balance(path, num_actors: int, slots_per_actor: int, trace_tokens: int
             remove_placement_group(pg)
         return balance_ratio(per_actor)
 
-    static = {(layer, e): [e % num_actors] for layer in layers for e in range(num_experts)}
+    static = _owners(model, num_actors)
     loads = torch.bincount(torch.cat(trace).reshape(-1), minlength=num_experts).tolist()
     placed = rebalance([float(v) for v in loads], num_actors, slots_per_actor)
     balanced = {(layer, e): placed.replicas[e] for layer in layers for e in range(num_experts)}

@@ -43,6 +43,12 @@ def static_placement(num_experts: int, num_actors: int) -> LayerPlacement:
     return LayerPlacement([[e % num_actors] for e in range(num_experts)], num_actors)
 
 
+def static_owners(experts_per_layer: dict[int, int], num_actors: int) -> dict[tuple[int, int], list[int]]:
+    """(layer, expert) -> [actor] for every MoE layer, with static_placement."""
+    return {(layer, e): actors for layer, n in experts_per_layer.items()
+            for e, actors in enumerate(static_placement(n, num_actors).replicas)}
+
+
 def rebalance(loads: list[float], num_actors: int, slots_per_actor: int) -> LayerPlacement:
     """Placement of one layer's experts given their observed loads (tokens routed to each)."""
     num_experts = len(loads)

@@ -37,10 +37,12 @@ class ExpertActor:
         from specserve.actors.experts.checkpoint import load_experts, load_ffn_shards
         from specserve.actors.experts.expert_shard import ExpertShard
 
+        from specserve.actors.model_loader import resolve_dtype
+
         torch.set_num_threads(torch_threads)
         wanted = {tuple(s) for s in slots}
-        weights = (load_ffn_shards(model_path, wanted, ffn_shards, getattr(torch, dtype)) if ffn_shards
-                   else load_experts(model_path, wanted, getattr(torch, dtype)))
+        weights = (load_ffn_shards(model_path, wanted, ffn_shards, resolve_dtype(dtype)) if ffn_shards
+                   else load_experts(model_path, wanted, resolve_dtype(dtype)))
         self.shard = ExpertShard(weights, ACT2FN[hidden_act])
 
     def run(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> torch.Tensor:
@@ -60,11 +62,13 @@ class ExpertActor:
         return ray.get_runtime_context().get_node_id()
 
 
-def start_expert_actors(model_path: str, slots_per_actor: list[list[tuple[int, int]]], hidden_act: str,
-                        dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True,
+def start_expert_actors(model_path: str, owners: dict[tuple[int, int], list[int]], num_actors: int,
+                        hidden_act: str, dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True,
                         ffn_shards: int = 0) -> tuple[list, object]:
-    """One actor per slot list, in a placement group that spreads them over nodes (SPREAD: best effort).
-    Returns (actors, placement group); remove the group to free them."""
+    """`num_actors` actors, actor a holding every (layer, expert) whose owners include a, in a placement group
+    that spreads them over nodes (SPREAD: best effort). Returns (actors, placement group); remove the group to
+    free them."""
+    slots_per_actor = [[s for s, o in owners.items() if a in o] for a in range(num_actors)]
     pg = placement_group([{"CPU": num_cpus}] * len(slots_per_actor), strategy="SPREAD" if spread else "PACK")
     ray.get(pg.ready(), timeout=120)
     actors = []
@@ -185,12 +189,13 @@ def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: in
     """Move `model`'s experts into `num_actors` new expert actors (owned by the caller; expert e of every layer on
     actor e % num_actors) and route its MoE layers through them. A dense model's MLPs instead, split into
     `num_actors` slices, if `shard_dense_ffn`. None if there is nothing to move."""
+    from specserve.actors.experts.eplb import static_owners
     from specserve.actors.experts.hook import experts_modules, install_dispatch, install_ffn_dispatch, mlp_modules
 
     layers = experts_modules(model)
     ffn = 0
     if layers:
-        owners = {(layer, e): [e % num_actors] for layer, m in layers.items() for e in range(m.num_experts)}
+        owners = static_owners({layer: m.num_experts for layer, m in layers.items()}, num_actors)
         dtype = next(iter(layers.values())).gate_up_proj.dtype
     elif shard_dense_ffn and mlp_modules(model):
         layers, ffn = mlp_modules(model), num_actors
@@ -198,10 +203,9 @@ def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: in
         dtype = next(iter(layers.values())).down_proj.weight.dtype
     else:
         return None
-    slots = [[s for s, o in owners.items() if a in o] for a in range(num_actors)]
     hidden_act = model.config.get_text_config().hidden_act
-    actors, pg = start_expert_actors(model_path, slots, hidden_act, dtype=str(dtype).removeprefix("torch."),
-                                     num_cpus=num_cpus, ffn_shards=ffn)
+    actors, pg = start_expert_actors(model_path, owners, num_actors, hidden_act,
+                                     dtype=str(dtype).removeprefix("torch."), num_cpus=num_cpus, ffn_shards=ffn)
     transport = RayTransport(actors, owners, timeout_s=timeout_s)
     transport.placement_group = pg
     if ffn:

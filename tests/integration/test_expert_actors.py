@@ -32,8 +32,7 @@ def _with_actors(path, replicated: bool):
     layers = experts_modules(model)
     n = next(iter(layers.values())).num_experts
     owners = {(layer, e): ([e % 2, 1 - e % 2] if replicated else [e % 2]) for layer in layers for e in range(n)}
-    slots = [[s for s, o in owners.items() if a in o] for a in range(2)]
-    actors, pg = start_expert_actors(str(path), slots, model.config.hidden_act, num_cpus=0.1)
+    actors, pg = start_expert_actors(str(path), owners, 2, model.config.hidden_act, num_cpus=0.1)
     transport = RayTransport(actors, owners, timeout_s=10)
     install_dispatch(model, transport)
     return model, transport, actors, pg
