@@ -122,16 +122,23 @@ class Verifier:
     def _build_engine(self) -> LLMEngine:
         """Runs on the engine thread (see AsyncEngine)."""
         loaded = load_model(self.config.model, attn_implementation=ATTN_IMPLEMENTATION)
-        self.experts = None
+        self.experts = self.expert_balancer = None
         if self.config.experts.num_actors:
             from specserve.actors.experts.ray_transport import attach_expert_actors
 
             ex = self.config.experts
             self.experts = attach_expert_actors(loaded.model, str(loaded.path), ex.num_actors, num_cpus=ex.num_cpus,
-                                                timeout_s=ex.timeout_s, shard_dense_ffn=ex.shard_dense_ffn)
+                                                link=ex.transport, timeout_s=ex.timeout_s,
+                                                shard_dense_ffn=ex.shard_dense_ffn)
             if self.experts is None:
                 log.warning("experts.num_actors=%d ignored: %s has no MoE layers (experts.shard_dense_ffn is off)",
                             ex.num_actors, self.config.model.name)
+            elif not self.experts.ffn_shards and ex.rebalance_period_s:
+                from specserve.actors.experts.balancer import ExpertBalancer
+
+                self.expert_balancer = ExpertBalancer(self.experts, self.experts.experts_per_layer,
+                                                      redundant_slots=ex.redundant_slots)
+                self.expert_balancer.run_every(ex.rebalance_period_s, self._stop)
         ec = self.config.engine
         self.namespace = kv_namespace(self.config, loaded.path, loaded.config)
         ns = self.namespace
@@ -231,7 +238,8 @@ class Verifier:
         ex = getattr(self, "experts", None)
         out["experts"] = None if ex is None else {
             "actors": len(ex.actors), "calls": ex.calls, "resent_to_replica": ex.resent_to_replica,
-            "waited_for_restart": ex.waited_for_restart}
+            "waited_for_restart": ex.waited_for_restart, "placements": ex.placements,
+            "balance_rounds": list(self.expert_balancer.rounds) if self.expert_balancer else []}
         out["kv_store"] = await asyncio.get_running_loop().run_in_executor(None, self._kv_store_stats)
         return out
 

@@ -1,11 +1,13 @@
 """`specserve bench-experts`: what putting MoE experts in Ray actors costs, and how well placement balances them.
 
 - dispatch: one MoE layer (random weights, HF eager's expert ops), per call: experts computed in this process
-  (the local expert compute) vs in two expert actors through plain Ray calls, and through a Ray Compiled Graph;
-  the difference is the dispatch overhead per layer (rows out, outputs back, grouping and combining).
+  (the local expert compute) vs in two expert actors over their TCP channels (what serving uses), through plain
+  Ray calls, and through a Ray Compiled Graph; the difference is the dispatch overhead per layer (rows out,
+  outputs back, grouping and combining).
 - decode: greedy decode tokens/s of a small random Mixtral at batch 1 and 16, experts local vs in two actors.
-- balance: a seeded skewed routing trace (Zipf-like expert popularity) run through expert actors with the static
-  placement, then with EPLB's replicate-then-pack placement; max/mean rows per actor from the actors' own counts.
+- balance: a seeded skewed routing trace (Zipf-like expert popularity) run through four expert actors with the
+  static placement, then the live balancer's round (EPLB replicate-then-pack from the actors' own counts, applied
+  in two phases), then the same trace again; max/mean rows per actor from the actors' counts.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ def _pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
-def _tiny_mixtral(path: Path, hidden: int, intermediate: int, experts: int, layers: int, seed: int = 0) -> Path:
+def _tiny_mixtral(path: Path, hidden: int, intermediate: int, experts: int, layers: int, seed: int = 0,
+                  vocab_size: int = 512) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    cfg = MixtralConfig(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    cfg = MixtralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                         num_attention_heads=8, num_key_value_heads=4, num_local_experts=experts,
                         num_experts_per_tok=2, max_position_embeddings=1024, sliding_window=None,
                         tie_word_embeddings=False)
@@ -58,11 +61,11 @@ def _owners(model, num_actors: int) -> dict[tuple[int, int], list[int]]:
     return static_owners({layer: m.num_experts for layer, m in experts_modules(model).items()}, num_actors)
 
 
-def _actors_for(path, model, owners, num_actors):
-    from specserve.actors.experts.ray_transport import RayTransport, start_expert_actors
+def _actors_for(path, model, owners, num_actors, link="channel"):
+    from specserve.actors.experts.ray_transport import ActorTransport, start_expert_actors
 
     actors, pg = start_expert_actors(str(path), owners, num_actors, model.config.hidden_act, num_cpus=0.1)
-    return RayTransport(actors, owners), pg
+    return ActorTransport(actors, owners, link=link), pg
 
 
 def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
@@ -74,7 +77,7 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
     from specserve.actors.experts.dispatch import combine, gather_rows, plan_dispatch
     from specserve.actors.experts.expert_shard import ExpertShard
     from specserve.actors.experts.hook import experts_modules
-    from specserve.actors.experts.ray_transport import CompiledGraphTransport
+    from specserve.actors.experts.ray_transport import ActorTransport, CompiledGraphTransport
     from specserve.actors.experts.transport import LocalTransport
 
     model = _load(path)
@@ -85,13 +88,12 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
     act = ACT2FN[model.config.hidden_act]
     shards = [ExpertShard(load_experts(path, {s for s, o in owners.items() if o[0] == a}), act) for a in range(2)]
     local = LocalTransport(shards, {s: o[0] for s, o in owners.items()})
-    remote, pg = _actors_for(path, model, owners, 2)
-    compiled_actors, compiled_pg = _actors_for(path, model, owners, 2)  # a compiled graph keeps its actors
-    compiled = CompiledGraphTransport(compiled_actors.actors, owners)
-    transports = {"local": local, "plain": remote, "compiled": compiled}
-    rows_out = []
-    try:
-        for n in tokens_list:
+    rows_out = [{"tokens": n} for n in tokens_list]
+
+    def measure(transports: dict) -> None:
+        """Interleaved calls (local first), so noise hits every transport alike."""
+        for row in rows_out:
+            n = row["tokens"]
             x = torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(n))
             with torch.no_grad():
                 _, weights, index = block.gate(x)
@@ -105,16 +107,26 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
                     combine(x, plan, outs, weights)
                     if i >= 5:
                         times[name].append(time.perf_counter() - t0)
-            row = {"tokens": n, "local_us_p50": _pct(times["local"], 0.5) * 1e6}
-            for name in ("plain", "compiled"):
-                d = [a - b for a, b in zip(times[name], times["local"])]
-                row[f"{name}_us_p50"] = _pct(times[name], 0.5) * 1e6
-                row[f"{name}_overhead_us_p50"] = _pct(d, 0.5) * 1e6
-                row[f"{name}_overhead_us_p90"] = _pct(d, 0.9) * 1e6
-            rows_out.append(row)
+            row["local_us_p50"] = _pct(times["local"], 0.5) * 1e6
+            for name in transports:
+                if name != "local":
+                    d = [a - b for a, b in zip(times[name], times["local"])]
+                    row[f"{name}_us_p50"] = _pct(times[name], 0.5) * 1e6
+                    row[f"{name}_overhead_us_p50"] = _pct(d, 0.5) * 1e6
+                    row[f"{name}_overhead_us_p90"] = _pct(d, 0.9) * 1e6
+
+    channel, pg = _actors_for(path, model, owners, 2)
+    try:
+        measure({"local": local, "channel": channel, "plain": ActorTransport(channel.actors, owners, link="ray")})
+    finally:
+        remove_placement_group(pg)
+    # Alone: a compiled graph's actors poll their channels, which would slow everything else on a small host.
+    compiled_actors, compiled_pg = _actors_for(path, model, owners, 2)
+    compiled = CompiledGraphTransport(compiled_actors.actors, owners)
+    try:
+        measure({"local": local, "compiled": compiled})
     finally:
         compiled.teardown()
-        remove_placement_group(pg)
         remove_placement_group(compiled_pg)
     return rows_out
 
@@ -150,12 +162,26 @@ def bench_decode(path, batches: list[int], new_tokens: int) -> list[dict]:
     return out
 
 
-def bench_balance(path, num_actors: int, slots_per_actor: int, trace_tokens: int, steps: int) -> dict:
+def replay_trace(transport, trace: list[tuple]) -> list[int]:
+    """Dispatch each (layer, rows, top-k index) of `trace` through `transport`; rows each actor computed."""
+    from specserve.actors.experts.dispatch import gather_rows, plan_dispatch
+
+    before = [sum(c.values()) for c in transport.token_counts()]
+    for layer, x, idx in trace:
+        plan = plan_dispatch(idx, transport.experts_per_layer[layer])
+        rows, counts = gather_rows(x, plan)
+        transport.run(layer, plan, rows, counts)
+    return [a - b for a, b in zip((sum(c.values()) for c in transport.token_counts()), before)]
+
+
+def bench_balance(path, num_actors: int, redundant_slots: int, trace_tokens: int, steps: int) -> dict:
+    import threading
+
     import torch
     from ray.util.placement_group import remove_placement_group
 
-    from specserve.actors.experts.dispatch import gather_rows, plan_dispatch
-    from specserve.actors.experts.eplb import balance_ratio, rebalance
+    from specserve.actors.experts.balancer import ExpertBalancer
+    from specserve.actors.experts.eplb import balance_ratio
     from specserve.actors.experts.hook import experts_modules
 
     model = _load(path)
@@ -163,48 +189,79 @@ def bench_balance(path, num_actors: int, slots_per_actor: int, trace_tokens: int
     num_experts = next(iter(layers.values())).num_experts
     g = torch.Generator().manual_seed(7)
     popularity = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float) ** 1.2  # Zipf-like skew
+    x = torch.randn(trace_tokens, model.config.hidden_size, generator=g)
     trace = []
     for _ in range(steps):
         idx = torch.stack([torch.multinomial(popularity, 2, generator=g) for _ in range(trace_tokens)])
-        trace.append(idx)
-    x = torch.randn(trace_tokens, model.config.hidden_size, generator=g)
+        trace += [(layer, x, idx) for layer in layers]
+    transport, pg = _actors_for(path, model, _owners(model, num_actors), num_actors)
+    balancer = ExpertBalancer(transport, transport.experts_per_layer, redundant_slots=redundant_slots)
+    report: dict = {}
+    try:
+        before = balance_ratio(replay_trace(transport, trace))
+        t0 = time.perf_counter()
+        rebalancing = threading.Thread(target=lambda: report.update(balancer.rebalance_once()))
+        rebalancing.start()
+        replays = 0
+        while rebalancing.is_alive():  # traffic goes on while the actors load their new slots
+            replay_trace(transport, trace[:len(layers)])
+            replays += 1
+        round_s = time.perf_counter() - t0
+        after = balance_ratio(replay_trace(transport, trace))
+    finally:
+        remove_placement_group(pg)
+    first = min(layers)
+    return {"actors": num_actors, "experts": num_experts, "redundant_slots": redundant_slots,
+            "before": before, "after": after, "predicted_after": report["predicted_after"],
+            "applied": report["applied"], "loaded_slots": report["loaded"], "dropped_slots": report["dropped"],
+            "round_s": round_s, "steps_during_round": replays,
+            "replicas_per_expert": [len(transport.replicas[(first, e)]) for e in range(num_experts)]}
 
-    def run(owners) -> float:
-        transport, pg = _actors_for(path, model, owners, num_actors)
-        try:
-            for idx in trace:
-                for layer in layers:
-                    plan = plan_dispatch(idx, num_experts)
-                    rows, counts = gather_rows(x, plan)
-                    transport.run(layer, plan, rows, counts)
-            per_actor = [sum(c.values()) for c in transport.token_counts()]
-        finally:
-            remove_placement_group(pg)
-        return balance_ratio(per_actor)
 
-    static = _owners(model, num_actors)
-    loads = torch.bincount(torch.cat(trace).reshape(-1), minlength=num_experts).tolist()
-    placed = rebalance([float(v) for v in loads], num_actors, slots_per_actor)
-    balanced = {(layer, e): placed.replicas[e] for layer in layers for e in range(num_experts)}
-    return {"actors": num_actors, "slots_per_actor": slots_per_actor, "experts": num_experts,
-            "before": run(static), "after": run(balanced),
-            "replicas_per_expert": [len(r) for r in placed.replicas]}
+def bench_served(tmp: Path, args, concurrency: list[int]) -> list[dict]:
+    """The same random Mixtral (with SmolLM2's tokenizer, so chat prompts work) served twice by `specserve bench
+    --serve`: experts in the verifier, then in two expert actors; output tokens/s per concurrency."""
+    from transformers import AutoTokenizer
+
+    from specserve.actors.model_loader import resolve_model_path
+    from specserve.cluster import bench
+    from specserve.cluster.config import ModelConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m", ModelConfig().cache_dir))
+    path = _tiny_mixtral(tmp / "served-moe", args.hidden, args.intermediate, args.experts, args.layers,
+                         vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    out = tmp / "served.json"
+    base = (f"model.source={path},model.served_name=tiny-moe,model.dtype=float32,"
+            f"model.torch_threads={args.torch_threads},speculative.method=none,experts.num_cpus=0.25")
+    code = bench.main(["--serve", "local=experts.num_actors=0", "--serve", "actors=experts.num_actors=2",
+                       "--serve-base", base, "--workload", "chat", "--concurrency", ",".join(map(str, concurrency)),
+                       "--max-tokens", str(args.new_tokens), "--json", str(out)])
+    if code:
+        raise RuntimeError(f"specserve bench exited {code}")
+    import json
+
+    return json.loads(out.read_text())["passes"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specserve bench-experts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", default="dispatch,decode,balance")
+    parser.add_argument("--part", default="dispatch,decode,balance,served")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads here and in each actor (on a small host, one each does not oversubscribe)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.part.split(",") if p.strip()]
     import ray
+    import torch
 
+    torch.set_num_threads(args.torch_threads)  # the actors take the caller's count (start_expert_actors)
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -215,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
             if "dispatch" in parts:
                 _log("dispatch: one MoE layer, local vs two actors")
                 results["dispatch"] = bench_dispatch(path, [1, 16, 64], args.iters)
-                print("per MoE layer, us: experts local; in 2 actors by plain Ray calls / by a compiled graph; "
-                      "overhead = minus local (p50, p90)")
-                print(f"{'tokens':>6} {'local':>7} {'plain':>7} {'overhead':>15} {'compiled':>8} {'overhead':>15}")
+                print(f"per MoE layer, us (p50; overhead = minus local, p50/p90), torch threads {args.torch_threads}:"
+                      " experts local; in 2 actors over TCP channels / plain Ray calls / a compiled graph")
+                print(f"{'tokens':>6} {'local':>6} " + " ".join(f"{k:>8} {'overhead':>13}"
+                                                            for k in ("channel", "plain", "compiled")))
                 for r in results["dispatch"]:
-                    print(f"{r['tokens']:>6} {r['local_us_p50']:7.0f} {r['plain_us_p50']:7.0f} "
-                          f"{r['plain_overhead_us_p50']:7.0f} {r['plain_overhead_us_p90']:7.0f} "
-                          f"{r['compiled_us_p50']:8.0f} {r['compiled_overhead_us_p50']:7.0f} "
-                          f"{r['compiled_overhead_us_p90']:7.0f}", flush=True)
+                    print(f"{r['tokens']:>6} {r['local_us_p50']:6.0f} " + " ".join(
+                        f"{r[k + '_us_p50']:8.0f} {r[k + '_overhead_us_p50']:6.0f}/{r[k + '_overhead_us_p90']:<6.0f}"
+                        for k in ("channel", "plain", "compiled")), flush=True)
             if "decode" in parts:
                 _log("decode: greedy tokens/s, experts local vs in two actors")
                 results["decode"] = bench_decode(path, [1, 16], args.new_tokens)
@@ -230,13 +287,18 @@ def main(argv: list[str] | None = None) -> int:
                 for r in results["decode"]:
                     print(f"{r['batch']:>5} {r['local_tok_s']:11.1f} {r['actors_tok_s']:12.1f} {r['identical']}",
                           flush=True)
+            if "served" in parts:
+                _log("served: a small MoE served with experts local vs in two actors (specserve bench)")
+                results["served"] = bench_served(Path(tmp), args, [1, 16])
             if "balance" in parts:
                 _log("balance: skewed routing trace, static vs rebalanced placement")
-                b = bench_balance(path, num_actors=4, slots_per_actor=args.experts // 4 + 1, trace_tokens=64,
-                                  steps=20)
+                b = bench_balance(path, num_actors=4, redundant_slots=1, trace_tokens=64, steps=20)
                 results["balance"] = b
                 print(f"balance (max/mean rows per actor, {b['actors']} actors, {b['experts']} experts, "
-                      f"{b['slots_per_actor']} slots each): before {b['before']:.2f}, after {b['after']:.2f}")
+                      f"{b['redundant_slots']} redundant slot per actor and layer): before {b['before']:.2f}, "
+                      f"after a live rebalance {b['after']:.2f} (round {b['round_s']:.2f}s, "
+                      f"{b['steps_during_round']} steps served during it, {b['loaded_slots']} slots loaded, "
+                      f"{b['dropped_slots']} dropped)")
     finally:
         if started:
             ray.shutdown()

@@ -149,6 +149,12 @@ class ExpertsConfig(_Strict):
     shard_dense_ffn: bool = False
     # A dispatch message unanswered this long is re-sent (to a replica of its experts, or after a restart).
     timeout_s: float = Field(30.0, gt=0)
+    # Per-layer messages: "channel" (a direct TCP connection to each actor) or "ray" (plain actor calls, slower).
+    transport: Literal["channel", "ray"] = "channel"
+    # Load balancing: every rebalance_period_s (0: never) recompute placement from the tokens the actors counted,
+    # giving each actor redundant_slots extra expert slots per layer for replicas of hot experts.
+    rebalance_period_s: float = Field(60.0, ge=0)
+    redundant_slots: int = Field(1, ge=0)
 
 
 class ServerConfig(_Strict):

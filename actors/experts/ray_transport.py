@@ -2,18 +2,24 @@
 transport that sends them one message per actor per layer.
 
 Each actor loads only its own experts from the checkpoint (checkpoint.py); Ray restarts an actor that dies and
-its constructor reloads the same shard. The transport groups a layer's experts by the actor chosen for each
-(the replicas of an expert take turns, step by step; all of an expert's rows go to one replica, so results do not
-change), sends all messages, then collects them. A message whose actor died or timed out is re-sent to other
-replicas of its experts when every one of them has one; otherwise the step waits until Ray has restarted the actor
-and sends it again. Requests are delayed, never answered wrong.
+its constructor reloads its shard (then the transport tells it which slots it holds now, in case a rebalance
+moved them). The per-layer messages go over a direct TCP channel to each actor (channel.py; "ray": plain actor
+calls, measured slower). The transport groups a layer's experts by the actor chosen for each (the replicas of an
+expert take turns, step by step; all of an expert's rows go to one replica, so results do not change), sends all
+messages, then collects them. A message whose actor died or timed out is re-sent to other replicas of its experts
+when every one of them has one; otherwise the step waits until Ray has restarted the actor and sends it again.
+Requests are delayed, never answered wrong.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import socket
+import threading
 import time
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -25,35 +31,76 @@ from specserve.actors.experts.dispatch import ExpertRows, owner_message, scatter
 
 log = logging.getLogger(__name__)
 
+Slot = tuple[int, int]  # (layer, expert): one physical copy of an expert's weights
+
 
 class ExpertActor:
-    """A Ray actor (see `start_expert_actors`): sync, so its torch work runs on one thread."""
+    """A Ray actor (see `start_expert_actors`). Its Ray methods and its channel thread share the shard; a lock
+    keeps slot changes and token counts consistent with the computation."""
 
-    def __init__(self, model_path: str, slots: list[tuple[int, int]], hidden_act: str, dtype: str = "float32",
+    def __init__(self, model_path: str, slots: list[Slot], hidden_act: str, dtype: str = "float32",
                  torch_threads: int = 1, ffn_shards: int = 0):
         """`ffn_shards` > 0: the slots are (layer, i) slices of a dense model's MLPs, split that many ways."""
         from transformers.activations import ACT2FN
 
-        from specserve.actors.experts.checkpoint import load_experts, load_ffn_shards
+        from specserve.actors.experts.channel import ChannelServer
         from specserve.actors.experts.expert_shard import ExpertShard
-
         from specserve.actors.model_loader import resolve_dtype
 
+        self._threads = torch_threads
         torch.set_num_threads(torch_threads)
-        wanted = {tuple(s) for s in slots}
-        weights = (load_ffn_shards(model_path, wanted, ffn_shards, resolve_dtype(dtype)) if ffn_shards
-                   else load_experts(model_path, wanted, resolve_dtype(dtype)))
-        self.shard = ExpertShard(weights, ACT2FN[hidden_act])
+        self._path, self._dtype, self._ffn_shards = model_path, resolve_dtype(dtype), ffn_shards
+        self._lock = threading.Lock()
+        self.shard = ExpertShard(self._load({tuple(s) for s in slots}), ACT2FN[hidden_act])
+        self._channel = ChannelServer(self._on_message, host=ray.util.get_node_ip_address())
+
+    def _load(self, slots: set[Slot]) -> dict:
+        from specserve.actors.experts.checkpoint import load_experts, load_ffn_shards
+
+        if self._ffn_shards:
+            return load_ffn_shards(self._path, slots, self._ffn_shards, self._dtype)
+        return load_experts(self._path, slots, self._dtype)
+
+    def _on_message(self, header: dict, rows: torch.Tensor) -> torch.Tensor:
+        return self.run(header["layer"], header["experts"], header["counts"], rows)
 
     def run(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> torch.Tensor:
-        return self.shard.run(layer, experts, counts, rows)
+        if torch.get_num_threads() != self._threads:  # per thread: Ray's and the channel's threads start unset
+            torch.set_num_threads(self._threads)
+        with self._lock:
+            return self.shard.run(layer, experts, counts, rows)
 
-    def token_counts(self) -> dict[tuple[int, int], int]:
-        return dict(self.shard.tokens)
+    def channel_address(self) -> tuple[str, int]:
+        return self._channel.address
+
+    def hold_slots(self, slots: list[Slot]) -> dict:
+        """Hold exactly `slots`: load the missing ones from the checkpoint (outside the lock: serving goes on),
+        then drop the others."""
+        wanted = {tuple(s) for s in slots}
+        missing = wanted - set(self.shard.weights)
+        loaded = self._load(missing) if missing else {}
+        with self._lock:
+            self.shard.weights.update(loaded)
+            extra = set(self.shard.weights) - wanted
+            for s in extra:
+                del self.shard.weights[s]
+        return {"loaded": len(loaded), "dropped": len(extra)}
+
+    def load_slots(self, slots: list[Slot]) -> int:
+        """Add `slots` (rebalancing, phase 1); returns how many were loaded."""
+        missing = {tuple(s) for s in slots} - set(self.shard.weights)
+        loaded = self._load(missing) if missing else {}
+        with self._lock:
+            self.shard.weights.update(loaded)
+        return len(loaded)
+
+    def token_counts(self) -> dict[Slot, int]:
+        with self._lock:
+            return dict(self.shard.tokens)
 
     def run_message(self, message: tuple | None) -> torch.Tensor | None:
         """`run` for a compiled graph, which sends every actor a message per layer (None: nothing for it)."""
-        return None if message is None else self.shard.run(*message)
+        return None if message is None else self.run(*message)
 
     def ready(self) -> bool:
         return True
@@ -62,102 +109,275 @@ class ExpertActor:
         return ray.get_runtime_context().get_node_id()
 
 
-def start_expert_actors(model_path: str, owners: dict[tuple[int, int], list[int]], num_actors: int,
+def start_expert_actors(model_path: str, owners: dict[Slot, list[int]], num_actors: int,
                         hidden_act: str, dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True,
-                        ffn_shards: int = 0) -> tuple[list, object]:
+                        ffn_shards: int = 0, torch_threads: int | None = None) -> tuple[list, object]:
     """`num_actors` actors, actor a holding every (layer, expert) whose owners include a, in a placement group
     that spreads them over nodes (SPREAD: best effort). Returns (actors, placement group); remove the group to
-    free them."""
-    slots_per_actor = [[s for s, o in owners.items() if a in o] for a in range(num_actors)]
-    pg = placement_group([{"CPU": num_cpus}] * len(slots_per_actor), strategy="SPREAD" if spread else "PACK")
+    free them. The actors use the caller's torch thread count unless told otherwise: CPU matmul kernels split
+    work by thread count, and on some CPUs the bits then differ from the same model run in the caller."""
+    torch_threads = torch_threads or torch.get_num_threads()
+    pg = placement_group([{"CPU": num_cpus}] * num_actors, strategy="SPREAD" if spread else "PACK")
     ray.get(pg.ready(), timeout=120)
     actors = []
-    for i, slots in enumerate(slots_per_actor):
+    for a, slots in enumerate(slots_of_actors(owners, num_actors)):
         actors.append(ray.remote(ExpertActor).options(
-            num_cpus=num_cpus, max_restarts=-1, max_task_retries=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(model_path, [list(s) for s in slots], hidden_act, dtype, 1, ffn_shards))
+            num_cpus=num_cpus, max_restarts=-1, max_task_retries=0, max_concurrency=4,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
+        ).remote(model_path, [list(s) for s in sorted(slots)], hidden_act, dtype, torch_threads, ffn_shards))
     ray.get([a.ready.remote() for a in actors], timeout=300)
     return actors, pg
 
 
-class RayTransport:
-    def __init__(self, actors: list, replicas: dict[tuple[int, int], list[int]], *, timeout_s: float = 30.0,
-                 restart_wait_s: float = 300.0):
+def slots_of_actors(owners: dict[Slot, list[int]], num_actors: int) -> list[set[Slot]]:
+    out: list[set[Slot]] = [set() for _ in range(num_actors)]
+    for slot, actors in owners.items():
+        for a in actors:
+            out[a].add(slot)
+    return out
+
+
+class ActorUnavailable(Exception):
+    """The actor died, timed out, or failed the request: send its rows elsewhere or wait for its restart."""
+
+
+class RayLink:
+    """Per-layer messages as plain actor calls."""
+
+    def __init__(self, actor):
+        self.actor = actor
+        self._ref = None
+
+    def open(self, timeout_s: float) -> None:
+        pass
+
+    def send(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> None:
+        self._ref = self.actor.run.remote(layer, experts, counts, rows.cpu())
+
+    def receive(self, timeout_s: float) -> torch.Tensor:
+        try:
+            return ray.get(self._ref, timeout=timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise ActorUnavailable(type(exc).__name__) from exc
+
+    def close(self) -> None:
+        self._ref = None
+
+
+class ChannelLink:
+    """Per-layer messages over the actor's TCP channel; the address comes from Ray on (re)connect."""
+
+    def __init__(self, actor):
+        self.actor = actor
+        self.sock: socket.socket | None = None
+        self._send_error: Exception | None = None
+
+    def open(self, timeout_s: float) -> None:
+        from specserve.actors.experts.channel import connect
+
+        if self.sock is None:
+            try:
+                address = ray.get(self.actor.channel_address.remote(), timeout=timeout_s)
+                self.sock = connect(address, timeout_s)
+            except (RayActorError, GetTimeoutError, OSError) as exc:
+                raise ActorUnavailable(type(exc).__name__) from exc
+
+    def send(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> None:
+        from specserve.actors.experts.channel import send_frame
+
+        try:
+            send_frame(self.sock, {"layer": layer, "experts": experts, "counts": counts}, rows)
+        except OSError as exc:  # reported by receive, so a send failure takes the same path as a lost reply
+            self._send_error = exc
+
+    def receive(self, timeout_s: float) -> torch.Tensor:
+        from specserve.actors.experts.channel import recv_frame
+
+        try:
+            if self._send_error is not None:
+                raise self._send_error
+            self.sock.settimeout(timeout_s)
+            header, out = recv_frame(self.sock)
+        except (OSError, ConnectionError) as exc:
+            self.close()
+            raise ActorUnavailable(type(exc).__name__) from exc
+        if "error" in header:
+            self.close()
+            raise ActorUnavailable(header["error"])
+        return out
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self._send_error = None
+
+
+LINKS = {"channel": ChannelLink, "ray": RayLink}
+
+
+@dataclass
+class PendingLayer:
+    """One MoE layer's dispatch in flight (between `start` and `finish`)."""
+
+    layer: int
+    plan: list[ExpertRows]
+    rows: torch.Tensor
+    counts: list[int]
+    step: int
+    offsets: list[int]
+    groups: dict[int, list[int]] = field(default_factory=dict)  # actor -> plan positions sent to it
+
+
+class ActorTransport:
+    def __init__(self, actors: list, replicas: dict[Slot, list[int]], *, link: str = "channel",
+                 timeout_s: float = 30.0, restart_wait_s: float = 300.0):
         """`replicas`: (layer, expert) -> indices of the actors holding it (first is preferred)."""
+        if link not in LINKS:
+            raise ValueError(f"experts.transport must be one of {sorted(LINKS)}, not {link!r}")
         self.actors = actors
+        self.links = [LINKS[link](a) for a in actors]
         self.replicas = replicas
+        self.first_layer = min(layer for layer, _ in replicas)
+        self.experts_per_layer = dict(collections.Counter(layer for layer, _ in replicas))
         self.timeout_s = timeout_s
         self.restart_wait_s = restart_wait_s
-        self._turn = itertools.count()
+        self._step = 0
+        self._next_replicas: dict[Slot, list[int]] | None = None
+        self._switched = threading.Event()
+        self._lock = threading.Lock()
         self.calls = 0
         self.resent_to_replica = 0
         self.waited_for_restart = 0
+        self.placements = 0  # placement switches applied
+        self._down: set[int] = set()
+        self._reopening = [threading.Lock() for _ in actors]
+        for link in self.links:
+            link.open(timeout_s)
 
-    def _owner(self, layer: int, expert: int, step: int, avoid: set[int] = frozenset()) -> int | None:
-        options = [a for a in self.replicas[(layer, expert)] if a not in avoid]
-        return options[step % len(options)] if options else None
+    # -- rebalancing: the balancer loads new slots, proposes the map, waits for the switch, frees old slots --
+
+    def propose(self, replicas: dict[Slot, list[int]]) -> threading.Event:
+        """Use `replicas` from the next step on (the actors already hold its slots); the event is set once no
+        step uses the old map any more."""
+        with self._lock:
+            self._next_replicas = replicas
+            self._switched = threading.Event()
+            return self._switched
+
+    def withdraw(self, replicas: dict[Slot, list[int]]) -> bool:
+        """Cancel a proposal that has not been switched to yet (True if it was still pending)."""
+        with self._lock:
+            if self._next_replicas is replicas:
+                self._next_replicas = None
+                return True
+            return False
+
+    def _step_boundary(self) -> None:
+        self._step += 1
+        with self._lock:
+            if self._next_replicas is not None:
+                self.replicas, self._next_replicas = self._next_replicas, None
+                self.placements += 1
+                self._switched.set()
+
+    def slots_of(self, actor: int) -> list[Slot]:
+        with self._lock:
+            maps = [self.replicas] + ([self._next_replicas] if self._next_replicas else [])
+        return sorted({s for m in maps for s, owners in m.items() if actor in owners})
+
+    # -- dispatch --
+
+    def _owner(self, layer: int, expert: int, step: int) -> int | None:
+        """This step's replica of the expert among the live ones (the replicas take turns, step by step; offset
+        by expert so hot experts sharing actors do not all pick the same one in a step)."""
+        options = [a for a in self.replicas[(layer, expert)] if a not in self._down]
+        return options[(step + expert) % len(options)] if options else None
+
+    def _send(self, pending: PendingLayer, positions: list[int]) -> None:
+        pending.groups = {}
+        for p in positions:
+            owner = self._owner(pending.layer, pending.plan[p].expert, pending.step)
+            if owner is None:  # every replica is down: wait for this step's choice to come back
+                expert = pending.plan[p].expert
+                replicas = self.replicas[(pending.layer, expert)]
+                owner = replicas[(pending.step + expert) % len(replicas)]
+                self.waited_for_restart += 1
+                self._reopen(owner)
+            pending.groups.setdefault(owner, []).append(p)
+        for actor, group in pending.groups.items():
+            experts, n, part = owner_message(pending.plan, pending.rows, pending.counts, group,
+                                             [pending.offsets[p] for p in group])
+            self.links[actor].send(pending.layer, experts, n, part)
+            self.calls += 1
+
+    def start(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> PendingLayer:
+        if layer == self.first_layer:
+            self._step_boundary()
+        pending = PendingLayer(layer, plan, rows, counts, self._step,
+                               list(itertools.accumulate([0] + counts[:-1])))
+        self._send(pending, list(range(len(plan))))
+        return pending
+
+    def finish(self, pending: PendingLayer) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor | None] = [None] * len(pending.plan)
+        while True:
+            failed: list[int] = []
+            for actor, positions in pending.groups.items():
+                try:
+                    out = self.links[actor].receive(self.timeout_s)
+                except ActorUnavailable as exc:
+                    log.warning("expert actor %d failed on layer %d (%s); re-sending its rows", actor,
+                                pending.layer, exc)
+                    self._mark_down(actor)
+                    failed += positions
+                    continue
+                scatter_outputs(outputs, positions, pending.counts, out.to(pending.rows.device))
+            if not failed:
+                return outputs
+            if all(self._owner(pending.layer, pending.plan[p].expert, pending.step) is not None for p in failed):
+                self.resent_to_replica += 1
+            self._send(pending, failed)
 
     def run(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        step = next(self._turn)
-        offsets = list(itertools.accumulate([0] + counts[:-1]))
-        outputs: list[torch.Tensor | None] = [None] * len(plan)
-        pending = list(range(len(plan)))
-        avoid: set[int] = set()
-        deadline = time.monotonic() + self.restart_wait_s
-        while pending:
-            groups: dict[int, list[int]] = {}
-            for p in pending:
-                owner = self._owner(layer, plan[p].expert, step, avoid)
-                if owner is None:  # no live replica left: wait for the first choice to come back
-                    owner = self._owner(layer, plan[p].expert, step)
-                groups.setdefault(owner, []).append(p)
-            refs = {}
-            for actor, positions in groups.items():
-                experts, n, part = owner_message(plan, rows, counts, positions, [offsets[p] for p in positions])
-                refs[actor] = self.actors[actor].run.remote(layer, experts, n, part.cpu())
-                self.calls += 1
-            pending = []
-            for actor, ref in refs.items():
-                positions = groups[actor]
-                try:
-                    out = ray.get(ref, timeout=self.timeout_s)
-                except (RayActorError, GetTimeoutError) as exc:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"expert actor {actor} unavailable for {self.restart_wait_s:.0f}s") from exc
-                    log.warning("expert actor %d failed on layer %d (%s); re-sending", actor, layer,
-                                type(exc).__name__)
-                    if all(self._owner(layer, plan[p].expert, step, avoid | {actor}) is not None for p in positions):
-                        self.resent_to_replica += 1
-                    else:
-                        self.waited_for_restart += 1
-                        self._wait_alive(actor, deadline)
-                    avoid.add(actor)
-                    pending += positions
-                    continue
-                scatter_outputs(outputs, positions, counts, out.to(rows.device))
-            if pending and all(self._owner(layer, plan[p].expert, step, avoid) is None for p in pending):
-                avoid.clear()  # only restarted actors can serve these: try them again
-        return outputs
+        return self.finish(self.start(layer, plan, rows, counts))
 
-    def _wait_alive(self, actor: int, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self.actors[actor].ready.remote(), timeout=5)
+    # -- failure: a failed actor is down (skipped while a replica can serve) until it answers again --
+
+    def _mark_down(self, actor: int) -> None:
+        self.links[actor].close()
+        with self._lock:
+            if actor in self._down:
                 return
-            except (RayActorError, GetTimeoutError):
-                time.sleep(0.2)
+            self._down.add(actor)
+        threading.Thread(target=self._reopen, args=(actor,), name=f"expert-reopen-{actor}", daemon=True).start()
 
-    def token_counts(self) -> list[dict[tuple[int, int], int]]:
+    def _reopen(self, actor: int) -> None:
+        """Wait until the actor answers again (Ray restarts it), make it hold its current slots (its constructor
+        reloaded the ones it started with), and reconnect. Raises if it stays away restart_wait_s."""
+        deadline = time.monotonic() + self.restart_wait_s
+        with self._reopening[actor]:
+            while actor in self._down:
+                try:
+                    ray.get(self.actors[actor].hold_slots.remote(self.slots_of(actor)), timeout=self.timeout_s)
+                    self.links[actor].open(self.timeout_s)
+                    self._down.discard(actor)
+                except (RayActorError, GetTimeoutError, ActorUnavailable) as exc:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"expert actor {actor} unavailable for "
+                                           f"{self.restart_wait_s:.0f}s") from exc
+                    time.sleep(0.2)
+
+    def token_counts(self) -> list[dict[Slot, int]]:
         return ray.get([a.token_counts.remote() for a in self.actors])
 
 
 class CompiledGraphTransport:
     """One Ray Compiled Graph over the actors: each layer's messages go out and come back through channels set
     up once, instead of a task submission per call. Every actor gets a message every layer (None if it has no
-    rows). No failover yet: a dead actor breaks the graph, so serving uses RayTransport; bench-experts compares."""
+    rows). No failover: a dead actor breaks the graph; bench-experts measures it against the other links."""
 
-    def __init__(self, actors: list, replicas: dict[tuple[int, int], list[int]]):
+    def __init__(self, actors: list, replicas: dict[Slot, list[int]]):
         from ray.dag import InputNode, MultiOutputNode
 
         self.actors = actors
@@ -185,7 +405,8 @@ class CompiledGraphTransport:
 
 
 def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,
-                         timeout_s: float = 30.0, shard_dense_ffn: bool = False) -> RayTransport | None:
+                         link: str = "channel", timeout_s: float = 30.0,
+                         shard_dense_ffn: bool = False) -> ActorTransport | None:
     """Move `model`'s experts into `num_actors` new expert actors (owned by the caller; expert e of every layer on
     actor e % num_actors) and route its MoE layers through them. A dense model's MLPs instead, split into
     `num_actors` slices, if `shard_dense_ffn`. None if there is nothing to move."""
@@ -206,11 +427,13 @@ def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: in
     hidden_act = model.config.get_text_config().hidden_act
     actors, pg = start_expert_actors(model_path, owners, num_actors, hidden_act,
                                      dtype=str(dtype).removeprefix("torch."), num_cpus=num_cpus, ffn_shards=ffn)
-    transport = RayTransport(actors, owners, timeout_s=timeout_s)
+    transport = ActorTransport(actors, owners, link=link, timeout_s=timeout_s)
     transport.placement_group = pg
+    transport.ffn_shards = ffn
     if ffn:
         install_ffn_dispatch(model, transport, ffn)
     else:
         install_dispatch(model, transport)
-    log.info("%s of %d layers in %d expert actors", "MLP shards" if ffn else "experts", len(layers), num_actors)
+    log.info("%s of %d layers in %d expert actors (%s link)", "MLP shards" if ffn else "experts", len(layers),
+             num_actors, link)
     return transport

@@ -13,7 +13,7 @@ from ray.util.placement_group import remove_placement_group
 from transformers import AutoModelForCausalLM
 
 from specserve.actors.experts.hook import experts_modules, install_dispatch
-from specserve.actors.experts.ray_transport import RayTransport, start_expert_actors
+from specserve.actors.experts.ray_transport import ActorTransport, start_expert_actors
 from tiny_models import MOE_ARCHS, make_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -26,14 +26,14 @@ def _load(path):
     return model.eval()
 
 
-def _with_actors(path, replicated: bool):
+def _with_actors(path, replicated: bool, link: str = "channel"):
     """The model with its experts in two actors: expert e of each layer on actor e % 2, or on both."""
     model = _load(path)
     layers = experts_modules(model)
     n = next(iter(layers.values())).num_experts
     owners = {(layer, e): ([e % 2, 1 - e % 2] if replicated else [e % 2]) for layer in layers for e in range(n)}
     actors, pg = start_expert_actors(str(path), owners, 2, model.config.hidden_act, num_cpus=0.1)
-    transport = RayTransport(actors, owners, timeout_s=10)
+    transport = ActorTransport(actors, owners, link=link, timeout_s=10)
     install_dispatch(model, transport)
     return model, transport, actors, pg
 
@@ -67,11 +67,12 @@ def _kill_after(transport, actor, calls: int):
     return t
 
 
-@pytest.mark.parametrize("replicated", [False, True], ids=["restart", "replica"])
-def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated):
+@pytest.mark.parametrize("replicated,link", [(False, "channel"), (True, "channel"), (False, "ray")],
+                         ids=["restart", "replica", "restart-ray-link"])
+def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated, link):
     path = make_tiny_model(tmp_path / "m", arch="qwen2_moe", seed=22, num_layers=3)
     ref = _load(path)
-    model, transport, actors, pg = _with_actors(path, replicated=replicated)
+    model, transport, actors, pg = _with_actors(path, replicated=replicated, link=link)
     try:
         prompt = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
@@ -84,6 +85,48 @@ def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated):
             assert transport.resent_to_replica >= 1 and transport.waited_for_restart == 0
         else:
             assert transport.waited_for_restart >= 1
+    finally:
+        remove_placement_group(pg)
+
+
+def _skewed_trace(layers, num_experts, hidden, steps=6, tokens=32):
+    """(layer, rows, top-k) steps where experts 0 and 2 (both on actor 0 statically) get most rows."""
+    g = torch.Generator().manual_seed(5)
+    popularity = torch.tensor([8.0, 1.0, 8.0, 1.0] + [0.5] * (num_experts - 4))
+    x = torch.randn(tokens, hidden, generator=g)
+    return [(layer, x, torch.stack([torch.multinomial(popularity, 2, generator=g) for _ in range(tokens)]))
+            for _ in range(steps) for layer in layers]
+
+
+def test_live_rebalance_mid_generation_keeps_tokens_and_balances(ray_cluster, tmp_path):
+    from specserve.actors.experts.balancer import ExpertBalancer
+    from specserve.actors.experts.eplb import balance_ratio
+    from specserve.cluster.bench_experts import replay_trace
+
+    path = make_tiny_model(tmp_path / "m", arch="olmoe", seed=24, num_layers=2)
+    ref = _load(path)
+    model, transport, actors, pg = _with_actors(path, replicated=False)
+    try:
+        layers = experts_modules(ref)
+        trace = _skewed_trace(sorted(layers), 8, ref.config.hidden_size)
+        skewed = balance_ratio(replay_trace(transport, trace))
+        balancer = ExpertBalancer(transport, transport.experts_per_layer, redundant_slots=1, min_tokens=0)
+        report = {}
+        worker = threading.Thread(target=lambda: report.update(balancer.rebalance_once(switch_timeout_s=120)))
+        prompt = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            expected = ref.generate(prompt, **GEN)
+            worker.start()
+            generations = 0
+            while worker.is_alive() or generations == 0:  # the switch lands between two steps of a generation
+                assert torch.equal(model.generate(prompt, **GEN), expected)
+                generations += 1
+        worker.join()
+        assert report["applied"] and transport.placements == 1 and report["loaded"] > 0 and report["dropped"] > 0
+        balanced = balance_ratio(replay_trace(transport, trace))
+        assert skewed > 1.3 and balanced < skewed, (skewed, balanced, report)
+        for a, actor in enumerate(actors):  # each actor holds exactly the slots the new map gives it
+            assert ray.get(actor.hold_slots.remote(transport.slots_of(a))) == {"loaded": 0, "dropped": 0}
     finally:
         remove_placement_group(pg)
 

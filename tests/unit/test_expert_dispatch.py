@@ -113,3 +113,35 @@ def test_batching_changes_sharded_logits_by_at_most_1e5(tmp_path, arch):
         alone = torch.cat([model(ids[i:i + 1]).logits for i in range(4)])
     # Other rows change which rows each expert computes together (matmul shapes), so only fp32 rounding differs.
     assert (batched - alone).abs().max() <= 1e-5
+
+
+class _RecordingTransport(LocalTransport):
+    def __init__(self, shards, placement, events):
+        super().__init__(shards, placement)
+        self.events = events
+
+    def start(self, layer, plan, rows, counts):
+        self.events.append(("start", layer))
+        return super().start(layer, plan, rows, counts)
+
+    def finish(self, pending):
+        self.events.append(("finish", pending[0]))
+        return super().finish(pending)
+
+
+@pytest.mark.parametrize("arch,shared", [("qwen2_moe", "shared_expert"), ("deepseek_v3", "shared_experts")])
+def test_shared_experts_run_while_the_dispatch_is_in_flight(tmp_path, arch, shared):
+    path = make_tiny_model(tmp_path / arch, arch=arch, seed=12, num_layers=3)
+    ref = _load(path)
+    model, shards = _sharded(path)
+    events = []
+    transport = _RecordingTransport(shards, model.model.layers[-1].mlp.experts.specserve_transport.placement, events)
+    moe_layers = sorted(experts_modules(model))
+    for layer in moe_layers:
+        block = model.model.layers[layer].mlp
+        block.experts.specserve_transport = transport
+        getattr(block, shared).register_forward_hook(lambda *_, layer=layer: events.append(("shared", layer)))
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert events == [(kind, layer) for layer in moe_layers for kind in ("start", "shared", "finish")]
