@@ -65,12 +65,13 @@ def _actors_for(path, model, owners, num_actors, link="channel"):
     from specserve.actors.experts.ray_transport import ActorTransport, start_expert_actors
 
     actors, pg = start_expert_actors(str(path), owners, num_actors, model.config.hidden_act, num_cpus=0.1)
-    return ActorTransport(actors, owners, link=link), pg
+    transport = ActorTransport(actors, owners, link=link)
+    transport.placement_group = pg  # transport.shutdown() removes it
+    return transport
 
 
 def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
     import torch
-    from ray.util.placement_group import remove_placement_group
     from transformers.activations import ACT2FN
 
     from specserve.actors.experts.checkpoint import load_experts
@@ -115,32 +116,31 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
                     row[f"{name}_overhead_us_p50"] = _pct(d, 0.5) * 1e6
                     row[f"{name}_overhead_us_p90"] = _pct(d, 0.9) * 1e6
 
-    channel, pg = _actors_for(path, model, owners, 2)
+    channel = _actors_for(path, model, owners, 2)
     try:
         measure({"local": local, "channel": channel, "plain": ActorTransport(channel.actors, owners, link="ray")})
     finally:
-        remove_placement_group(pg)
+        channel.shutdown()
     # Alone: a compiled graph's actors poll their channels, which would slow everything else on a small host.
-    compiled_actors, compiled_pg = _actors_for(path, model, owners, 2)
+    compiled_actors = _actors_for(path, model, owners, 2)
     compiled = CompiledGraphTransport(compiled_actors.actors, owners)
     try:
         measure({"local": local, "compiled": compiled})
     finally:
         compiled.teardown()
-        remove_placement_group(compiled_pg)
+        compiled_actors.shutdown()
     return rows_out
 
 
 def bench_decode(path, batches: list[int], new_tokens: int) -> list[dict]:
     import torch
-    from ray.util.placement_group import remove_placement_group
 
     from specserve.actors.experts.hook import install_dispatch
 
     ref = _load(path)
     model = _load(path)
     owners = _owners(model, 2)
-    transport, pg = _actors_for(path, model, owners, 2)
+    transport = _actors_for(path, model, owners, 2)
     install_dispatch(model, transport)
     out = []
     try:
@@ -158,7 +158,7 @@ def bench_decode(path, batches: list[int], new_tokens: int) -> list[dict]:
             row["identical"] = bool(torch.equal(row.pop("local_ids"), row.pop("actors_ids")))
             out.append(row)
     finally:
-        remove_placement_group(pg)
+        transport.shutdown()
     return out
 
 
@@ -178,7 +178,6 @@ def bench_balance(path, num_actors: int, redundant_slots: int, trace_tokens: int
     import threading
 
     import torch
-    from ray.util.placement_group import remove_placement_group
 
     from specserve.actors.experts.balancer import ExpertBalancer
     from specserve.actors.experts.eplb import balance_ratio
@@ -194,7 +193,7 @@ def bench_balance(path, num_actors: int, redundant_slots: int, trace_tokens: int
     for _ in range(steps):
         idx = torch.stack([torch.multinomial(popularity, 2, generator=g) for _ in range(trace_tokens)])
         trace += [(layer, x, idx) for layer in layers]
-    transport, pg = _actors_for(path, model, _owners(model, num_actors), num_actors)
+    transport = _actors_for(path, model, _owners(model, num_actors), num_actors)
     balancer = ExpertBalancer(transport, transport.experts_per_layer, redundant_slots=redundant_slots)
     report: dict = {}
     try:
@@ -209,7 +208,7 @@ def bench_balance(path, num_actors: int, redundant_slots: int, trace_tokens: int
         round_s = time.perf_counter() - t0
         after = balance_ratio(replay_trace(transport, trace))
     finally:
-        remove_placement_group(pg)
+        transport.shutdown()
     first = min(layers)
     return {"actors": num_actors, "experts": num_experts, "redundant_slots": redundant_slots,
             "before": before, "after": after, "predicted_after": report["predicted_after"],

@@ -154,8 +154,11 @@ class PrefixCostPolicy:
         est = {r.replica_id: self.estimate_ttft(r, prompt_tokens, held.get(r.replica_id, 0), store) for r in candidates}
         best = min(candidates, key=lambda r: (est[r.replica_id], r.load))
         holder = max(candidates, key=lambda r: (held.get(r.replica_id, 0), -est[r.replica_id]))
-        # Load reports are up to a period old: leave the longest prefix only for a clearly faster replica.
-        if est[holder.replica_id] <= est[best.replica_id] * (1 + self.switch_margin):
+        # Load reports are up to a period old: leave the longest prefix only for a clearly faster replica, and
+        # never an idle holder: it starts at once and computes the fewest tokens. (Rates and step times measured on
+        # a few small steps are noisy; the router test saw an idle holder left for an empty replica.)
+        idle = holder.load == 0 and holder.queued_prefill_tokens == 0
+        if idle or est[holder.replica_id] <= est[best.replica_id] * (1 + self.switch_margin):
             best = holder
         local = held.get(best.replica_id, 0)
         return self._decision(best, "prefix" if local >= store else "store", prompt_tokens, local, store)

@@ -252,6 +252,8 @@ class ActorTransport:
         self.placements = 0  # placement switches applied
         self._down: set[int] = set()
         self._reopening = [threading.Lock() for _ in actors]
+        self._closed = threading.Event()
+        self.placement_group = None  # set by whoever started the actors in one; removed by shutdown()
         for link in self.links:
             link.open(timeout_s)
 
@@ -350,7 +352,14 @@ class ActorTransport:
             if actor in self._down:
                 return
             self._down.add(actor)
-        threading.Thread(target=self._reopen, args=(actor,), name=f"expert-reopen-{actor}", daemon=True).start()
+        threading.Thread(target=self._reopen_quietly, args=(actor,), name=f"expert-reopen-{actor}",
+                         daemon=True).start()
+
+    def _reopen_quietly(self, actor: int) -> None:
+        try:
+            self._reopen(actor)
+        except RuntimeError as exc:  # shut down, or gone for restart_wait_s: a step that needs it will say so
+            log.warning("expert actor %d not reopened: %s", actor, exc)
 
     def _reopen(self, actor: int) -> None:
         """Wait until the actor answers again (Ray restarts it), make it hold its current slots (its constructor
@@ -358,6 +367,8 @@ class ActorTransport:
         deadline = time.monotonic() + self.restart_wait_s
         with self._reopening[actor]:
             while actor in self._down:
+                if self._closed.is_set() or not ray.is_initialized():
+                    raise RuntimeError("expert transport shut down")
                 try:
                     ray.get(self.actors[actor].hold_slots.remote(self.slots_of(actor)), timeout=self.timeout_s)
                     self.links[actor].open(self.timeout_s)
@@ -370,6 +381,17 @@ class ActorTransport:
 
     def token_counts(self) -> list[dict[Slot, int]]:
         return ray.get([a.token_counts.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        """Close the links, stop reconnecting, and remove the actors' placement group (which ends them)."""
+        from ray.util.placement_group import remove_placement_group
+
+        self._closed.set()
+        for link in self.links:
+            link.close()
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
 
 
 class CompiledGraphTransport:

@@ -9,7 +9,6 @@ import time
 import pytest
 import ray
 import torch
-from ray.util.placement_group import remove_placement_group
 from transformers import AutoModelForCausalLM
 
 from specserve.actors.experts.hook import experts_modules, install_dispatch
@@ -34,15 +33,16 @@ def _with_actors(path, replicated: bool, link: str = "channel"):
     owners = {(layer, e): ([e % 2, 1 - e % 2] if replicated else [e % 2]) for layer in layers for e in range(n)}
     actors, pg = start_expert_actors(str(path), owners, 2, model.config.hidden_act, num_cpus=0.1)
     transport = ActorTransport(actors, owners, link=link, timeout_s=10)
+    transport.placement_group = pg
     install_dispatch(model, transport)
-    return model, transport, actors, pg
+    return model, transport, actors
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_expert_actors_match_eager(ray_cluster, tmp_path, arch):
     path = make_tiny_model(tmp_path / arch, arch=arch, seed=21, num_layers=3)
     ref = _load(path)
-    model, transport, actors, pg = _with_actors(path, replicated=False)
+    model, transport, actors = _with_actors(path, replicated=False)
     try:
         assert len(set(ray.get([a.node_id.remote() for a in actors]))) == 2  # spread over both nodes
         ids = torch.randint(3, 300, (3, 15), generator=torch.Generator().manual_seed(2))
@@ -53,7 +53,7 @@ def test_expert_actors_match_eager(ray_cluster, tmp_path, arch):
         counts = transport.token_counts()
         assert all(counts) and all(e % 2 == a for a, c in enumerate(counts) for (_, e) in c)
     finally:
-        remove_placement_group(pg)
+        transport.shutdown()
 
 
 def _kill_after(transport, actor, calls: int):
@@ -72,7 +72,7 @@ def _kill_after(transport, actor, calls: int):
 def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated, link):
     path = make_tiny_model(tmp_path / "m", arch="qwen2_moe", seed=22, num_layers=3)
     ref = _load(path)
-    model, transport, actors, pg = _with_actors(path, replicated=replicated, link=link)
+    model, transport, actors = _with_actors(path, replicated=replicated, link=link)
     try:
         prompt = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
@@ -86,7 +86,7 @@ def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated, 
         else:
             assert transport.waited_for_restart >= 1
     finally:
-        remove_placement_group(pg)
+        transport.shutdown()
 
 
 def _skewed_trace(layers, num_experts, hidden, steps=6, tokens=32):
@@ -105,7 +105,7 @@ def test_live_rebalance_mid_generation_keeps_tokens_and_balances(ray_cluster, tm
 
     path = make_tiny_model(tmp_path / "m", arch="olmoe", seed=24, num_layers=2)
     ref = _load(path)
-    model, transport, actors, pg = _with_actors(path, replicated=False)
+    model, transport, actors = _with_actors(path, replicated=False)
     try:
         layers = experts_modules(ref)
         trace = _skewed_trace(sorted(layers), 8, ref.config.hidden_size)
@@ -128,7 +128,7 @@ def test_live_rebalance_mid_generation_keeps_tokens_and_balances(ray_cluster, tm
         for a, actor in enumerate(actors):  # each actor holds exactly the slots the new map gives it
             assert ray.get(actor.hold_slots.remote(transport.slots_of(a))) == {"loaded": 0, "dropped": 0}
     finally:
-        remove_placement_group(pg)
+        transport.shutdown()
 
 
 def test_bench_experts_smoke(ray_cluster, tmp_path, capsys):
@@ -189,4 +189,4 @@ def test_smollm2_with_ffn_shards_in_actors_is_token_identical(ray_cluster):
             assert torch.equal(model.generate(prompt, **kw), ref.generate(prompt, **kw))
         assert transport.calls >= 2 * 30 * 24  # both actors, every layer, every token
     finally:
-        remove_placement_group(transport.placement_group)
+        transport.shutdown()

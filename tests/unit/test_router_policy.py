@@ -79,6 +79,19 @@ def test_a_stale_small_queue_does_not_move_a_request_off_its_prefix():
     assert d.replica_id == "b"  # without the margin, b's estimate is (just) lower
 
 
+def test_an_idle_holder_keeps_its_prefix_whatever_the_measured_rates():
+    idx = PrefixIndex()
+    hs = chain(10)
+    idx.add("a", hs)
+    rs = replicas("a", "b")
+    rs[0].prefill_tokens_per_s, rs[1].prefill_tokens_per_s = 200, 50000  # a's rate from a few tiny prefills
+    rs[0].step_s = 0.05
+    d = PrefixCostPolicy(idx, BS, switch_margin=0).choose(rs, hs, 10 * BS + 12)
+    assert (d.replica_id, d.reason, d.predicted_cached_tokens) == ("a", "prefix", 10 * BS)
+    rs[0].num_running = 1  # busy: now the estimate decides
+    assert PrefixCostPolicy(idx, BS, switch_margin=0).choose(rs, hs, 10 * BS + 12).replica_id == "b"
+
+
 def test_measured_rates_are_used():
     policy = PrefixCostPolicy(PrefixIndex(), BS)
     slow = ReplicaState("slow", prefill_tokens_per_s=100)
