@@ -27,6 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from specserve.actors.experts.channel import ChannelServer, connect, recv_frame, send_frame
 from specserve.actors.experts.dispatch import ExpertRows, owner_message, scatter_outputs, split_by_owner
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ class ExpertActor:
         """`ffn_shards` > 0: the slots are (layer, i) slices of a dense model's MLPs, split that many ways."""
         from transformers.activations import ACT2FN
 
-        from specserve.actors.experts.channel import ChannelServer
         from specserve.actors.experts.expert_shard import ExpertShard
         from specserve.actors.model_loader import resolve_dtype
 
@@ -74,20 +74,18 @@ class ExpertActor:
         return self._channel.address
 
     def hold_slots(self, slots: list[Slot]) -> dict:
-        """Hold exactly `slots`: load the missing ones from the checkpoint (outside the lock: serving goes on),
-        then drop the others."""
+        """Hold exactly `slots`: load the missing ones, then drop the others."""
         wanted = {tuple(s) for s in slots}
-        missing = wanted - set(self.shard.weights)
-        loaded = self._load(missing) if missing else {}
+        loaded = self.load_slots(wanted)
         with self._lock:
-            self.shard.weights.update(loaded)
             extra = set(self.shard.weights) - wanted
             for s in extra:
                 del self.shard.weights[s]
-        return {"loaded": len(loaded), "dropped": len(extra)}
+        return {"loaded": loaded, "dropped": len(extra)}
 
-    def load_slots(self, slots: list[Slot]) -> int:
-        """Add `slots` (rebalancing, phase 1); returns how many were loaded."""
+    def load_slots(self, slots) -> int:
+        """Add `slots` from the checkpoint (rebalancing, phase 1), reading outside the lock so serving goes on;
+        returns how many were loaded."""
         missing = {tuple(s) for s in slots} - set(self.shard.weights)
         loaded = self._load(missing) if missing else {}
         with self._lock:
@@ -173,8 +171,6 @@ class ChannelLink:
         self._send_error: Exception | None = None
 
     def open(self, timeout_s: float) -> None:
-        from specserve.actors.experts.channel import connect
-
         if self.sock is None:
             try:
                 address = ray.get(self.actor.channel_address.remote(), timeout=timeout_s)
@@ -183,16 +179,12 @@ class ChannelLink:
                 raise ActorUnavailable(type(exc).__name__) from exc
 
     def send(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> None:
-        from specserve.actors.experts.channel import send_frame
-
         try:
             send_frame(self.sock, {"layer": layer, "experts": experts, "counts": counts}, rows)
         except OSError as exc:  # reported by receive, so a send failure takes the same path as a lost reply
             self._send_error = exc
 
     def receive(self, timeout_s: float) -> torch.Tensor:
-        from specserve.actors.experts.channel import recv_frame
-
         try:
             if self._send_error is not None:
                 raise self._send_error
