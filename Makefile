@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: install serve test test-unit bench clean
+.PHONY: install serve test test-unit protos bench clean
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest tests/unit -m "not smollm2" $(ARGS)
+
+# Regenerate the committed gRPC stubs after editing protos/specserve/v1/*.proto (a test fails if they are stale).
+protos: install
+	$(PY) protos/compile.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

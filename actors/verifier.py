@@ -24,12 +24,14 @@ from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name
 from specserve.cluster.kv.index import KVIndex
-from specserve.cluster.kv.namespace import KVNamespace, kv_namespace
+from specserve.cluster.kv.namespace import KVNamespace, kv_namespace, tenant_namespace
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.redis_client import connect, redis_config
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
+from specserve.cluster.metrics import start_publisher, verifier_families
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.kv_events import KVEventPublisher, stream_key
+from specserve.routing.block_hash import root_hash
 from specserve.routing.prefix_index import STORE
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class Verifier:
             self.async_engine.prefetch = self._prefetch
         if drafter is not None and isinstance(self.async_engine.engine.proposer, DrafterClient):
             threading.Thread(target=self._discover_drafters, name="specserve-drafter-discovery", daemon=True).start()
+        self._tenant_roots: dict[str, bytes] = {}
+        self.metrics = start_publisher(self.config, "Verifier", self._metric_families)
         bm = self.async_engine.engine.block_manager
         log.info("verifier ready: %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,
                  bm.num_blocks, bm.block_size, time.perf_counter() - t0)
@@ -162,9 +166,9 @@ class Verifier:
                                      kv_sink=self.kv_store.export if self.kv_store else None,
                                      kv_event_sink=self.kv_events.publish if self.kv_events else None)
 
-    def _prefetch(self, prompt_token_ids: list[int]):
+    def _prefetch(self, prompt_token_ids: list[int], hash_root: bytes | None):
         """The prompt's blocks this replica lacks, from the KV store (on an I/O thread, see AsyncEngine)."""
-        _, missing = self.async_engine.engine.block_manager.missing_prefix(prompt_token_ids)
+        _, missing = self.async_engine.engine.block_manager.missing_prefix(prompt_token_ids, hash_root)
         if not missing:
             return None
         fetched = self.kv_store.fetch(missing)
@@ -188,10 +192,28 @@ class Verifier:
                 log.info("no drafter worker yet: %s", exc)
             self._stop.wait(1.0 if len(client.workers()) < wanted else 15.0)
 
+    def _hash_root(self, tenant: str | None) -> bytes | None:
+        """Root of a tenant's block hashes (None: the default tenant, the engine's own root)."""
+        ns = tenant_namespace(self.namespace.id, tenant, self.config.kv_store.tenant)
+        if ns == self.namespace.id:
+            return None
+        root = self._tenant_roots.get(ns)
+        if root is None:
+            if len(self._tenant_roots) > 4096:
+                self._tenant_roots.clear()
+            root = self._tenant_roots[ns] = root_hash(ns)
+        return root
+
+    async def ping(self) -> bool:
+        """Readiness: answered once the engine is loaded (Serve routes nothing to a replica before)."""
+        return True
+
     async def generate(self, request: dict):
         """Stream {token_ids, finished, finish_reason, prompt_tokens, cached_tokens, completion_tokens} dicts."""
         params = SamplingParams(**request["sampling"])
-        async for out in self.async_engine.generate(request["request_id"], request["prompt_token_ids"], params):
+        hash_root = self._hash_root(request.get("tenant"))
+        async for out in self.async_engine.generate(request["request_id"], request["prompt_token_ids"], params,
+                                                    hash_root):
             yield {
                 "token_ids": out.new_token_ids,
                 "finished": out.finished,
@@ -203,6 +225,7 @@ class Verifier:
                 "draft_tokens": out.num_draft_tokens,
                 "accepted_tokens": out.num_accepted_tokens,
                 "imported_tokens": out.num_imported_tokens,
+                "queue_s": out.queue_time_s,
             }
 
     def check_health(self) -> None:
@@ -210,36 +233,43 @@ class Verifier:
         if not self.async_engine.is_alive():
             raise RuntimeError("engine thread is not running")
 
-    async def stats(self) -> dict:
-        def read(engine: LLMEngine) -> dict:
-            bm, s = engine.block_manager, engine.stats
-            return {
-                "num_running": len(engine.scheduler.running),
-                "num_waiting": len(engine.scheduler.waiting),
-                "kv_blocks_total": bm.num_blocks,
-                "kv_blocks_free": bm.num_free_blocks,
-                "kv_usage": bm.usage(),
-                "prefix_cache_queries": bm.prefix_queries,
-                "prefix_cache_hits": bm.prefix_hits,
-                "prompt_tokens_computed": s.prompt_tokens,
-                "steps": s.steps,
-                "step_time_s": s.step_time_s,
-                "torch_threads": __import__("torch").get_num_threads(),
-                "generated_tokens": s.generated_tokens,
-                "preemptions": s.preemptions,
-                "max_model_len": engine.max_model_len,
-                "speculative_method": self.config.speculative.method,
-                "speculation": engine.spec_stats.as_dict() if engine.spec_stats else None,
-                "drafter_client": dict(engine.proposer.stats, workers=len(engine.proposer.workers()))
-                if isinstance(engine.proposer, DrafterClient) else None,
-            }
-        out = await self.async_engine.call(read)
-        out["kv_namespace"] = self.namespace.id
+    def engine_stats(self, engine: LLMEngine) -> dict:
+        """The engine's counters and gauges (read on the engine thread by stats(); the metrics thread reads them
+        directly: plain ints and list copies, at worst a step apart)."""
+        bm, s = engine.block_manager, engine.stats
+        return {
+            "num_running": len(engine.scheduler.running),
+            "num_waiting": len(engine.scheduler.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_usage": bm.usage(),
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prompt_tokens_computed": s.prompt_tokens,
+            "steps": s.steps,
+            "step_time_s": s.step_time_s,
+            "torch_threads": __import__("torch").get_num_threads(),
+            "generated_tokens": s.generated_tokens,
+            "preemptions": s.preemptions,
+            "max_model_len": engine.max_model_len,
+            "speculative_method": self.config.speculative.method,
+            "speculation": engine.spec_stats.as_dict() if engine.spec_stats else None,
+            "drafter_client": dict(engine.proposer.stats, workers=len(engine.proposer.workers()))
+            if isinstance(engine.proposer, DrafterClient) else None,
+        }
+
+    def experts_stats(self) -> dict | None:
         ex = getattr(self, "experts", None)
-        out["experts"] = None if ex is None else {
+        return None if ex is None else {
             "actors": len(ex.actors), "calls": ex.calls, "resent_to_replica": ex.resent_to_replica,
             "waited_for_restart": ex.waited_for_restart, "placements": ex.placements,
+            "rows_per_actor": list(ex.rows_per_actor),
             "balance_rounds": list(self.expert_balancer.rounds) if self.expert_balancer else []}
+
+    async def stats(self) -> dict:
+        out = await self.async_engine.call(self.engine_stats)
+        out["kv_namespace"] = self.namespace.id
+        out["experts"] = self.experts_stats()
         out["kv_store"] = await asyncio.get_running_loop().run_in_executor(None, self._kv_store_stats)
         return out
 
@@ -251,7 +281,7 @@ class Verifier:
             for i, s in enumerate(sched.waiting):
                 # A waiting prompt's cached prefix costs no prefill (checked for the first 64; hashing is not free).
                 hit = i < 64 and not s.num_computed_tokens
-                cached = len(bm.match_prefix(s.token_ids)) * bm.block_size if hit else 0
+                cached = len(bm.match_prefix(s.token_ids, s.hash_root)) * bm.block_size if hit else 0
                 queued += max(1, s.num_uncomputed_tokens - cached)
             st = engine.stats
             return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
@@ -265,6 +295,13 @@ class Verifier:
             if lat.total > 0 and blocks:
                 out["import_tokens_per_s"] = blocks * self.config.engine.block_size / lat.total
         return out
+
+    def _metric_families(self) -> list:
+        """This replica's metrics (on the metrics thread; see engine_stats)."""
+        stats = self.engine_stats(self.async_engine.engine)
+        stats["kv_store"] = self.kv_store.stats(with_index_size=False) if self.kv_store is not None else None
+        stats["experts"] = self.experts_stats()
+        return verifier_families(stats, self.config.model.name)
 
     def _kv_store_stats(self) -> dict | None:
         """Store client counters, the index size and this node's holder (Redis and Ray calls: off the loop)."""
@@ -282,6 +319,8 @@ class Verifier:
     def __del__(self):
         if hasattr(self, "_stop"):
             self._stop.set()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
         if getattr(self, "kv_store", None) is not None:
             self.kv_store.close()
         if getattr(self, "kv_events", None) is not None:

@@ -1,4 +1,4 @@
-"""Builds the Serve application from the one config: ingress -> verifier(s) -> drafter(s)."""
+"""Builds the Serve application from the one config: ingress (HTTP + gRPC) -> verifier(s) -> drafter(s)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def _options(d: DeploymentConfig, name: str) -> dict:
         "name": name,
         "num_replicas": d.num_replicas,
         "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus, "resources": dict(d.resources)},
     }
 
@@ -47,7 +49,10 @@ def build_app(config: SpecserveConfig):
     cfg = config.model_dump(mode="json")
     verifier = serve.deployment(Verifier).options(**_options(config.verifier, "Verifier"), **_request_router(config),
                                                   health_check_period_s=10, health_check_timeout_s=60)
-    ingress = serve.deployment(OpenAIIngress).options(**_options(config.ingress, "Ingress"))
+    ingress_opts = _options(config.ingress, "Ingress")
+    if config.server.grpc_port:  # each ingress replica binds the gRPC port: one per node
+        ingress_opts["max_replicas_per_node"] = 1
+    ingress = serve.deployment(OpenAIIngress).options(**ingress_opts)
     drafter = None
     if config.speculative.remote:
         # The replica is a thin shell; the draft worker it starts gets the configured CPUs/GPUs.

@@ -87,7 +87,13 @@ class DeploymentConfig(_Strict):
     num_gpus: float = Field(0, ge=0)
     # Custom Ray resources each replica needs (e.g. pin verifiers to a worker group that advertises them).
     resources: dict[str, float] = Field(default_factory=dict)
+    # Requests a replica holds at once (running + its engine's queue): the bounded queue per replica.
     max_ongoing_requests: int = Field(64, ge=1)
+    # Requests a caller (each ingress replica) queues while every replica is full; beyond it the request is
+    # refused at once (HTTP 429 / RESOURCE_EXHAUSTED with Retry-After). -1 = unbounded.
+    max_queued_requests: int = Field(-1, ge=-1)
+    # A replica being removed stops taking requests and finishes its in-flight ones for up to this long.
+    graceful_shutdown_timeout_s: float = Field(60.0, gt=0)
 
 
 class KVStoreConfig(_Strict):
@@ -114,7 +120,7 @@ class KVStoreConfig(_Strict):
     retry_after_s: float = Field(2.0, gt=0)
     # Exports waiting for Redis/holders beyond this many bytes are dropped (the hot path never waits).
     max_pending_export_mb: float = Field(256.0, gt=0)
-    # Until authentication maps API keys to tenants, every request is in this tenant.
+    # The tenant of requests that name none (no API key, no tenant field/header). Tenants key their own prefixes.
     tenant: str = "default"
 
 
@@ -157,9 +163,33 @@ class ExpertsConfig(_Strict):
     redundant_slots: int = Field(1, ge=0)
 
 
+class TenantLimits(_Strict):
+    """Per-tenant limits, enforced by each ingress replica (0 = no limit)."""
+
+    max_concurrent_requests: int = Field(0, ge=0)
+    requests_per_s: float = Field(0.0, ge=0)
+    # Requests a tenant may send at once after being idle (token bucket size); 0 = max(1, requests_per_s).
+    burst: int = Field(0, ge=0)
+
+
+class AuthConfig(_Strict):
+    """API keys (routing/auth.py). With none configured, requests need no key."""
+
+    # Inline `key: tenant` pairs (demos, tests). Production: api_keys_file.
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    # A YAML mapping `key: tenant` (e.g. a mounted Kubernetes Secret); re-read when the file changes.
+    api_keys_file: str | None = None
+    # Limits of every tenant, and per-tenant overrides.
+    tenant_limits: TenantLimits = Field(default_factory=TenantLimits)
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
+    # gRPC API (protos/specserve/v1), health and reflection; 0 = off. One gRPC server per node (the ingress
+    # replicas there share the port), so two apps on one node need different ports.
+    grpc_port: int = Field(9000, ge=0, le=65535)
     # Ray cluster address; None starts a local Ray instance (or joins RAY_ADDRESS if set).
     ray_address: str | None = None
     # Redis URL for the KV block index; None starts an embedded redis-server.
@@ -169,21 +199,28 @@ class ServerConfig(_Strict):
     redis_sentinel_master: str = "mymaster"
     app_name: str = "specserve"
     route_prefix: str = "/"
-    # Bound on a single request's prompt tokens (0 = context window).
+    # Bounds on a single request: prompt tokens, max_tokens (0 = the context window decides).
     max_prompt_tokens: int = Field(0, ge=0)
+    max_tokens: int = Field(0, ge=0)
+    # Longest a request may run when the client set no deadline (0 = no limit). A client's own deadline (gRPC
+    # deadline, HTTP header X-Request-Timeout in seconds) applies when shorter.
+    request_timeout_s: float = Field(0.0, ge=0)
+    # How often each replica publishes its metrics (for /metrics, via Redis).
+    metrics_period_s: float = Field(2.0, gt=0)
 
 
 class SpecserveConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
-    verifier: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    verifier: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(max_queued_requests=128))
     # Drafter replicas (speculative.method model / layer_skip / int8); num_cpus/num_gpus go to the draft worker.
     drafter: DeploymentConfig = Field(default_factory=DeploymentConfig)
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
     kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
@@ -195,6 +232,8 @@ class SpecserveConfig(_Strict):
             raise ValueError("speculative.ngram_min must be <= speculative.ngram_max")
         if sp.method == "model" and not sp.draft_model:
             raise ValueError("speculative.method 'model' needs speculative.draft_model")
+        if self.server.grpc_port and self.server.grpc_port == self.server.http_port:
+            raise ValueError("server.grpc_port must differ from server.http_port")
         if not self.server.route_prefix.startswith("/"):
             raise ValueError("server.route_prefix must start with '/'")
         for s in self.server.redis_sentinels:

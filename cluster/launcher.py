@@ -35,7 +35,9 @@ FLAGS = {
     "--host": ("server.host", str, "HTTP bind address"),
     "--port": ("server.http_port", int, "HTTP port"),
     "--ray-address": ("server.ray_address", str, "join this Ray cluster instead of starting one"),
+    "--grpc-port": ("server.grpc_port", int, "gRPC port (0 = off)"),
     "--redis-url": ("server.redis_url", str, "Redis for the KV index (default: embedded redis-server)"),
+    "--api-keys-file": ("auth.api_keys_file", str, "YAML of API key: tenant (default: no keys needed)"),
 }
 
 
@@ -90,6 +92,11 @@ class LocalServer:
         prefix = self.config.server.route_prefix.rstrip("/")
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.config.server.http_port}{prefix}"
 
+    @property
+    def grpc_target(self) -> str:
+        host = self.config.server.host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.config.server.grpc_port}"
+
     def stop(self) -> None:
         """Delete the app; shut Serve and Ray down only if this server started Ray."""
         import ray
@@ -139,7 +146,8 @@ def main(argv: list[str]) -> int:
     print(f"""
 specserve is serving '{name}' (ready in {time.time() - t0:.0f}s)
   OpenAI API   {server.url}/v1   (chat/completions, completions, models)
-  health       {server.url}/health
+  gRPC API     {server.grpc_target}   (specserve.v1.Generation, grpc.health.v1, reflection){'' if config.server.grpc_port else ' - off'}
+  health       {server.url}/health      metrics  {server.url}/metrics
   KV index     {config.server.redis_url}{' (embedded)' if server.redis else ''}
 
 Try it:

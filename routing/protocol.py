@@ -24,6 +24,10 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     # Extension: include the generated token ids in each choice (exactness tests, debugging).
     return_token_ids: bool = False
+    # Extensions: speculation off for this request (false), and the draft method it expects (must be the
+    # configured one; a mismatch is a 400 rather than a silent different method).
+    speculate: bool | None = None
+    draft_method: str | None = Field(None, max_length=64)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: "StreamOptions | None" = None
@@ -35,7 +39,7 @@ class _Request(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return v
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, speculate: bool = True) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -46,6 +50,7 @@ class _Request(BaseModel):
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            speculate=speculate,
         )
 
 
@@ -83,14 +88,3 @@ _Request.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()
 
-
-class APIError(Exception):
-    """An error answered as an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -28,8 +28,8 @@ class AsyncEngine:
         """Starts the engine thread, builds the engine there with `build_engine()`, and returns once it is
         ready; an exception raised while building is raised here."""
         self.engine: LLMEngine | None = None
-        # Optional `prefetch(prompt_token_ids) -> Fetched | None`: blocks of the prompt that the engine lacks,
-        # from the KV store. Runs on an I/O thread before the request reaches the engine thread.
+        # Optional `prefetch(prompt_token_ids, hash_root) -> Fetched | None`: blocks of the prompt that the engine
+        # lacks, from the KV store. Runs on an I/O thread before the request reaches the engine thread.
         self.prefetch: Callable | None = None
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="specserve-kv-fetch")
         self._build_engine = build_engine
@@ -52,8 +52,9 @@ class AsyncEngine:
         self._thread.join(timeout=10)
         self._io.shutdown(wait=False)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       hash_root: bytes | None = None) -> AsyncIterator[RequestOutput]:
+        """`hash_root`: the root of the request's tenant's block hashes (None: the engine's namespace)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
@@ -63,8 +64,8 @@ class AsyncEngine:
         try:
             fetched = None
             if self.prefetch is not None:
-                fetched = await loop.run_in_executor(self._io, self.prefetch, prompt_token_ids)
-            self._inbox.put(("add", request_id, prompt_token_ids, params, fetched))
+                fetched = await loop.run_in_executor(self._io, self.prefetch, prompt_token_ids, hash_root)
+            self._inbox.put(("add", request_id, prompt_token_ids, params, fetched, hash_root))
             self._wake.set()
             while not finished:
                 item = await q.get()
@@ -105,7 +106,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, rid, prompt, params, fetched = msg
+                _, rid, prompt, params, fetched, hash_root = msg
                 imported = 0
                 if fetched is not None:
                     try:
@@ -114,7 +115,7 @@ class AsyncEngine:
                     except Exception:  # noqa: BLE001 - an import that fails is a miss: the prompt is prefilled
                         log.exception("KV block import failed")
                 try:
-                    self.engine.add_request(rid, prompt, params, imported_tokens=imported)
+                    self.engine.add_request(rid, prompt, params, imported_tokens=imported, hash_root=hash_root)
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                     self._deliver(rid, exc)
             elif msg[0] == "abort":

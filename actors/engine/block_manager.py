@@ -79,14 +79,14 @@ class BlockManager:
                 self.free_blocks.append(block)
 
     # ---- sequences ------------------------------------------------------------------------------------------
-    def match_prefix(self, token_ids: list[int]) -> list[int]:
+    def match_prefix(self, token_ids: list[int], root: bytes | None = None) -> list[int]:
         """Cached blocks holding the longest prefix of `token_ids` (full blocks only, never the whole prompt:
-        the last token must be computed to get logits)."""
+        the last token must be computed to get logits). `root`: the tenant's hash root (default: the pool's)."""
         if not self.enable_prefix_caching:
             return []
         usable = (len(token_ids) - 1) // self.block_size
         hits = []
-        for h in block_hashes(token_ids[:usable * self.block_size], self.block_size, parent=self.root):
+        for h in block_hashes(token_ids[:usable * self.block_size], self.block_size, parent=root or self.root):
             block = self.hash_to_block.get(h)
             if block is None:
                 break
@@ -94,7 +94,7 @@ class BlockManager:
         return hits
 
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        hits = self.match_prefix(seq.token_ids)
+        hits = self.match_prefix(seq.token_ids, seq.hash_root)
         # Hit blocks sitting in the evictable list are counted as free but will not be taken.
         hits_evictable = sum(1 for b in hits if self.ref_counts[b] == 0)
         need = self.blocks_needed(len(seq)) - len(hits)
@@ -103,7 +103,7 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` blocks for all its current tokens, reusing cached prefix blocks."""
         assert not seq.block_table
-        hits = self.match_prefix(seq.token_ids)
+        hits = self.match_prefix(seq.token_ids, seq.hash_root)
         for block in hits:
             self._ref(block)
         seq.block_table = list(hits)
@@ -145,7 +145,7 @@ class BlockManager:
         start = len(seq.block_hashes)
         if num_full <= start:
             return []
-        parent = seq.block_hashes[-1] if seq.block_hashes else self.root
+        parent = seq.block_hashes[-1] if seq.block_hashes else (seq.hash_root or self.root)
         new = block_hashes(seq.token_ids[:num_full * self.block_size], self.block_size, parent=parent, start_block=start)
         added = []
         for i, h in enumerate(new, start=start):
@@ -159,13 +159,13 @@ class BlockManager:
             self.events.extend((True, h) for _, h in added)
         return added
 
-    def missing_prefix(self, token_ids: list[int]) -> tuple[int, list[bytes]]:
+    def missing_prefix(self, token_ids: list[int], root: bytes | None = None) -> tuple[int, list[bytes]]:
         """(number of leading blocks cached here, hashes of the full blocks after them) for a prompt: what a
         store could supply. Safe to call from another thread: it only reads, and a stale answer costs a miss."""
         if not self.enable_prefix_caching:
             return 0, []
         usable = (len(token_ids) - 1) // self.block_size
-        hashes = block_hashes(token_ids[:usable * self.block_size], self.block_size, parent=self.root)
+        hashes = block_hashes(token_ids[:usable * self.block_size], self.block_size, parent=root or self.root)
         cached = 0
         while cached < len(hashes) and hashes[cached] in self.hash_to_block:
             cached += 1

@@ -49,6 +49,7 @@ class RequestOutput:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_imported_tokens: int = 0  # of the cached prompt tokens, those whose blocks came from the KV store
+    queue_time_s: float = 0.0  # arrival to first step
 
 
 @dataclass
@@ -105,8 +106,9 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    imported_tokens: int = 0) -> None:
-        """`imported_tokens`: prompt tokens whose blocks were just imported from the store for this request."""
+                    imported_tokens: int = 0, hash_root: bytes | None = None) -> None:
+        """`imported_tokens`: prompt tokens whose blocks were just imported from the store for this request;
+        `hash_root`: the root of its tenant's block hashes (None: the engine's namespace)."""
         if request_id in self.seqs:
             raise RequestRejected(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -125,7 +127,7 @@ class LLMEngine:
         if total > capacity:
             raise RequestRejected(f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity of "
                                   f"{capacity} tokens")
-        seq = Sequence(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params, hash_root)
         seq.num_imported_tokens = imported_tokens
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -180,7 +182,8 @@ class LLMEngine:
             # A seeded sampled request must repeat itself: drafts depend on other traffic (recycled guesses,
             # adaptive k) and would change how its generator is consumed, so it decodes without speculation.
             seeded = not seq.params.greedy and seq.params.seed is not None
-            limits.append(0 if seeded else max(0, min(remaining - 1, ctl.max_k)))
+            off = seeded or not seq.params.speculate
+            limits.append(0 if off else max(0, min(remaining - 1, ctl.max_k)))
         alphas = [s.acceptance.value for s in seqs]
         idle = [s.rounds_without_draft for s in seqs]
         other = self._pending_prefill_tokens(len(seqs))
@@ -279,7 +282,8 @@ class LLMEngine:
             outputs.append(RequestOutput(seq.request_id, emitted, reason is not None, reason,
                                          seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_output_tokens,
                                          st.rounds, st.draft_tokens, st.accepted_tokens,
-                                         min(seq.num_imported_tokens, seq.num_cached_tokens)))
+                                         min(seq.num_imported_tokens, seq.num_cached_tokens),
+                                         (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time))
         self._export_new_blocks(new_blocks)
         if self.kv_event_sink is not None:
             self.kv_event_sink(self.block_manager.drain_events())

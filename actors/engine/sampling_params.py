@@ -15,6 +15,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # applied on text by the detokenizer
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    speculate: bool = True  # False: this request decodes without drafts (output is the same either way)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -8,6 +8,8 @@ recomputed later; the prefix cache usually keeps most of them).
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -116,6 +118,8 @@ class Scheduler:
             self.waiting.popleft()
             self.bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             scheduled.append(ScheduledSeq(seq, n))

@@ -19,8 +19,11 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 hash_root: bytes | None = None):
         self.request_id = request_id
+        # Root of this sequence's block hashes: its tenant's namespace (None: the engine's own).
+        self.hash_root = hash_root
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -37,6 +40,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
         # Per-request generator: a seeded request reproduces its samples whatever else is in the batch.
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(params.seed % 2 ** 64 if params.seed is not None else random.getrandbits(63))

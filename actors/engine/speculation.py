@@ -61,6 +61,8 @@ class SpeculationStats:
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "acceptance_by_position": [a / d if d else None for a, d in zip(self.accepted_at, self.drafted_at)],
+            "drafted_at": list(self.drafted_at),
+            "accepted_at": list(self.accepted_at),
             "k_chosen": {str(k): n for k, n in sorted(self.k_chosen.items())},
         }
 

@@ -239,6 +239,7 @@ class ActorTransport:
         self._switched = threading.Event()
         self._lock = threading.Lock()
         self.calls = 0
+        self.rows_per_actor = [0] * len(self.actors)  # token rows sent, per actor (a metric)
         self.resent_to_replica = 0
         self.waited_for_restart = 0
         self.placements = 0  # placement switches applied
@@ -304,6 +305,7 @@ class ActorTransport:
                                              [pending.offsets[p] for p in group])
             self.links[actor].send(pending.layer, experts, n, part)
             self.calls += 1
+            self.rows_per_actor[actor] += int(part.shape[0])
 
     def start(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> PendingLayer:
         if layer == self.first_layer:

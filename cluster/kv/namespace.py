@@ -81,3 +81,12 @@ def kv_namespace(config, model_path: str | os.PathLike, hf_config) -> KVNamespac
     return KVNamespace(model=config.model.name, weights_revision=weights_revision(model_path),
                        dtype=config.model.dtype, block_size=config.engine.block_size, num_layers=layers,
                        num_kv_heads=kv_heads, head_dim=head_dim, tenant=config.kv_store.tenant)
+
+
+def tenant_namespace(namespace_id: str, tenant: str | None, default_tenant: str) -> str:
+    """The hash namespace of one tenant's requests. The default tenant is already in the deployment's namespace
+    id; any other tenant roots its block hashes elsewhere, so it can neither hit nor time another's prefixes
+    (in the engine's cache, the KV store or the router's index alike)."""
+    if not tenant or tenant == default_tenant:
+        return namespace_id
+    return f"{namespace_id}/tenant/{tenant}"

@@ -1,0 +1,206 @@
+"""The gRPC front end: specserve.v1.Generation, grpc.health.v1.Health and server reflection on server.grpc_port.
+
+Our own grpc.aio server in each ingress replica rather than Ray Serve's gRPC proxy, because the proxy routes by
+the method name alone, offers no standard health service (probes would queue on replicas behind generation
+traffic) and does not pass the client's deadline to the replica. Here health and reflection are answered
+locally, and auth, limits and the deadline are checked before any verifier is called. Requests take the same
+path as HTTP (routing/frontend.py), so a greedy request gives the same tokens on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from contextlib import aclosing
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.routing.auth import bearer_token
+from specserve.routing.errors import APIError, invalid
+from specserve.routing.frontend import Frontend
+from specserve.v1 import generation_pb2 as pb
+from specserve.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_MAX_STOP = 4
+
+
+def _metadata(context) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def sampling_params(s: pb.SamplingParams, max_tokens: int | None, speculate: bool) -> SamplingParams:
+    """Checked conversion; each bad field is INVALID_ARGUMENT naming it."""
+    def ranged(name: str, lo: float, hi: float, default: float, lo_open: bool = False) -> float:
+        if not s.HasField(name):
+            return default
+        v = getattr(s, name)
+        if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+            raise invalid(f"sampling.{name}", f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return float(v)
+
+    if len(s.stop) > _MAX_STOP:
+        raise invalid("sampling.stop", f"at most {_MAX_STOP} stop sequences")
+    if any(not x for x in s.stop):
+        raise invalid("sampling.stop", "stop sequences must not be empty")
+    return SamplingParams(max_tokens=max_tokens, temperature=ranged("temperature", 0.0, 2.0, 1.0),
+                          top_p=ranged("top_p", 0.0, 1.0, 1.0, lo_open=True), top_k=s.top_k,
+                          seed=s.seed if s.HasField("seed") else None, stop=list(s.stop),
+                          stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, speculate=speculate)
+
+
+def _usage(u: dict) -> pb.Usage:
+    return pb.Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
+                    cached_tokens=u["prompt_tokens_details"]["cached_tokens"],
+                    imported_tokens=u["kv_store"]["imported_tokens"],
+                    draft_tokens=u["speculation"]["draft_tokens"],
+                    accepted_tokens=u["speculation"]["accepted_tokens"])
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, frontend: Frontend):
+        self.fe = frontend
+
+    # ---- request parsing -----------------------------------------------------------------------------------
+    def _tenant(self, request, context) -> str:
+        md = _metadata(context)
+        key = bearer_token(md.get("authorization")) or md.get("x-api-key")
+        return self.fe.tenant(key, getattr(request, "tenant", "") or None)
+
+    def _prompt(self, request) -> tuple[list[int], str]:
+        which = request.WhichOneof("input")
+        if which is None:
+            raise invalid("input", "set one of text, token_ids or chat")
+        if which == "text":
+            return self.fe.text_prompt(request.text, "text"), "text"
+        if which == "token_ids":
+            return self.fe.token_prompt(request.token_ids.ids, "token_ids.ids"), "token_ids.ids"
+        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+        return self.fe.chat_prompt(messages, "chat.messages"), "chat.messages"
+
+    def _parse(self, request: pb.GenerateRequest, context):
+        tenant = self._tenant(request, context)  # 401/403 before anything about the body
+        self.fe.check_model(request.model)
+        prompt_ids, prompt_param = self._prompt(request)
+        s = request.sampling
+        if s.HasField("max_tokens") and s.max_tokens < 1:
+            raise invalid("sampling.max_tokens", "must be >= 1")
+        max_tokens = self.fe.limits(prompt_ids, s.max_tokens if s.HasField("max_tokens") else None, prompt_param)
+        sp = request.speculation
+        speculate = self.fe.speculation(sp.enabled if sp.HasField("enabled") else None, sp.draft_method)
+        params = sampling_params(s, max_tokens, speculate)
+        request_id = self.fe.new_request_id("grpc-", request.request_id)
+        deadline = self.fe.deadline(context.time_remaining())
+        return request_id, prompt_ids, params, tenant, deadline
+
+    async def _abort(self, context, exc: BaseException):
+        err = self.fe.record_error(exc, "grpc")
+        if err.status >= 500 and err.status not in (503, 504):
+            log.error("gRPC request failed: %s", err.message)
+        trailing = (("retry-after", str(max(1, round(err.retry_after_s)))),) if err.retry_after_s else ()
+        await context.abort(err.grpc_code, err.message, trailing_metadata=trailing)
+
+    # ---- RPCs ----------------------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        arrival = time.monotonic()
+        try:
+            request_id, prompt_ids, params, tenant, deadline = self._parse(request, context)
+        except APIError as exc:
+            await self._abort(context, exc)
+        try:
+            async with aclosing(self.fe.generate(request_id, prompt_ids, params, tenant, "grpc",
+                                                 deadline=deadline, arrival=arrival)) as events:
+                async for ev in events:
+                    if ev.token_ids or ev.text or ev.finish_reason:
+                        yield pb.GenerateResponse(request_id=request_id, token_ids=ev.token_ids, text=ev.text,
+                                                  finish_reason=_FINISH.get(ev.finish_reason, 0),
+                                                  usage=_usage(ev.usage) if ev.finish_reason else None)
+        except APIError as exc:
+            await self._abort(context, exc)
+
+    async def GenerateUnary(self, request, context):
+        arrival = time.monotonic()
+        try:
+            request_id, prompt_ids, params, tenant, deadline = self._parse(request, context)
+        except APIError as exc:
+            await self._abort(context, exc)
+        text, ids, reason, usage = [], [], None, None
+        try:
+            async with aclosing(self.fe.generate(request_id, prompt_ids, params, tenant, "grpc",
+                                                 deadline=deadline, arrival=arrival)) as events:
+                async for ev in events:
+                    text.append(ev.text)
+                    ids += ev.token_ids
+                    reason, usage = ev.finish_reason or reason, ev.usage
+        except APIError as exc:
+            await self._abort(context, exc)
+        return pb.GenerateResponse(request_id=request_id, token_ids=ids, text="".join(text),
+                                   finish_reason=_FINISH.get(reason, 0), usage=_usage(usage) if usage else None)
+
+    async def ListModels(self, request, context):
+        try:
+            self._tenant(request, context)
+        except APIError as exc:
+            await self._abort(context, exc)
+        return pb.ListModelsResponse(models=[pb.Model(id=self.fe.model_name, max_model_len=self.fe.max_model_len,
+                                                      owned_by="specserve")])
+
+    async def Tokenize(self, request, context):
+        try:
+            self._tenant(request, context)
+            self.fe.check_model(request.model)
+            ids, _ = self._prompt(request)
+        except APIError as exc:
+            await self._abort(context, exc)
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=self.fe.max_model_len)
+
+
+class GrpcServer:
+    """The gRPC server of one ingress replica. Health is NOT_SERVING until a verifier answers and again once
+    the replica drains."""
+
+    def __init__(self, frontend: Frontend, host: str, port: int):
+        self.fe = frontend
+        # No SO_REUSEPORT: a second app on the same port must fail loudly, not split another app's traffic.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                               ("grpc.max_receive_message_length", 64 << 20)])
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(frontend), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        # Binds now, so a port in use fails the replica's constructor with a clear error.
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self._watch = asyncio.get_running_loop().create_task(self._serve_when_ready())
+        log.info("gRPC API on port %d", self.port)
+
+    async def _set(self, status) -> None:
+        for service in ("", SERVICE):
+            await self.health.set(service, status)
+
+    async def _serve_when_ready(self) -> None:
+        while not await self.fe.check_ready():
+            await asyncio.sleep(0.5)
+        if not self.fe.draining:
+            await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
