@@ -10,6 +10,7 @@ path as HTTP (routing/frontend.py), so a greedy request gives the same tokens on
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -168,39 +169,56 @@ class GrpcServer:
     the replica drains."""
 
     def __init__(self, frontend: Frontend, host: str, port: int):
-        self.fe = frontend
-        # No SO_REUSEPORT: a second app on the same port must fail loudly, not split another app's traffic.
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
-                                               ("grpc.max_receive_message_length", 64 << 20)])
-        pb_grpc.add_GenerationServicer_to_server(GenerationService(frontend), self.server)
+        self.fe, self.address = frontend, f"{host}:{port}"
+        self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        # Binds now, so a port in use fails the replica's constructor with a clear error.
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        self._watch: asyncio.Task | None = None
+        self.port = 0
+        self._task: asyncio.Task | None = None
 
-    async def start(self) -> None:
+    def _build(self) -> grpc.aio.Server:
+        # No SO_REUSEPORT: a second app on the same port must not split another app's traffic.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.fe), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        return server
+
+    def start(self) -> None:
+        """Serve from now on (a task on the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.start()
-        self._watch = asyncio.get_running_loop().create_task(self._serve_when_ready())
-        log.info("gRPC API on port %d", self.port)
-
-    async def _set(self, status) -> None:
-        for service in ("", SERVICE):
-            await self.health.set(service, status)
-
-    async def _serve_when_ready(self) -> None:
+        # The port can be held for a while by the replica this one replaces (a rolling update on one host):
+        # retry, loudly, rather than fail the replica.
+        for attempt in itertools.count():
+            server = self._build()
+            try:
+                self.port = server.add_insecure_port(self.address)
+                break
+            except RuntimeError as exc:
+                if attempt % 20 == 0:
+                    log.error("gRPC: cannot bind %s (%s); retrying. Is another app using server.grpc_port?",
+                              self.address, exc)
+                await asyncio.sleep(0.5)
+        await server.start()
+        self.server = server
+        log.info("gRPC API on %s", self.address)
         while not await self.fe.check_ready():
             await asyncio.sleep(0.5)
         if not self.fe.draining:
             await self._set(health_pb2.HealthCheckResponse.SERVING)
 
+    async def _set(self, status) -> None:
+        for service in ("", SERVICE):
+            await self.health.set(service, status)
+
     async def drain(self) -> None:
         await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if self.server is not None:
+            await self.server.stop(grace_s)

@@ -78,7 +78,7 @@ class OpenAIIngress:
             from specserve.routing.grpc_api import GrpcServer
 
             self.grpc = GrpcServer(self.fe, server.host, server.grpc_port)
-            asyncio.get_running_loop().create_task(self.grpc.start())  # __init__ runs on the replica's loop
+            self.grpc.start()  # __init__ runs on the replica's event loop
         self.metrics = start_publisher(self.config, "Ingress", self.fe.metrics.families)
         self._redis = self.metrics.redis if self.metrics else None
 
