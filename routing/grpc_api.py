@@ -18,6 +18,7 @@ from contextlib import aclosing
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha import reflection
 
 from specserve.actors.engine.sampling_params import SamplingParams
@@ -164,6 +165,50 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(token_ids=ids, max_model_len=self.fe.max_model_len)
 
 
+class _Malformed:
+    """A request whose bytes did not parse (grpc would answer INTERNAL for a deserializer error)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _lenient(parse):
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, bad UTF-8 in a string field, ...
+            return _Malformed(f"{type(exc).__name__}: {exc}")
+    return deserialize
+
+
+def _refusing_malformed(fn, streaming: bool):
+    if streaming:
+        async def stream(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+            async for item in fn(request, context):
+                yield item
+        return stream
+
+    async def unary(request, context):
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+        return await fn(request, context)
+    return unary
+
+
+def generation_handlers(service: GenerationService) -> grpc.GenericRpcHandler:
+    """The generated registration, except that a request that does not parse is INVALID_ARGUMENT."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        request_cls, response_cls = GetMessageClass(m.input_type), GetMessageClass(m.output_type)
+        make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(_refusing_malformed(getattr(service, m.name), m.server_streaming),
+                                request_deserializer=_lenient(request_cls.FromString),
+                                response_serializer=response_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
 class GrpcServer:
     """The gRPC server of one ingress replica. Health is NOT_SERVING until a verifier answers and again once
     the replica drains."""
@@ -178,7 +223,7 @@ class GrpcServer:
     def _build(self) -> grpc.aio.Server:
         # No SO_REUSEPORT: a second app on the same port must not split another app's traffic.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
-        pb_grpc.add_GenerationServicer_to_server(GenerationService(self.fe), server)
+        server.add_generic_rpc_handlers((generation_handlers(GenerationService(self.fe)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         return server

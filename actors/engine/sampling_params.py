@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Temperatures below this sample as greedy: dividing logits by a tinier one overflows to inf and NaN
+# probabilities (a fuzzed 1e-170 failed the whole engine step). vLLM uses the same bound.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16  # None: as many as the context window and the KV pool allow
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k
     seed: int | None = None
@@ -29,4 +33,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW

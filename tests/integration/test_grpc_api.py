@@ -1,7 +1,6 @@
 """The gRPC API (specserve.v1.Generation), health, reflection, status codes, metrics and drain, through real Ray
 Serve and real gRPC over 127.0.0.1, with a tiny random model."""
 
-import asyncio
 import re
 import threading
 import time
