@@ -1,0 +1,78 @@
+"""Prometheus families, their merge across replicas, and the Redis hand-over (cluster/metrics.py)."""
+
+import time
+
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from specserve.cluster.metrics import FrontendMetrics, MetricsPublisher, published, render, verifier_families
+from specserve.cluster.redis_server import EmbeddedRedis
+
+
+def parse(text: bytes) -> dict:
+    """{(sample name, frozenset(labels)): value}"""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+
+
+def engine_stats(running=2, hits=30):
+    return {"num_running": running, "num_waiting": 1, "kv_usage": 0.25, "kv_blocks_total": 100,
+            "prefix_cache_queries": 100, "prefix_cache_hits": hits, "preemptions": 0, "steps": 10, "step_time_s": 0.5,
+            "speculation": {"rounds": 4, "draft_tokens": 12, "accepted_tokens": 7, "accepted_at": [4, 2, 1]},
+            "kv_store": {"lookup_blocks": 8, "hit_blocks": 3, "exported_blocks": 5, "redis_errors": 0,
+                         "export_errors": 1},
+            "experts": {"rows_per_actor": [10, 30], "resent_to_replica": 0}}
+
+
+def test_frontend_metrics_render_with_vllm_names():
+    m = FrontendMetrics("m")
+    m.ttft.observe(0.03)
+    for _ in range(3):
+        m.itl.observe(0.01)
+    m.success("length")
+    m.error("INVALID_ARGUMENT", "grpc")
+    m.routed("prefix", 32, 28)
+    samples = parse(render([({"deployment": "Ingress", "replica": "r1"}, m.families())]))
+    base = {("model_name", "m"), ("deployment", "Ingress"), ("replica", "r1")}
+    assert samples[("specserve:time_to_first_token_seconds_count", frozenset(base))] == 1
+    assert samples[("specserve:time_to_first_token_seconds_bucket", frozenset(base | {("le", "0.04")}))] == 1
+    assert samples[("specserve:inter_token_latency_seconds_count", frozenset(base))] == 3
+    assert samples[("specserve:request_success_total", frozenset(base | {("finished_reason", "length")}))] == 1
+    assert samples[("specserve:request_errors_total",
+                    frozenset(base | {("code", "INVALID_ARGUMENT"), ("protocol", "grpc")}))] == 1
+    assert samples[("specserve:router_decisions_total", frozenset(base | {("reason", "prefix")}))] == 1
+    assert not any(name.endswith("_created") for name, _ in samples)
+
+
+def test_replicas_of_one_family_are_merged_with_their_labels():
+    text = render([({"deployment": "Verifier", "replica": "a"}, verifier_families(engine_stats(2, 30), "m")),
+                   ({"deployment": "Verifier", "replica": "b"}, verifier_families(engine_stats(5, 40), "m"))])
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    running = {s.labels["replica"]: s.value for s in families["specserve:num_requests_running"].samples}
+    assert running == {"a": 2, "b": 5}
+    hits = {s.labels["replica"]: s.value for s in families["specserve:prefix_cache_hits"].samples}
+    assert hits == {"a": 30, "b": 40} and families["specserve:prefix_cache_hits"].type == "counter"
+    per_pos = {(s.labels["replica"], s.labels["position"]): s.value
+               for s in families["specserve:spec_decode_num_accepted_tokens_per_pos"].samples}
+    assert per_pos[("a", "0")] == 4 and per_pos[("b", "2")] == 1
+    experts = {s.labels["actor"]: s.value for s in families["specserve:expert_rows"].samples if s.labels["replica"] == "a"}
+    assert experts == {"0": 10, "1": 30}
+    assert text.count(b"# TYPE specserve:num_requests_running gauge") == 1
+
+
+def test_publish_read_and_stale_entries_dropped():
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        fams = verifier_families(engine_stats(), "m")
+        pub = MetricsPublisher(client, "app", {"deployment": "Verifier", "replica": "r1"}, lambda: fams, 60)
+        pub.publish()
+        got = published(client, "app", max_age_s=10)
+        assert [labels for labels, _ in got] == [{"deployment": "Verifier", "replica": "r1"}]
+        assert got[0][1] == fams
+        assert published(client, "app", max_age_s=10, skip_field=pub.field) == []
+        time.sleep(0.05)
+        assert published(client, "app", max_age_s=0.01) == []  # too old: dropped, and deleted
+        assert client.hlen("specserve:app:metrics") == 0
+        pub.publish()
+        pub.close()  # a closed replica leaves at once
+        assert published(client, "app", max_age_s=10) == []
