@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 app = FastAPI(title="specserve", docs_url=None, redoc_url=None)
 TENANT_HEADER = "x-specserve-tenant"
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP counterpart of a gRPC deadline
+_frontends: list[Frontend] = []  # this process's ingress (for errors FastAPI answers before our handlers run)
 
 
 @app.exception_handler(APIError)
@@ -38,6 +39,8 @@ async def _api_error(_: Request, exc: APIError):
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError):
+    for fe in _frontends:
+        fe.metrics.error("INVALID_ARGUMENT", "http")
     err = exc.errors()[0] if exc.errors() else {}
     if err.get("type") == "json_invalid":
         return JSONResponse(APIError(400, "malformed JSON body: " + str(err.get("msg", ""))).body(), 400)
@@ -71,6 +74,7 @@ class OpenAIIngress:
         self.config = SpecserveConfig.model_validate(config)
         use_default_priority()
         self.fe = Frontend(self.config, verifier)
+        _frontends[:] = [self.fe]
         self.model_name = self.fe.model_name
         self.grpc = None
         server = self.config.server

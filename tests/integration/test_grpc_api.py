@@ -249,6 +249,19 @@ def test_metrics_cover_latency_engine_speculation_and_errors(app):
     assert metric(text, "specserve:router_decisions_total") >= 1
 
 
+def test_readme_python_client_example_runs(app, capsys):
+    """The README's gRPC client example, pointed at this app."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    example = next(b for b in blocks if "GenerationStub" in b)
+    server, _ = app
+    exec(example.replace("127.0.0.1:9000", server.grpc_target).replace("smollm2-135m", NAME), {})
+    out = capsys.readouterr().out
+    assert "completion_tokens: 32" in out and "prompt_tokens:" in out
+
+
 def test_drain_goes_not_serving_finishes_in_flight_and_refuses_new(app):
     """Last in this module: the ingress stays drained."""
     server, _ = app
@@ -276,3 +289,4 @@ def test_drain_goes_not_serving_finishes_in_flight_and_refuses_new(app):
     assert list(first.token_ids) + rest == expected
     drainer.join(timeout=60)
     assert left["n"] == 0
+
