@@ -197,7 +197,7 @@ class MetricsPublisher:
                 self.publish()
                 failing = False
             except Exception as exc:  # noqa: BLE001 - metrics must never take a replica down
-                if not failing:
+                if not failing and not self._stop.is_set():  # (at shutdown Redis may go first)
                     log.warning("metrics publish failed (%s); retrying every %.0fs", exc, self.period_s)
                 failing = True
 
