@@ -40,6 +40,22 @@ def app(ray_cluster, tmp_path_factory):
     server.stop()
 
 
+def test_size_limits_from_config(app):
+    """server.max_tokens (8 here) and the context window (96) bound every request, on both APIs."""
+    with httpx.Client(base_url=app.url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 9})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": list(range(100)), "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi"})  # no max_tokens: the cap
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+    channel = grpc.insecure_channel(app.grpc_target)
+    code, details = grpc_code(channel, "GenerateUnary", pb.GenerateRequest(
+        model=NAME, text="hi", sampling=pb.SamplingParams(max_tokens=9)).SerializeToString())
+    channel.close()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("max_tokens:")
+
+
 # ---- HTTP -------------------------------------------------------------------------------------------------------
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40))

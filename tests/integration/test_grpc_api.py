@@ -271,11 +271,15 @@ def test_drain_goes_not_serving_finishes_in_flight_and_refuses_new(app):
     expected = list(gen.GenerateUnary(req, timeout=60).token_ids)
     call = gen.Generate(req, timeout=120)
     first = next(call)
+    health = health_pb2_grpc.HealthStub(channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="specserve.v1.Generation"), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     ingress = serve.get_app_handle(NAME)
     left = {}
     drainer = threading.Thread(target=lambda: left.setdefault("n", ingress.drain.remote(60).result()))
     drainer.start()
-    health = health_pb2_grpc.HealthStub(channel)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # Watch sees the change
+    watch.cancel()
     deadline = time.time() + 10
     while health.Check(health_pb2.HealthCheckRequest(service="specserve.v1.Generation"), timeout=5).status != \
             health_pb2.HealthCheckResponse.NOT_SERVING:
@@ -285,6 +289,8 @@ def test_drain_goes_not_serving_finishes_in_flight_and_refuses_new(app):
     with pytest.raises(grpc.RpcError) as err:
         gen.GenerateUnary(req, timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 503 and "retry-after" in r.headers
     rest = [t for c in call for t in c.token_ids]  # the in-flight stream completes in full
     assert list(first.token_ids) + rest == expected
     drainer.join(timeout=60)
