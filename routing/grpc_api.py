@@ -111,7 +111,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         await context.abort(err.grpc_code, err.message, trailing_metadata=trailing)
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
-    async def Generate(self, request, context):
+    async def _events(self, request, context):
+        """(request id, event) of the generation; any error aborts the call with its status code."""
         arrival = time.monotonic()
         try:
             request_id, prompt_ids, params, tenant, deadline = self._parse(request, context)
@@ -121,29 +122,25 @@ class GenerationService(pb_grpc.GenerationServicer):
             async with aclosing(self.fe.generate(request_id, prompt_ids, params, tenant, "grpc",
                                                  deadline=deadline, arrival=arrival)) as events:
                 async for ev in events:
-                    if ev.token_ids or ev.text or ev.finish_reason:
-                        yield pb.GenerateResponse(request_id=request_id, token_ids=ev.token_ids, text=ev.text,
-                                                  finish_reason=_FINISH.get(ev.finish_reason, 0),
-                                                  usage=_usage(ev.usage) if ev.finish_reason else None)
+                    yield request_id, ev
         except APIError as exc:
             await self._abort(context, exc)
 
+    async def Generate(self, request, context):
+        async with aclosing(self._events(request, context)) as events:
+            async for request_id, ev in events:
+                if ev.token_ids or ev.text or ev.finish_reason:
+                    yield pb.GenerateResponse(request_id=request_id, token_ids=ev.token_ids, text=ev.text,
+                                              finish_reason=_FINISH.get(ev.finish_reason, 0),
+                                              usage=_usage(ev.usage) if ev.finish_reason else None)
+
     async def GenerateUnary(self, request, context):
-        arrival = time.monotonic()
-        try:
-            request_id, prompt_ids, params, tenant, deadline = self._parse(request, context)
-        except APIError as exc:
-            await self._abort(context, exc)
-        text, ids, reason, usage = [], [], None, None
-        try:
-            async with aclosing(self.fe.generate(request_id, prompt_ids, params, tenant, "grpc",
-                                                 deadline=deadline, arrival=arrival)) as events:
-                async for ev in events:
-                    text.append(ev.text)
-                    ids += ev.token_ids
-                    reason, usage = ev.finish_reason or reason, ev.usage
-        except APIError as exc:
-            await self._abort(context, exc)
+        request_id, text, ids, reason, usage = "", [], [], None, None
+        async with aclosing(self._events(request, context)) as events:
+            async for request_id, ev in events:
+                text.append(ev.text)
+                ids += ev.token_ids
+                reason, usage = ev.finish_reason or reason, ev.usage
         return pb.GenerateResponse(request_id=request_id, token_ids=ids, text="".join(text),
                                    finish_reason=_FINISH.get(reason, 0), usage=_usage(usage) if usage else None)
 
