@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from specserve.cluster.bench_grpc import GrpcBenchClient
+
 Messages = list[dict[str, str]]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -739,13 +741,17 @@ async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, 
 
 async def run_request(client: httpx.AsyncClient, model: str, messages: Messages, s: RequestSettings,
                       pass_t0: float | None = None) -> RequestResult:
-    path, body = _request_body(model, messages, s)
     res = RequestResult()
     t0 = time.perf_counter()
     res.start_s = t0 - (pass_t0 if pass_t0 is not None else t0)
+    if isinstance(client, GrpcBenchClient):
+        work = client.stream(model, messages, s, res, t0)
+    else:
+        path, body = _request_body(model, messages, s)
+        work = _stream_request(client, path, body, res, t0)
     try:
         # httpx's timeout is per read; this bounds the whole request.
-        await asyncio.wait_for(_stream_request(client, path, body, res, t0), timeout=s.timeout)
+        await asyncio.wait_for(work, timeout=s.timeout)
     except asyncio.TimeoutError:
         res.error = "Timeout"
     except httpx.HTTPError as exc:
@@ -794,6 +800,14 @@ async def run_pass(client: httpx.AsyncClient, model: str, prompts: list[Messages
 
 async def resolve_model(client: httpx.AsyncClient, target: Target, model: str | None) -> str:
     """Check the target answers and pick its model: --model, else the first id of GET /v1/models."""
+    if isinstance(client, GrpcBenchClient):
+        try:
+            ids = await client.models()
+        except Exception as exc:  # noqa: BLE001 - grpc errors: unreachable, auth, ...
+            raise BenchError(f"target {target.label} ({target.url}) unreachable: {exc}") from exc
+        if not (model or ids):
+            raise BenchError(f"target {target.label}: ListModels lists no models; pass --model")
+        return model or ids[0]
     try:
         resp = await client.get("/v1/models")
     except httpx.HTTPError as exc:
@@ -884,7 +898,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _make_client(target: Target, cfg: BenchConfig) -> httpx.AsyncClient:
+def _make_client(target: Target, cfg: BenchConfig) -> "httpx.AsyncClient | GrpcBenchClient":
+    if target.url.startswith("grpc://"):
+        return GrpcBenchClient(target.url, cfg.api_key)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     n = max(cfg.concurrency) + 2
     return httpx.AsyncClient(
@@ -958,6 +974,8 @@ async def _run_target(t: Target, client: httpx.AsyncClient, cfg: BenchConfig, pl
 
 async def router_summary(client: httpx.AsyncClient) -> dict[str, Any] | None:
     """specserve's routing figures so far (GET /router/stats), or None for servers without them."""
+    if isinstance(client, GrpcBenchClient):
+        return None
     try:
         r = await client.get("/router/stats")
         stats = r.json() if r.status_code == 200 else None
@@ -1071,8 +1089,10 @@ def _parse_list(text: str, what: str) -> list[str]:
 
 def _normalize_url(url: str) -> str:
     parsed = urlparse(url)
+    if parsed.scheme == "grpc" and parsed.netloc:
+        return url.rstrip("/")
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise BenchError(f"bad URL {url!r}: expected http://HOST:PORT")
+        raise BenchError(f"bad URL {url!r}: expected http://HOST:PORT or grpc://HOST:PORT")
     url = url.rstrip("/")
     return url[: -len("/v1")] if url.endswith("/v1") else url  # accept both base and .../v1 forms
 
@@ -1086,7 +1106,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--url", action="append", default=[], help="server base URL (repeatable); default " + DEFAULT_URL)
     p.add_argument("--target", action="append", default=[], metavar="LABEL=URL[#MODEL]",
-                   help="labelled server to compare (repeatable; #MODEL names its model); the first is the baseline for ratios")
+                   help="labelled server to compare (repeatable; #MODEL names its model; grpc://HOST:PORT drives "
+                        "specserve's gRPC API); the first is the baseline for ratios")
     p.add_argument("--model", default=None, help="model name to request (default: first id of GET /v1/models)")
     p.add_argument("--workload", action="append", default=None, metavar="NAME[,NAME]",
                    help=f"workload(s): {', '.join(WORKLOADS)} (repeatable or comma list; default chat)")

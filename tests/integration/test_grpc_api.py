@@ -262,6 +262,27 @@ def test_readme_python_client_example_runs(app, capsys):
     assert "completion_tokens: 32" in out and "prompt_tokens:" in out
 
 
+
+def test_bench_drives_http_and_grpc_targets_of_one_server(app, tmp_path):
+    """`specserve bench --target http=... --target grpc=grpc://...`: both front ends, same workload, same run."""
+    import json
+
+    from specserve.cluster.bench import main as bench
+
+    server, _ = app
+    out = tmp_path / "bench.json"
+    assert bench(["--target", f"http={server.url}", "--target", f"grpc=grpc://{server.grpc_target}",
+                  "--workload", "chat", "--concurrency", "2", "--num-requests", "4", "--max-tokens", "8",
+                  "--warmup", "1", "--json", str(out)]) == 0
+    passes = {p["target"]: p for p in json.loads(out.read_text())["passes"]}
+    for label in ("http", "grpc"):
+        summary = passes[label]["summary"]
+        assert summary["ok"] == summary["requests"] == 4, summary
+    # Greedy and the same prompts: the same completions through either API.
+    texts = {label: [r["text"] for r in sorted(p["requests"], key=lambda r: r["index"])] for label, p in passes.items()}
+    assert texts["http"] == texts["grpc"] and all(texts["grpc"])
+
+
 def test_drain_goes_not_serving_finishes_in_flight_and_refuses_new(app):
     """Last in this module: the ingress stays drained."""
     server, _ = app
