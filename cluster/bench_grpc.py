@@ -51,6 +51,7 @@ class GrpcBenchClient:
                     res.output_tokens, res.prompt_tokens = u.completion_tokens, u.prompt_tokens
                     res.cached_tokens, res.imported_tokens = u.cached_tokens, u.imported_tokens
                     res.draft_tokens, res.accepted_tokens = u.draft_tokens, u.accepted_tokens
+                    res.spec_rounds = u.spec_rounds
         except grpc.aio.AioRpcError as err:
             res.error, res.detail = f"gRPC {err.code().name}", (err.details() or "")[:300]
 

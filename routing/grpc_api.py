@@ -64,7 +64,7 @@ def _usage(u: dict) -> pb.Usage:
                     cached_tokens=u["prompt_tokens_details"]["cached_tokens"],
                     imported_tokens=u["kv_store"]["imported_tokens"],
                     draft_tokens=u["speculation"]["draft_tokens"],
-                    accepted_tokens=u["speculation"]["accepted_tokens"])
+                    accepted_tokens=u["speculation"]["accepted_tokens"], spec_rounds=u["speculation"]["rounds"])
 
 
 class GenerationService(pb_grpc.GenerationServicer):
