@@ -10,7 +10,6 @@ import grpc
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
-_FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 class GrpcBenchClient:
@@ -46,7 +45,7 @@ class GrpcBenchClient:
                     res.content_chunks += 1
                 if chunk.finish_reason:
                     u = chunk.usage
-                    res.finish_reason = _FINISH.get(chunk.finish_reason)
+                    res.finish_reason = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
                     res.usage_reported, res.done = True, True
                     res.output_tokens, res.prompt_tokens = u.completion_tokens, u.prompt_tokens
                     res.cached_tokens, res.imported_tokens = u.cached_tokens, u.imported_tokens

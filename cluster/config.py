@@ -187,8 +187,8 @@ class AuthConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
-    # gRPC API (protos/specserve/v1), health and reflection; 0 = off. One gRPC server per node (the ingress
-    # replicas there share the port), so two apps on one node need different ports.
+    # gRPC API (protos/specserve/v1), health and reflection; 0 = off. Every ingress replica serves it, so the
+    # ingress runs at most one replica per node, and two apps on one node need different ports.
     grpc_port: int = Field(9000, ge=0, le=65535)
     # Ray cluster address; None starts a local Ray instance (or joins RAY_ADDRESS if set).
     ray_address: str | None = None

@@ -203,6 +203,7 @@ class MetricsPublisher:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=5)  # a publish in flight would write the field back after the delete
         try:
             self.redis.hdel(self.key, self.field)  # a removed replica leaves the scrape at once
         except Exception:  # noqa: BLE001

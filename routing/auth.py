@@ -6,9 +6,12 @@ Keys are kept only as sha256 digests, so a lookup compares digests, never the se
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import yaml
@@ -16,6 +19,7 @@ import yaml
 from specserve.cluster.config import AuthConfig, TenantLimits
 from specserve.routing.errors import APIError
 
+log = logging.getLogger(__name__)
 _TENANT_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
@@ -39,6 +43,7 @@ class ApiKeys:
         self._file = config.api_keys_file
         self._file_keys: dict[bytes, str] = {}
         self._file_stamp: tuple | None = None
+        self._checked_at = 0.0
         self._lock = threading.Lock()
         if self._file:
             self._reload(force=True)
@@ -47,23 +52,42 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._inline or self._file)
 
-    def _reload(self, force: bool = False) -> None:
-        try:
-            st = os.stat(self._file)
-        except OSError as exc:
-            if force:
-                raise ValueError(f"auth.api_keys_file {self._file}: {exc}") from exc
-            return  # keep the last good keys while a Secret is being swapped
+    def _read(self) -> tuple[tuple, dict[bytes, str]] | None:
+        """(stamp, keys) of the file, or None when it has not changed."""
+        st = os.stat(self._file)
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp == self._file_stamp:
-            return
+            return None
         with open(self._file) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"auth.api_keys_file {self._file}: expected a mapping of key: tenant")
-        keys = {_digest(str(k)): check_tenant_name(str(t), "auth.api_keys_file") for k, t in data.items()}
-        with self._lock:
-            self._file_keys, self._file_stamp = keys, stamp
+            raise ValueError("expected a mapping of key: tenant")
+        return stamp, {_digest(str(k)): check_tenant_name(str(t), "auth.api_keys_file") for k, t in data.items()}
+
+    def _reload(self, force: bool = False) -> None:
+        """Startup (force): a bad file is a config error. Later: a missing, half-written or bad file keeps the
+        last good keys (a Secret being swapped), logged once per change; checked at most once a second."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        try:
+            read = self._read()
+        except (OSError, ValueError, yaml.YAMLError, APIError) as exc:
+            if force:
+                raise ValueError(f"auth.api_keys_file {self._file}: {exc}") from exc
+            try:
+                st = os.stat(self._file)
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                return
+            if stamp != self._file_stamp:
+                log.error("auth.api_keys_file %s unreadable (%s): keeping the previous keys", self._file, exc)
+                self._file_stamp = stamp
+            return
+        if read is not None:
+            with self._lock:
+                self._file_stamp, self._file_keys = read
 
     def tenant_of(self, key: str | None) -> str | None:
         """The key's tenant; None when auth is off. Raises 401 for a missing or unknown key."""
@@ -87,6 +111,12 @@ def bearer_token(value: str | None) -> str | None:
         return None
     scheme, _, rest = value.strip().partition(" ")
     return rest.strip() if scheme.lower() == "bearer" and rest else value.strip()
+
+
+def api_key(credentials: Mapping[str, str]) -> str | None:
+    """The API key in HTTP headers or gRPC metadata (lower-case names): `authorization: Bearer <key>` or
+    `x-api-key: <key>`."""
+    return bearer_token(credentials.get("authorization")) or credentials.get("x-api-key")
 
 
 def resolve_tenant(keys: ApiKeys, key: str | None, requested: str | None, default: str) -> str:
@@ -122,11 +152,12 @@ class _Bucket:
 class TenantLimiter:
     """Per-tenant request rate (token bucket) and concurrency, for one ingress replica."""
 
+    MAX_BUCKETS = 10_000  # with keys off, clients name tenants: the least recently used buckets go first
+
     def __init__(self, default: TenantLimits, overrides: dict[str, TenantLimits] | None = None):
         self.default, self.overrides = default, dict(overrides or {})
         self.in_flight: dict[str, int] = {}
-        self._buckets: dict[str, _Bucket] = {}
-        self.rejected = {"tenant_rate": 0, "tenant_concurrency": 0}
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
     def limits(self, tenant: str) -> TenantLimits:
         return self.overrides.get(tenant, self.default)
@@ -136,16 +167,17 @@ class TenantLimiter:
         """Hold a slot of `tenant` for the body; 429 with Retry-After when the tenant is over a limit."""
         lim = self.limits(tenant)
         if lim.max_concurrent_requests and self.in_flight.get(tenant, 0) >= lim.max_concurrent_requests:
-            self.rejected["tenant_concurrency"] += 1
             raise APIError(429, f"tenant '{tenant}' has {lim.max_concurrent_requests} requests in flight, its "
                                 "limit", code="tenant_concurrency_limit", retry_after_s=1.0)
         if lim.requests_per_s:
             bucket = self._buckets.get(tenant)
             if bucket is None:
                 bucket = self._buckets[tenant] = _Bucket(lim.requests_per_s, lim.burst or max(1, int(lim.requests_per_s)))
+                if len(self._buckets) > self.MAX_BUCKETS:
+                    self._buckets.popitem(last=False)
+            self._buckets.move_to_end(tenant)
             wait = bucket.take()
             if wait:
-                self.rejected["tenant_rate"] += 1
                 raise APIError(429, f"tenant '{tenant}' is over its rate of {lim.requests_per_s:g} requests/s",
                                code="tenant_rate_limit", retry_after_s=wait)
         self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1

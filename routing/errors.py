@@ -34,6 +34,7 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or _TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.retry_after_s = retry_after_s
+        self.counted = False  # in the error metrics (an error may pass several handlers on its way out)
 
     @property
     def grpc_code(self) -> grpc.StatusCode:
@@ -56,7 +57,8 @@ def invalid(param: str, message: str, code: str | None = None) -> APIError:
 def api_error_of(exc: BaseException) -> APIError:
     """Map an exception from a handle call to what the client sees. A request the engine rejected (too long for
     the KV pool, ...) is the client's to fix; a full queue is a retriable refusal; a replica that cannot be
-    reached is UNAVAILABLE; anything else is ours."""
+    reached is UNAVAILABLE; anything else (any other ValueError too) is ours."""
+    from specserve.actors.engine.engine import RequestRejected
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -71,7 +73,7 @@ def api_error_of(exc: BaseException) -> APIError:
     cause = getattr(exc, "cause", None) or exc
     if isinstance(cause, APIError):
         return cause
-    if isinstance(cause, ValueError) or isinstance(exc, ValueError):
+    if isinstance(cause, RequestRejected) or isinstance(exc, RequestRejected):
         lines = str(cause).strip().splitlines()
         return APIError(400, lines[-1] if lines else type(cause).__name__)
     return APIError(500, f"generation failed: {type(cause).__name__}")

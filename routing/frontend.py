@@ -11,8 +11,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import NamedTuple
+
+from jinja2 import TemplateError
 
 from transformers import AutoConfig, AutoTokenizer
 
@@ -23,7 +25,7 @@ from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.namespace import kv_namespace, tenant_namespace
 from specserve.cluster.latency import LatencyStat
 from specserve.cluster.metrics import FrontendMetrics
-from specserve.routing.auth import ApiKeys, TenantLimiter, resolve_tenant
+from specserve.routing.auth import ApiKeys, TenantLimiter, api_key, resolve_tenant
 from specserve.routing.block_hash import block_hashes
 from specserve.routing.detokenizer import IncrementalDetokenizer
 from specserve.routing.errors import APIError, api_error_of, invalid
@@ -98,21 +100,36 @@ class Frontend:
                 raise invalid(f"{param}[{i}].role", f"must be one of {', '.join(roles)}")
         if not any(m["content"] for m in messages):
             raise invalid(param, "all message contents are empty")
+        self._check_text_size(sum(len(m["content"]) for m in messages), param)
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except TemplateError as exc:  # templates raise on what they refuse (roles out of order, ...)
+                raise invalid(param, f"the model's chat template refused them: {exc}") from exc
         else:  # base models without a template: plain role-prefixed lines
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def _check_text_size(self, chars: int, param: str) -> None:
+        """Refuse text far beyond any allowed prompt before tokenizing it (that runs on the event loop)."""
+        limit = 64 * self.max_prompt_tokens
+        if chars > limit:
+            raise APIError(400, f"{param}: {chars} characters, more than any prompt of at most "
+                                f"{self.max_prompt_tokens} tokens", param=param, code="context_length_exceeded")
+
     def text_prompt(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
             raise invalid(param, "must not be empty")
+        self._check_text_size(len(text), param)
         return self.tokenizer(text).input_ids
 
     def token_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
-        ids = list(ids)
         if not ids:
             raise invalid(param, "must not be empty")
+        if len(ids) > self.max_prompt_tokens:  # before looking at each id
+            raise APIError(400, f"{param}: {len(ids)} tokens, more than the limit of {self.max_prompt_tokens}",
+                           param=param, code="context_length_exceeded")
+        ids = list(ids)
         if any(t < 0 or t >= self.vocab_size for t in ids):
             raise invalid(param, f"token ids must be in [0, {self.vocab_size})")
         return ids
@@ -125,7 +142,7 @@ class Frontend:
                            param=prompt_param, code="context_length_exceeded")
         cap = self.config.server.max_tokens
         if max_tokens is None:
-            return cap or None
+            return min(cap, self.max_model_len - n) if cap else None
         if cap and max_tokens > cap:
             raise invalid("max_tokens", f"{max_tokens} is more than this server's limit of {cap}")
         if max_tokens > self.max_model_len - n:
@@ -140,20 +157,26 @@ class Frontend:
             raise invalid(f"{param}.draft_method", f"'{draft_method}' is not served here; available: {available}")
         return enabled is not False
 
-    def tenant(self, api_key: str | None, requested: str | None) -> str:
-        return resolve_tenant(self.keys, api_key, requested, self.config.kv_store.tenant)
+    def tenant(self, credentials: Mapping[str, str], requested: str | None) -> str:
+        """The tenant of a request from its HTTP headers / gRPC metadata (lower-case names) and the tenant it
+        names (401 without a valid key when keys are on, 403 for another tenant's name)."""
+        return resolve_tenant(self.keys, api_key(credentials), requested, self.config.kv_store.tenant)
 
-    def new_request_id(self, prefix: str, given: str | None = None) -> str:
-        if given:
-            if len(given) > 128 or not given.isprintable():
-                raise invalid("request_id", "at most 128 printable characters")
-            return given
+    @staticmethod
+    def new_request_id(prefix: str) -> str:
+        """Internal ids are always ours: client ids are only echoed (two clients may send the same one)."""
         return prefix + uuid.uuid4().hex
+
+    @staticmethod
+    def check_client_request_id(given: str) -> str:
+        if len(given) > 128 or not given.isprintable():
+            raise invalid("request_id", "at most 128 printable characters")
+        return given
 
     def record_error(self, exc: BaseException, protocol: str) -> APIError:
         """The client-facing error of `exc`, counted once (it may pass several handlers on its way out)."""
         err = api_error_of(exc)
-        if getattr(err, "counted", False):
+        if err.counted:
             return err
         err.counted = True
         self.metrics.error(err.grpc_code.name, protocol)
@@ -192,6 +215,7 @@ class Frontend:
         if self.draining:
             raise self.record_error(APIError(503, "server is draining: retry on another replica",
                                              code="draining", retry_after_s=1.0), protocol)
+        finished = False
         try:
             with self.limiter.admit(tenant):
                 self.in_flight += 1
@@ -200,12 +224,15 @@ class Frontend:
                     async for ev in self._generate(request_id, prompt_ids, params, tenant, session, deadline,
                                                    arrival):
                         yield ev
+                    finished = True
                 finally:
                     self.in_flight -= 1
                     self.metrics.in_flight.dec()
         except (GeneratorExit, asyncio.CancelledError):
+            if not finished:  # the client went away (the verifier stream is cancelled, the sequence freed)
+                self.metrics.error("CANCELLED", protocol)
             raise
-        except BaseException as exc:
+        except Exception as exc:
             raise self.record_error(exc, protocol) from exc
 
     async def _generate(self, request_id, prompt_ids, params, tenant, session, deadline, arrival):

@@ -21,8 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha import reflection
 
-from specserve.actors.engine.sampling_params import SamplingParams
-from specserve.routing.auth import bearer_token
+from specserve.actors.engine.sampling_params import MAX_STOP_SEQUENCES, SamplingParams
 from specserve.routing.errors import APIError, invalid
 from specserve.routing.frontend import Frontend
 from specserve.v1 import generation_pb2 as pb
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-_MAX_STOP = 4
 
 
 def _metadata(context) -> dict[str, str]:
@@ -49,8 +47,8 @@ def sampling_params(s: pb.SamplingParams, max_tokens: int | None, speculate: boo
             raise invalid(f"sampling.{name}", f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
         return float(v)
 
-    if len(s.stop) > _MAX_STOP:
-        raise invalid("sampling.stop", f"at most {_MAX_STOP} stop sequences")
+    if len(s.stop) > MAX_STOP_SEQUENCES:
+        raise invalid("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
     if any(not x for x in s.stop):
         raise invalid("sampling.stop", "stop sequences must not be empty")
     return SamplingParams(max_tokens=max_tokens, temperature=ranged("temperature", 0.0, 2.0, 1.0),
@@ -73,9 +71,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # ---- request parsing -----------------------------------------------------------------------------------
     def _tenant(self, request, context) -> str:
-        md = _metadata(context)
-        key = bearer_token(md.get("authorization")) or md.get("x-api-key")
-        return self.fe.tenant(key, getattr(request, "tenant", "") or None)
+        return self.fe.tenant(_metadata(context), getattr(request, "tenant", "") or None)
 
     def _prompt(self, request) -> tuple[list[int], str]:
         which = request.WhichOneof("input")
@@ -99,31 +95,33 @@ class GenerationService(pb_grpc.GenerationServicer):
         sp = request.speculation
         speculate = self.fe.speculation(sp.enabled if sp.HasField("enabled") else None, sp.draft_method)
         params = sampling_params(s, max_tokens, speculate)
-        request_id = self.fe.new_request_id("grpc-", request.request_id)
+        client_id = self.fe.check_client_request_id(request.request_id)
         deadline = self.fe.deadline(context.time_remaining())
-        return request_id, prompt_ids, params, tenant, deadline
+        session = _metadata(context).get(self.fe.config.router.session_header)
+        return client_id, prompt_ids, params, tenant, deadline, session
 
     async def _abort(self, context, exc: BaseException):
         err = self.fe.record_error(exc, "grpc")
         if err.status >= 500 and err.status not in (503, 504):
             log.error("gRPC request failed: %s", err.message)
-        trailing = (("retry-after", str(max(1, round(err.retry_after_s)))),) if err.retry_after_s else ()
+        trailing = tuple((k.lower(), v) for k, v in err.headers().items())
         await context.abort(err.grpc_code, err.message, trailing_metadata=trailing)
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def _events(self, request, context):
-        """(request id, event) of the generation; any error aborts the call with its status code."""
+        """(request id to echo, event) of the generation; any error aborts the call with its status code."""
         arrival = time.monotonic()
         try:
-            request_id, prompt_ids, params, tenant, deadline = self._parse(request, context)
-        except APIError as exc:
+            client_id, prompt_ids, params, tenant, deadline, session = self._parse(request, context)
+        except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
             await self._abort(context, exc)
+        request_id = self.fe.new_request_id("grpc-")
         try:
-            async with aclosing(self.fe.generate(request_id, prompt_ids, params, tenant, "grpc",
+            async with aclosing(self.fe.generate(request_id, prompt_ids, params, tenant, "grpc", session=session,
                                                  deadline=deadline, arrival=arrival)) as events:
                 async for ev in events:
-                    yield request_id, ev
-        except APIError as exc:
+                    yield client_id or request_id, ev
+        except Exception as exc:  # noqa: BLE001
             await self._abort(context, exc)
 
     async def Generate(self, request, context):
@@ -147,7 +145,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def ListModels(self, request, context):
         try:
             self._tenant(request, context)
-        except APIError as exc:
+        except Exception as exc:  # noqa: BLE001
             await self._abort(context, exc)
         return pb.ListModelsResponse(models=[pb.Model(id=self.fe.model_name, max_model_len=self.fe.max_model_len,
                                                       owned_by="specserve")])
@@ -157,7 +155,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             self._tenant(request, context)
             self.fe.check_model(request.model)
             ids, _ = self._prompt(request)
-        except APIError as exc:
+        except Exception as exc:  # noqa: BLE001
             await self._abort(context, exc)
         return pb.TokenizeResponse(token_ids=ids, max_model_len=self.fe.max_model_len)
 
@@ -219,7 +217,7 @@ class GrpcServer:
 
     def _build(self) -> grpc.aio.Server:
         # No SO_REUSEPORT: a second app on the same port must not split another app's traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)])
         server.add_generic_rpc_handlers((generation_handlers(GenerationService(self.fe)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -234,17 +232,17 @@ class GrpcServer:
         # The port can be held for a while by the replica this one replaces (a rolling update on one host):
         # retry, loudly, rather than fail the replica.
         for attempt in itertools.count():
-            server = self._build()
+            self.server = self._build()
             try:
-                self.port = server.add_insecure_port(self.address)
+                self.port = self.server.add_insecure_port(self.address)
                 break
             except RuntimeError as exc:
+                await self.server.stop(None)
                 if attempt % 20 == 0:
                     log.error("gRPC: cannot bind %s (%s); retrying. Is another app using server.grpc_port?",
                               self.address, exc)
                 await asyncio.sleep(0.5)
-        await server.start()
-        self.server = server
+        await self.server.start()
         log.info("gRPC API on %s", self.address)
         while not await self.fe.check_ready():
             await asyncio.sleep(0.5)

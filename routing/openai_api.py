@@ -19,7 +19,6 @@ from ray import serve
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.metrics import published, render, start_publisher
 from specserve.cluster.priority import use_default_priority
-from specserve.routing.auth import bearer_token
 from specserve.routing.errors import APIError, api_error_of
 from specserve.routing.frontend import Frontend
 from specserve.routing.protocol import ChatCompletionRequest, CompletionRequest
@@ -115,13 +114,16 @@ class OpenAIIngress:
         """Stop taking requests (health NOT_SERVING / 503, new requests 503 UNAVAILABLE) and wait for in-flight
         ones; returns how many were still running at the timeout. Serve calls it through __del__ when it
         removes this replica; `specserve serve` calls it on SIGTERM."""
+        self.fe.draining = True  # first: nothing may turn health back to SERVING after this
         if self.grpc is not None:
             await self.grpc.drain()
         timeout = self.config.ingress.graceful_shutdown_timeout_s if timeout_s is None else timeout_s
         return await self.fe.drain(timeout)
 
     async def __del__(self):
-        await self.drain()
+        # Serve calls this after its own drain of HTTP requests, within one graceful_shutdown_timeout_s budget
+        # that it enforces: gRPC streams get what is left, less a margin to close the server.
+        await self.drain(max(1.0, self.config.ingress.graceful_shutdown_timeout_s - 5.0))
         if self.grpc is not None:
             await self.grpc.stop()
         if self.metrics is not None:
@@ -132,8 +134,7 @@ class OpenAIIngress:
         """Routing as this ingress replica sees it: predicted vs actual cached tokens, hit rate, and its
         routers' decisions, decision latency, index size and per-replica load."""
         return {"policy": self.config.router.policy, "outcomes": self.fe.routing.as_dict(),
-                "hash_latency": self.fe.hash_latency.as_dict(), "routers": router_stats(),
-                "admission": dict(self.fe.limiter.rejected)}
+                "hash_latency": self.fe.hash_latency.as_dict(), "routers": router_stats()}
 
     # ---- OpenAI API ----------------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -173,15 +174,14 @@ class OpenAIIngress:
 
     # ---- shared path ---------------------------------------------------------------------------------------
     def _tenant(self, raw: Request) -> str:
-        key = bearer_token(raw.headers.get("authorization")) or raw.headers.get("x-api-key")
-        return self.fe.tenant(key, raw.headers.get(TENANT_HEADER))
+        return self.fe.tenant(raw.headers, raw.headers.get(TENANT_HEADER))
 
     async def _respond(self, body, prompt_ids: list[int], max_tokens: int | None, chat: bool, raw: Request,
                        tenant: str, arrival: float, prompt_param: str):
         max_tokens = self.fe.limits(prompt_ids, max_tokens, prompt_param)
         speculate = self.fe.speculation(body.speculate, body.draft_method, param="draft_method")
         params = body.sampling_params(max_tokens, speculate)
-        request_id = self.fe.new_request_id("chatcmpl-" if chat else "cmpl-")
+        request_id = Frontend.new_request_id("chatcmpl-" if chat else "cmpl-")
         deadline = self.fe.deadline(_client_timeout(raw))
         session = raw.headers.get(self.config.router.session_header)
         events = self.fe.generate(request_id, prompt_ids, params, tenant, "http", session=session,

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.sampling_params import MAX_STOP_SEQUENCES, SamplingParams
 
 
 class _Request(BaseModel):
@@ -35,8 +35,8 @@ class _Request(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if isinstance(v, list) and len(v) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return v
 
     def sampling_params(self, max_tokens: int | None, speculate: bool = True) -> SamplingParams:

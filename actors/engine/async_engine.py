@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from specserve.actors.engine.engine import LLMEngine, RequestOutput
+from specserve.actors.engine.engine import LLMEngine, RequestOutput, RequestRejected
 from specserve.actors.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         if request_id in self._streams:
-            raise ValueError(f"duplicate request id {request_id!r}")
+            raise RequestRejected(f"duplicate request id {request_id!r}")
         self._streams[request_id] = (loop, q)
         finished = False
         try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 # Temperatures below this sample as greedy: dividing logits by a tinier one overflows to inf and NaN
 # probabilities (a fuzzed 1e-170 failed the whole engine step). vLLM uses the same bound.
 GREEDY_BELOW = 1e-5
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 
 
 @dataclass

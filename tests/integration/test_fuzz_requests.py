@@ -47,6 +47,8 @@ def test_size_limits_from_config(app):
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         r = client.post("/v1/completions", json={"model": NAME, "prompt": list(range(100)), "max_tokens": 1})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "x" * 100_000, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"  # not tokenized
         r = client.post("/v1/completions", json={"model": NAME, "prompt": "hi"})  # no max_tokens: the cap
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
     channel = grpc.insecure_channel(app.grpc_target)

@@ -100,6 +100,20 @@ def test_stream_unary_and_http_give_the_same_greedy_tokens(app):
         assert list(plain.token_ids) == streamed and plain.usage.draft_tokens == 0
 
 
+def test_client_request_ids_are_echoed_and_may_repeat(app):
+    """Two clients may send the same request id: each is echoed, neither is refused as a duplicate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, _ = app
+    _, gen = stub(server)
+    req = pb.GenerateRequest(model=NAME, text="Hello", request_id="client-7", sampling=greedy(max_tokens=16))
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda _: gen.GenerateUnary(req, timeout=60), range(2))
+    assert a.request_id == b.request_id == "client-7" and list(a.token_ids) == list(b.token_ids)
+    assert gen.GenerateUnary(pb.GenerateRequest(model=NAME, text="Hello", sampling=greedy(max_tokens=2)),
+                             timeout=60).request_id.startswith("grpc-")
+
+
 def test_chat_matches_http_chat_and_tokenize(app):
     server, _ = app
     _, gen = stub(server)

@@ -48,9 +48,18 @@ def test_keys_file_is_reread_when_it_changes(tmp_path):
     assert keys.tenant_of("old-key") == "team-a"
     path.write_text("new-key: team-b\nother: team-c\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10 ** 9))  # a rotated Secret: new mtime
+    time.sleep(1.05)  # the file is checked at most once a second
     assert keys.tenant_of("new-key") == "team-b"
     assert status(lambda: keys.tenant_of("old-key"))[0] == 401
-    path.unlink()  # while a Secret is swapped the file may vanish: the last keys stay
+    # While a Secret is swapped the file may be missing or half written: the last good keys stay.
+    path.unlink()
+    time.sleep(1.05)
+    assert keys.tenant_of("other") == "team-c"
+    path.write_text("other: [unclosed\n")
+    time.sleep(1.05)
+    assert keys.tenant_of("other") == "team-c"
+    path.write_text("bad: not a tenant!\n")
+    time.sleep(1.05)
     assert keys.tenant_of("other") == "team-c"
 
 
@@ -77,7 +86,7 @@ def test_concurrency_limit_is_per_tenant_and_released():
             pass
     with lim.admit("small"):  # released on exit
         pass
-    assert lim.in_flight == {} and lim.rejected["tenant_concurrency"] == 1
+    assert lim.in_flight == {}
 
 
 def test_rate_limit_token_bucket_refills():

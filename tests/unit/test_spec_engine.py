@@ -86,7 +86,7 @@ def make_engine(target_dir, proposer, k=4, adaptive=True, **kw):
 
 
 @pytest.mark.parametrize("method,adaptive", [("ngram", True), ("ngram", False), ("model", True), ("model", False),
-                                             ("layer_skip", False), ("int8", True)])
+                                             ("layer_skip", False), ("int8", True), ("int8", False)])
 def test_greedy_speculation_is_token_identical_to_hf_generate(target_dir, draft_dir, reference, method, adaptive):
     proposer = make_proposer(method, target_dir, draft_dir)
     engine = make_engine(target_dir, proposer, adaptive=adaptive)
@@ -95,7 +95,9 @@ def test_greedy_speculation_is_token_identical_to_hf_generate(target_dir, draft_
     assert out == reference
     st = engine.spec_stats
     assert st.rounds > 0 and st.draft_tokens > 0, "speculation never ran"
-    if method in ("model", "int8"):  # close copies of the target: both acceptance and rollback were exercised
+    # Close copies of the target at a fixed k: both acceptance and rollback were exercised. (Adaptive k follows
+    # measured step times; on a loaded machine it drafted 14 tokens, all accepted, in one CI run.)
+    if method in ("model", "int8") and not adaptive:
         assert 0 < st.accepted_tokens < st.draft_tokens
     engine.block_manager.check_invariants()
     assert engine.block_manager.num_free_blocks == 300

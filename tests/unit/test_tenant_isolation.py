@@ -61,7 +61,10 @@ def test_serve_errors_map_to_retriable_codes():
     busy = api_error_of(BackPressureError(num_queued_requests=3, max_queued_requests=2))
     assert busy.status == 429 and busy.retry_after_s and busy.headers()["Retry-After"] == "1"
     assert api_error_of(ActorDiedError()).status == 503
-    assert api_error_of(ValueError("prompt too long")).status == 400
+    from specserve.actors.engine.engine import RequestRejected
+
+    assert api_error_of(RequestRejected("prompt too long for the KV pool")).status == 400
+    assert api_error_of(ValueError("a bug of ours")).status == 500  # only the engine's rejections are 400
     assert api_error_of(KeyError("bug")).status == 500
 
 
