@@ -515,6 +515,18 @@ class RequestResult:
     # specserve's prefix-aware router: the cached tokens it predicted for this request (usage.routing)
     predicted_cached_tokens: int | None = None
     text: str = ""  # the generated text (multi-turn workloads feed it back)
+    _last_chunk_s: float = field(default=0.0, repr=False)
+
+    def add_text(self, text: str, t0: float) -> None:
+        """A streamed chunk's text arrived now: TTFT for the first, a gap for the others (t0: request start)."""
+        now = time.perf_counter()
+        if self.content_chunks == 0:
+            self.ttft_s = now - t0
+        else:
+            self.itl_s.append(now - self._last_chunk_s)
+        self._last_chunk_s = now
+        self.text += text
+        self.content_chunks += 1
 
     @property
     def tpot_s(self) -> float | None:
@@ -682,7 +694,6 @@ def _chunk_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
 
 async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, Any], res: RequestResult,
                           t0: float) -> None:
-    last: float | None = None
     async with client.stream("POST", path, json=body) as resp:
         res.status = resp.status_code
         if resp.status_code != 200:
@@ -729,14 +740,7 @@ async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, 
             if finish:
                 res.finish_reason = finish
             if text:
-                res.text += text
-                now = time.perf_counter()
-                if last is None:
-                    res.ttft_s = now - t0
-                else:
-                    res.itl_s.append(now - last)
-                last = now
-                res.content_chunks += 1
+                res.add_text(text, t0)
 
 
 async def run_request(client: httpx.AsyncClient, model: str, messages: Messages, s: RequestSettings,
@@ -925,7 +929,6 @@ async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
         ideal = None  # once a served model is pulled (or from --tokenizer)
         warm_prompts = _chat(cfg.warmup, _rng("warmup", cfg.seed))  # distinct from the measured prompts
         total = len(cfg.targets) * len(plan)
-        k = 0
         for t in cfg.targets:
             if t.label in served:
                 _log(f"{t.label}: starting a server with {t.serve}")
@@ -997,6 +1000,7 @@ async def router_summary(client: httpx.AsyncClient) -> dict[str, Any] | None:
 
 def _raw(r: RequestResult) -> dict[str, Any]:
     d = asdict(r)
+    d.pop("_last_chunk_s")
     d["tpot_s"] = r.tpot_s
     return d
 

@@ -3,8 +3,6 @@ measurements as HTTP targets, so one run compares the two front ends of one serv
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
 from specserve.v1 import generation_pb2 as pb
@@ -31,18 +29,10 @@ class GrpcBenchClient:
             prompt = {"chat": pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages])}
         request = pb.GenerateRequest(model=model, sampling=pb.SamplingParams(
             temperature=settings.temperature, max_tokens=settings.max_tokens), **prompt)
-        last = None
         try:
             async for chunk in self.stub.Generate(request, metadata=self.metadata, timeout=settings.timeout):
                 if chunk.text:
-                    now = time.perf_counter()
-                    if last is None:
-                        res.ttft_s = now - t0
-                    else:
-                        res.itl_s.append(now - last)
-                    last = now
-                    res.text += chunk.text
-                    res.content_chunks += 1
+                    res.add_text(chunk.text, t0)
                 if chunk.finish_reason:
                     u = chunk.usage
                     res.finish_reason = pb.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()

@@ -22,7 +22,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha import reflection
 
 from specserve.actors.engine.sampling_params import MAX_STOP_SEQUENCES, SamplingParams
-from specserve.routing.errors import APIError, invalid
+from specserve.routing.errors import invalid
 from specserve.routing.frontend import Frontend
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
