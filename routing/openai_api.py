@@ -112,8 +112,8 @@ class OpenAIIngress:
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Stop taking requests (health NOT_SERVING / 503, new requests 503 UNAVAILABLE) and wait for in-flight
-        ones; returns how many were still running at the timeout. Serve calls it through __del__ when it
-        removes this replica; `specserve serve` calls it on SIGTERM."""
+        ones; returns how many were still running at the timeout. Serve calls it through __del__ whenever it
+        removes this replica (scale-down, update, `serve delete`, Ctrl-C or SIGTERM of `specserve serve`)."""
         self.fe.draining = True  # first: nothing may turn health back to SERVING after this
         if self.grpc is not None:
             await self.grpc.drain()
