@@ -81,8 +81,35 @@ class SpeculativeConfig(_Strict):
         return self.method in ("model", "layer_skip", "int8")
 
 
+class AutoscalingConfig(_Strict):
+    """Serve autoscaling of one deployment (Serve's own field names): replicas follow the ongoing requests per
+    replica. Replicas that cannot be placed become resource demand that Ray's autoscaler (KubeRay's in-tree one
+    on Kubernetes) answers with nodes."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.min_replicas must be <= autoscaling.max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("autoscaling.initial_replicas must be within [min_replicas, max_replicas]")
+        return self
+
+    def serve_options(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
 class DeploymentConfig(_Strict):
+    # A fixed replica count, unless `autoscaling` is set.
     num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0, ge=0)
     # Custom Ray resources each replica needs (e.g. pin verifiers to a worker group that advertises them).

@@ -1,0 +1,99 @@
+"""The Serve config YAML of a specserve deployment, generated from the one config schema.
+
+`serve deploy`/`serve run` and KubeRay's RayService (serveConfigV2) take it. The application is built by `app`
+(this module's import path) from `args`, which is the whole SpecserveConfig; the `deployments` section repeats
+cluster/app.py's options so operators see (and Serve's schema checks) replicas, autoscaling and resources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from specserve.cluster.config import SpecserveConfig
+
+IMPORT_PATH = "specserve.deploy.serve_config:app"
+
+
+def app(args: dict):
+    """Serve's application builder: `args` is a SpecserveConfig as plain data."""
+    from specserve.cluster.app import build_app
+
+    return build_app(SpecserveConfig.model_validate(args))
+
+
+def check_deployable(config: SpecserveConfig) -> None:
+    """What a cluster deployment needs that `specserve serve` would otherwise provide itself."""
+    server = config.server
+    needs_redis = config.kv_store.enabled or config.router.policy == "prefix_cost"
+    if needs_redis and not (server.redis_url or server.redis_sentinels):
+        raise ValueError("server.redis_url (or server.redis_sentinels) is required in a cluster deployment: the KV "
+                         "store and the prefix_cost router use Redis (no embedded Redis outside `specserve serve`); "
+                         "or set kv_store.enabled=false and router.policy=pow2")
+
+
+def render(config: SpecserveConfig) -> dict:
+    """The Serve config (a dict that ray.serve.schema.ServeDeploySchema accepts)."""
+    from specserve.cluster.app import deployment_options
+
+    check_deployable(config)
+    server = config.server
+    deployments = [{"name": name, **opts} for name, opts in deployment_options(config).items()]
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": server.host, "port": server.http_port},
+        "applications": [{
+            "name": server.app_name,
+            "route_prefix": server.route_prefix,
+            "import_path": IMPORT_PATH,
+            # Only what was set: defaults (the model cache directory above all) resolve on each replica's node.
+            "args": config.model_dump(mode="json", exclude_unset=True),
+            "deployments": deployments,
+        }],
+    }
+
+
+def validate(serve_config: dict) -> None:
+    """Serve's own schema, plus the parts it leaves as plain dicts (autoscaling, request routers)."""
+    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(serve_config)
+    for application in serve_config["applications"]:
+        SpecserveConfig.model_validate(application["args"])
+        for d in application.get("deployments", []):
+            if "autoscaling_config" in d:
+                AutoscalingConfig.model_validate(d["autoscaling_config"])
+            if "request_router_config" in d:
+                RequestRouterConfig.model_validate(d["request_router_config"])
+
+
+def to_yaml(serve_config: dict) -> str:
+    return yaml.safe_dump(serve_config, sort_keys=False, default_flow_style=False)
+
+
+def main(argv: list[str]) -> int:
+    from specserve.cluster.launcher import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="specserve deploy", description="Deployment artifacts from the config.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    r = sub.add_parser("render", help="write the Serve config YAML (for `serve deploy` or a RayService)")
+    add_config_arguments(r)
+    r.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
+    args = parser.parse_args(argv)
+    try:
+        serve_config = render(config_from_args(args))
+        validate(serve_config)
+    except Exception as exc:  # noqa: BLE001 - one line for a bad config
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = to_yaml(serve_config)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
