@@ -25,6 +25,19 @@ def app(args: dict):
     return build_app(SpecserveConfig.model_validate(args))
 
 
+def _non_default(values: dict, defaults: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            nested = _non_default(value, default)
+            if nested:
+                out[key] = nested
+        elif value != default:
+            out[key] = value
+    return out
+
+
 def check_deployable(config: SpecserveConfig) -> None:
     """What a cluster deployment needs that `specserve serve` would otherwise provide itself."""
     server = config.server
@@ -49,8 +62,9 @@ def render(config: SpecserveConfig) -> dict:
             "name": server.app_name,
             "route_prefix": server.route_prefix,
             "import_path": IMPORT_PATH,
-            # Only what was set: defaults (the model cache directory above all) resolve on each replica's node.
-            "args": config.model_dump(mode="json", exclude_unset=True),
+            # Only what differs from the defaults: those (the model cache directory above all) resolve on each
+            # replica's node.
+            "args": _non_default(config.model_dump(mode="json"), SpecserveConfig().model_dump(mode="json")),
             "deployments": deployments,
         }],
     }

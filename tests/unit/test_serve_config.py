@@ -25,9 +25,14 @@ def test_default_render_passes_serves_schema_and_round_trips():
     app = sc["applications"][0]
     assert app["import_path"] == IMPORT_PATH and app["name"] == "specserve"
     assert sc["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    # args hold only what was set; the replicas' schema fills the rest on their own nodes.
+    # args hold only what differs from the defaults; the replicas' schema fills the rest on their own nodes.
     assert app["args"] == {"server": {"host": "0.0.0.0", "redis_url": "redis://redis:6379/0"}}
     assert SpecserveConfig.model_validate(app["args"]).model_dump() == cfg.model_dump()
+    # Fields assigned after loading count as well.
+    cfg2 = SpecserveConfig()
+    cfg2.server.redis_url, cfg2.engine.block_size = "redis://r:1", 32
+    assert render(cfg2)["applications"][0]["args"] == {"engine": {"block_size": 32},
+                                                       "server": {"redis_url": "redis://r:1"}}
     d = deployments(sc)
     assert set(d) == {"Ingress", "Verifier"}
     assert d["Ingress"]["max_replicas_per_node"] == 1  # it binds the gRPC port
