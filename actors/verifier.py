@@ -117,7 +117,6 @@ class Verifier:
             self.async_engine.prefetch = self._prefetch
         if drafter is not None and isinstance(self.async_engine.engine.proposer, DrafterClient):
             threading.Thread(target=self._discover_drafters, name="specserve-drafter-discovery", daemon=True).start()
-        self._tenant_roots: dict[str, bytes] = {}
         self.metrics = start_publisher(self.config, "Verifier", self._metric_families)
         bm = self.async_engine.engine.block_manager
         log.info("verifier ready: %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,
@@ -195,14 +194,7 @@ class Verifier:
     def _hash_root(self, tenant: str | None) -> bytes | None:
         """Root of a tenant's block hashes (None: the default tenant, the engine's own root)."""
         ns = tenant_namespace(self.namespace.id, tenant, self.config.kv_store.tenant)
-        if ns == self.namespace.id:
-            return None
-        root = self._tenant_roots.get(ns)
-        if root is None:
-            if len(self._tenant_roots) > 4096:
-                self._tenant_roots.clear()
-            root = self._tenant_roots[ns] = root_hash(ns)
-        return root
+        return None if ns == self.namespace.id else root_hash(ns)
 
     async def ping(self) -> bool:
         """Readiness: answered once the engine is loaded (Serve routes nothing to a replica before)."""

@@ -52,17 +52,12 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._inline or self._file)
 
-    def _read(self) -> tuple[tuple, dict[bytes, str]] | None:
-        """(stamp, keys) of the file, or None when it has not changed."""
-        st = os.stat(self._file)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stamp == self._file_stamp:
-            return None
+    def _parse(self) -> dict[bytes, str]:
         with open(self._file) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError("expected a mapping of key: tenant")
-        return stamp, {_digest(str(k)): check_tenant_name(str(t), "auth.api_keys_file") for k, t in data.items()}
+        return {_digest(str(k)): check_tenant_name(str(t), "auth.api_keys_file") for k, t in data.items()}
 
     def _reload(self, force: bool = False) -> None:
         """Startup (force): a bad file is a config error. Later: a missing, half-written or bad file keeps the
@@ -72,22 +67,24 @@ class ApiKeys:
             return
         self._checked_at = now
         try:
-            read = self._read()
+            st = os.stat(self._file)
+        except OSError as exc:
+            if force:
+                raise ValueError(f"auth.api_keys_file {self._file}: {exc}") from exc
+            return  # gone for a moment while a Secret is swapped
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._file_stamp:
+            return
+        self._file_stamp = stamp  # a bad file is reported once, not on every request
+        try:
+            keys = self._parse()
         except (OSError, ValueError, yaml.YAMLError, APIError) as exc:
             if force:
                 raise ValueError(f"auth.api_keys_file {self._file}: {exc}") from exc
-            try:
-                st = os.stat(self._file)
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            except OSError:
-                return
-            if stamp != self._file_stamp:
-                log.error("auth.api_keys_file %s unreadable (%s): keeping the previous keys", self._file, exc)
-                self._file_stamp = stamp
+            log.error("auth.api_keys_file %s unreadable (%s): keeping the previous keys", self._file, exc)
             return
-        if read is not None:
-            with self._lock:
-                self._file_stamp, self._file_keys = read
+        with self._lock:
+            self._file_keys = keys
 
     def tenant_of(self, key: str | None) -> str | None:
         """The key's tenant; None when auth is off. Raises 401 for a missing or unknown key."""

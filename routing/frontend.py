@@ -117,6 +117,11 @@ class Frontend:
             raise APIError(400, f"{param}: {chars} characters, more than any prompt of at most "
                                 f"{self.max_prompt_tokens} tokens", param=param, code="context_length_exceeded")
 
+    def _check_prompt_length(self, n: int, param: str) -> None:
+        if n > self.max_prompt_tokens:
+            raise APIError(400, f"{param}: {n} tokens, more than the limit of {self.max_prompt_tokens}",
+                           param=param, code="context_length_exceeded")
+
     def text_prompt(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
             raise invalid(param, "must not be empty")
@@ -126,9 +131,7 @@ class Frontend:
     def token_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
         if not ids:
             raise invalid(param, "must not be empty")
-        if len(ids) > self.max_prompt_tokens:  # before looking at each id
-            raise APIError(400, f"{param}: {len(ids)} tokens, more than the limit of {self.max_prompt_tokens}",
-                           param=param, code="context_length_exceeded")
+        self._check_prompt_length(len(ids), param)  # before looking at each id
         ids = list(ids)
         if any(t < 0 or t >= self.vocab_size for t in ids):
             raise invalid(param, f"token ids must be in [0, {self.vocab_size})")
@@ -137,9 +140,7 @@ class Frontend:
     def limits(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str = "prompt") -> int | None:
         """The request's max_tokens after the size limits (None: the engine fills the window)."""
         n = len(prompt_ids)
-        if n > self.max_prompt_tokens:
-            raise APIError(400, f"{prompt_param}: {n} tokens, more than the limit of {self.max_prompt_tokens}",
-                           param=prompt_param, code="context_length_exceeded")
+        self._check_prompt_length(n, prompt_param)
         cap = self.config.server.max_tokens
         if max_tokens is None:
             return min(cap, self.max_model_len - n) if cap else None

@@ -9,7 +9,6 @@ recomputed later; the prefix cache usually keeps most of them).
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass
 
