@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import ray
@@ -18,6 +19,11 @@ import ray
 from specserve.cluster.config import SpecserveConfig
 
 log = logging.getLogger(__name__)
+
+# A verifier drafts every engine step while it has sequences; one silent this long is idle (or gone). Long
+# enough to span the pauses of a busy verifier (a worker that missed a deadline is rested for seconds), so a
+# drafter starting up is not scaled away again.
+ACTIVE_WINDOW_S = 30.0
 
 
 class DraftWorker:
@@ -37,13 +43,23 @@ class DraftWorker:
                                            kv_cache_memory_gb=sp.draft_kv_cache_memory_gb,
                                            max_model_len=cfg.engine.max_model_len)
         self.method = sp.method
+        self._last_call: dict[str, float] = {}
         log.info("draft worker ready: %s (%s), %d KV blocks", cfg.model.name, sp.method, self.proposer.bm.num_blocks)
 
     def propose(self, client: str, requests: list[dict], releases: list[str]) -> list[dict]:
+        self._last_call[client] = time.monotonic()
         return self.proposer.propose_batch(client, requests, releases)
 
+    def active_verifiers(self) -> int:
+        """Verifiers (drafter clients) that asked for drafts within the last ACTIVE_WINDOW_S."""
+        cutoff = time.monotonic() - ACTIVE_WINDOW_S
+        for client in [c for c, t in self._last_call.items() if t < cutoff]:
+            del self._last_call[client]
+        return len(self._last_call)
+
     def stats(self) -> dict:
-        return {"method": self.method, "sequences_held": len(self.proposer.states), **self.proposer.stats}
+        return {"method": self.method, "sequences_held": len(self.proposer.states),
+                "active_verifiers": self.active_verifiers(), **self.proposer.stats}
 
 
 class Drafter:
@@ -62,6 +78,12 @@ class Drafter:
 
     async def stats(self) -> dict:
         return await self.worker.stats.remote()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (cluster/autoscaling.py's DrafterPolicy reads it)."""
+        from specserve.cluster.autoscaling import ACTIVE_VERIFIERS
+
+        return {ACTIVE_VERIFIERS: await self.worker.active_verifiers.remote()}
 
     async def check_health(self) -> None:
         await asyncio.wait_for(self.worker.stats.remote(), timeout=10)

@@ -132,15 +132,19 @@ class Verifier:
             ex = self.config.experts
             self.experts = attach_expert_actors(loaded.model, str(loaded.path), ex.num_actors, num_cpus=ex.num_cpus,
                                                 link=ex.transport, timeout_s=ex.timeout_s,
-                                                shard_dense_ffn=ex.shard_dense_ffn)
+                                                shard_dense_ffn=ex.shard_dense_ffn, resources=ex.resources)
             if self.experts is None:
                 log.warning("experts.num_actors=%d ignored: %s has no MoE layers (experts.shard_dense_ffn is off)",
                             ex.num_actors, self.config.model.name)
             elif not self.experts.ffn_shards and ex.rebalance_period_s:
                 from specserve.actors.experts.balancer import ExpertBalancer
+                from specserve.actors.experts.scaling import ActorScaler
 
+                # experts.autoscaling: each balancer round also decides the number of actors.
+                scaler = ActorScaler(**ex.autoscaling.model_dump(), redundant_slots=ex.redundant_slots) \
+                    if ex.autoscaling else None
                 self.expert_balancer = ExpertBalancer(self.experts, self.experts.experts_per_layer,
-                                                      redundant_slots=ex.redundant_slots)
+                                                      redundant_slots=ex.redundant_slots, scaler=scaler)
                 self.expert_balancer.run_every(ex.rebalance_period_s, self._stop)
         ec = self.config.engine
         self.namespace = kv_namespace(self.config, loaded.path, loaded.config)
@@ -177,7 +181,10 @@ class Verifier:
         """Attach drafter workers: quickly while none is attached (startup, after a drafter died), then now and
         then to find new replicas. Runs on its own thread: a Serve handle call must not stall engine steps."""
         client: DrafterClient = self.async_engine.engine.proposer
-        wanted = self.config.drafter.num_replicas
+        scaling = self.config.drafter.autoscaling
+        # Autoscaled drafters come and go: look for up to their maximum, a few calls a round (each call reaches
+        # one replica Serve picks), at a slower pace once some worker is attached.
+        wanted = scaling.max_replicas if scaling else self.config.drafter.num_replicas
         while not self._stop.is_set():
             try:
                 seen = set(client.workers())
@@ -189,7 +196,8 @@ class Verifier:
                         log.info("attached drafter worker %s", worker_id[:8])
             except Exception as exc:  # noqa: BLE001 - drafters may be restarting; retry
                 log.info("no drafter worker yet: %s", exc)
-            self._stop.wait(1.0 if len(client.workers()) < wanted else 15.0)
+            attached = len(client.workers())
+            self._stop.wait(1.0 if not attached or (attached < wanted and not scaling) else 5.0 if scaling else 15.0)
 
     def _hash_root(self, tenant: str | None) -> bytes | None:
         """Root of a tenant's block hashes (None: the default tenant, the engine's own root)."""
@@ -252,11 +260,15 @@ class Verifier:
 
     def experts_stats(self) -> dict | None:
         ex = getattr(self, "experts", None)
+        balancer = getattr(self, "expert_balancer", None)
+        scaling = balancer.last_scaling if balancer is not None else None
         return None if ex is None else {
             "actors": len(ex.actors), "calls": ex.calls, "resent_to_replica": ex.resent_to_replica,
             "waited_for_restart": ex.waited_for_restart, "placements": ex.placements,
             "rows_per_actor": list(ex.rows_per_actor),
-            "balance_rounds": list(self.expert_balancer.rounds) if self.expert_balancer else []}
+            "balance_rounds": list(balancer.rounds) if balancer else [],
+            # experts.autoscaling: the latest round's decision (current, desired, target, reason), else None
+            "scaling": scaling.as_dict() if scaling is not None else None}
 
     async def stats(self) -> dict:
         out = await self.async_engine.call(self.engine_stats)

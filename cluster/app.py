@@ -60,6 +60,12 @@ def deployment_options(config: SpecserveConfig) -> dict[str, dict]:
         # The replica is a thin shell; the draft worker it starts gets the configured CPUs/GPUs.
         out["Drafter"] = {**_options(config.drafter), "ray_actor_options": {"num_cpus": 0.01},
                           "health_check_period_s": 2, "health_check_timeout_s": 30}
+        if "autoscaling_config" in out["Drafter"]:  # drafters get no Serve requests: they follow the verifiers
+            from specserve.cluster.autoscaling import POLICY_PATH
+
+            out["Drafter"]["autoscaling_config"]["policy"] = {
+                "policy_function": POLICY_PATH,
+                "policy_kwargs": {"drafters_per_verifier": config.speculative.drafters_per_verifier}}
     return out
 
 

@@ -75,6 +75,9 @@ class SpeculativeConfig(_Strict):
     draft_kv_cache_memory_gb: float = Field(0.25, gt=0)
     # A drafter call slower than this is given up for the round (the sequence decodes without a draft).
     timeout_s: float = Field(2.0, gt=0)
+    # With drafter.autoscaling: drafter replicas follow the verifiers that draft, this many per verifier
+    # (cluster/autoscaling.py); the drafter's min/max replicas and delays still apply.
+    drafters_per_verifier: float = Field(1.0, gt=0)
 
     @property
     def remote(self) -> bool:
@@ -170,6 +173,28 @@ class RouterConfig(_Strict):
     session_header: str = "x-session-id"
 
 
+class ExpertsAutoscalingConfig(_Strict):
+    """Expert actors follow the load (actors/experts/scaling.py): each round of the balancer asks how many
+    replicas every expert needs so that none serves more than target_rows_per_slot_s, and how many actors hold
+    them (experts.num_actors is the count it starts with)."""
+
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(4, ge=1)
+    # Token rows per second one replica of an expert should serve at most. A step sends all of an expert's rows
+    # to one of its replicas (so outputs stay bit-identical); only more replicas spread a hot expert's load.
+    target_rows_per_slot_s: float = Field(1000.0, gt=0)
+    # A new count is applied once it has been wanted this long (moving expert weights is not free).
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExpertsAutoscalingConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"experts.autoscaling.min_actors ({self.min_actors}) must be <= "
+                             f"experts.autoscaling.max_actors ({self.max_actors})")
+        return self
+
+
 class ExpertsConfig(_Strict):
     """Mixture-of-Experts models: where the experts run (actors/experts/)."""
 
@@ -177,6 +202,8 @@ class ExpertsConfig(_Strict):
     # nodes), each holding expert e of every MoE layer for e % N == its index. Dense models ignore it.
     num_actors: int = Field(0, ge=0)
     num_cpus: float = Field(0.25, gt=0)
+    # Custom Ray resources each expert actor asks for (e.g. the chart's expert worker group offers them).
+    resources: dict[str, float] = Field(default_factory=dict)
     # Dense models: run each MLP as num_actors slices of its intermediate dimension in the actors (exercises the
     # expert path with a dense model; it only adds transport cost).
     shard_dense_ffn: bool = False
@@ -188,6 +215,25 @@ class ExpertsConfig(_Strict):
     # giving each actor redundant_slots extra expert slots per layer for replicas of hot experts.
     rebalance_period_s: float = Field(60.0, ge=0)
     redundant_slots: int = Field(1, ge=0)
+    # None: num_actors actors for good. Set: the balancer also resizes the actors each round, from num_actors.
+    autoscaling: ExpertsAutoscalingConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExpertsConfig":
+        sc = self.autoscaling
+        if sc is None:
+            return self
+        if not sc.min_actors <= self.num_actors <= sc.max_actors:
+            raise ValueError(f"experts.num_actors ({self.num_actors}), the initial count with experts.autoscaling, "
+                             f"must be within [experts.autoscaling.min_actors, max_actors] = "
+                             f"[{sc.min_actors}, {sc.max_actors}]")
+        if not self.rebalance_period_s:
+            raise ValueError("experts.autoscaling needs experts.rebalance_period_s > 0 (each balancer round "
+                             "decides the actor count)")
+        if not self.redundant_slots:
+            raise ValueError("experts.autoscaling needs experts.redundant_slots >= 1 (replicas of hot experts "
+                             "live in the redundant slots; without them more actors add none)")
+        return self
 
 
 class TenantLimits(_Strict):

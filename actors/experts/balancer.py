@@ -2,49 +2,68 @@
 placement with redundant replicas of hot experts (eplb.rebalance) and apply it in two phases without stopping
 decoding: the actors load their new slots while serving, the transport switches to the new map at a step
 boundary, then the actors drop the slots the new map no longer uses.
+
+With a scaler (scaling.py) each round first decides the number of actors. Growing starts the new actors holding
+their slots of a placement planned for the new count, then applies it as above; shrinking applies a placement
+on the remaining actors, and removes the others only once no step uses them.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
+import time
 
 import ray
 
 from specserve.actors.experts.eplb import LayerPlacement, balance_ratio, rebalance
 from specserve.actors.experts.ray_transport import ActorTransport, Slot, slots_of_actors
+from specserve.actors.experts.scaling import ActorScaler, ScalingDecision, slots_per_actor
 
 log = logging.getLogger(__name__)
 
 
 class ExpertBalancer:
     def __init__(self, transport: ActorTransport, experts_per_layer: dict[int, int], *, redundant_slots: int = 1,
-                 min_gain: float = 0.05, min_tokens: int = 1000):
-        """Each actor gets ceil(experts / actors) + `redundant_slots` slots per layer. A new placement is applied
-        only if it lowers the predicted max/mean tokens per actor by at least `min_gain` (moving weights costs),
-        judged on at least `min_tokens` rows (fewer are noise)."""
+                 min_gain: float = 0.05, min_tokens: int = 1000, scaler: ActorScaler | None = None):
+        """Each actor gets slots_per_actor(experts, actors, `redundant_slots`) slots per layer. A new placement is
+        applied only if it lowers the predicted max/mean tokens per actor by at least `min_gain` (moving weights
+        costs), judged on at least `min_tokens` rows (fewer are noise). `scaler`: also resize the actors."""
         self.transport = transport
         self.experts_per_layer = experts_per_layer
-        self.num_actors = len(transport.actors)
         self.redundant_slots = redundant_slots
         self.min_gain = min_gain
         self.min_tokens = min_tokens
-        self._seen: dict[Slot, int] = {}
+        self.scaler = scaler
+        self.last_scaling: ScalingDecision | None = None
+        self._seen: dict[tuple, int] = {}  # (actor handle, slot) -> rows it had counted at the last read
+        self._read_at = time.monotonic()
         self.rounds: collections.deque[dict] = collections.deque(maxlen=8)  # the latest, for stats
 
-    def _recent_loads(self) -> dict[int, list[float]]:
-        """Rows per (layer, expert) since the last call, over all actors (an actor restarted since counts anew)."""
-        now: dict[Slot, int] = {}
-        for counts in self.transport.token_counts():
-            for slot, n in counts.items():
-                now[slot] = now.get(slot, 0) + n
+    @property
+    def num_actors(self) -> int:
+        return len(self.transport.actors)
+
+    def _recent_loads(self) -> tuple[dict[int, list[float]], float]:
+        """Rows per (layer, expert) since the last call, over all actors, and the seconds since. Diffed per actor:
+        actors come and go with resizing; one that counts less than before has restarted and counts anew."""
+        actors, counts = list(self.transport.actors), self.transport.token_counts()
+        now_s = time.monotonic()
+        period, self._read_at = now_s - self._read_at, now_s
         loads = {layer: [0.0] * n for layer, n in self.experts_per_layer.items()}
-        for (layer, e), n in now.items():
-            loads[layer][e] += max(0, n - self._seen.get((layer, e), 0))
-        self._seen = now
-        return loads
+        seen: dict[tuple, int] = {}
+        for actor, actor_counts in zip(actors, counts):
+            for (layer, e), n in actor_counts.items():
+                before = self._seen.get((actor, (layer, e)), 0)
+                loads[layer][e] += n - before if n >= before else n
+                seen[(actor, (layer, e))] = n
+        self._seen = seen
+        return loads, period
+
+    def _plan(self, loads: dict[int, list[float]], num_actors: int) -> dict[int, LayerPlacement]:
+        return {layer: rebalance(loads[layer], num_actors, slots_per_actor(n, num_actors, self.redundant_slots))
+                for layer, n in self.experts_per_layer.items()}
 
     def _actor_loads(self, placements: dict[int, LayerPlacement], loads: dict[int, list[float]]) -> list[float]:
         total = [0.0] * self.num_actors
@@ -54,27 +73,60 @@ class ExpertBalancer:
         return total
 
     def rebalance_once(self, switch_timeout_s: float = 60.0) -> dict:
-        """One round: measure, plan, and (if worth it) apply. Returns what it saw and did."""
-        loads = self._recent_loads()
+        """One round: measure, (with a scaler) decide the actor count and resize, else plan and (if worth it)
+        apply. Returns what it saw and did."""
+        loads, period_s = self._recent_loads()
         current = {layer: LayerPlacement([self.transport.replicas[(layer, e)] for e in range(n)], self.num_actors)
                    for layer, n in self.experts_per_layer.items()}
         before = balance_ratio(self._actor_loads(current, loads))
-        planned = {layer: rebalance(loads[layer], self.num_actors,
-                                    math.ceil(n / self.num_actors) + self.redundant_slots)
-                   for layer, n in self.experts_per_layer.items()}
-        after = balance_ratio(self._actor_loads(planned, loads))
-        report = {"tokens": sum(map(sum, loads.values())), "before": before, "predicted_after": after,
-                  "applied": False, "loaded": 0, "dropped": 0}
+        report = {"tokens": sum(map(sum, loads.values())), "period_s": period_s, "before": before,
+                  "applied": False, "loaded": 0, "dropped": 0, "actors": self.num_actors}
+        if self.scaler is not None:
+            self.last_scaling = self.scaler.decide(loads, period_s, self.num_actors, time.monotonic())
+            report["scaling"] = self.last_scaling.as_dict()
+            if self.last_scaling.target != self.num_actors:
+                report.update(self.resize(self.last_scaling.target, loads, switch_timeout_s))
+                self.rounds.append(report)
+                log.info("expert balance: %s", report)
+                return report
+        planned = self._plan(loads, self.num_actors)
+        after = report["predicted_after"] = balance_ratio(self._actor_loads(planned, loads))
         if report["tokens"] >= max(1, self.min_tokens) and before - after >= self.min_gain * before:
-            replicas = {(layer, e): actors for layer, p in planned.items() for e, actors in enumerate(p.replicas)}
-            report.update(self.apply(replicas, switch_timeout_s))
+            report.update(self.apply(self._replicas(planned), switch_timeout_s))
         self.rounds.append(report)
         log.info("expert balance: %s", report)
         return report
 
-    def apply(self, replicas: dict[Slot, list[int]], switch_timeout_s: float) -> dict:
-        actors = self.transport.actors
-        new_slots = slots_of_actors(replicas, self.num_actors)
+    @staticmethod
+    def _replicas(planned: dict[int, LayerPlacement]) -> dict[Slot, list[int]]:
+        return {(layer, e): actors for layer, p in planned.items() for e, actors in enumerate(p.replicas)}
+
+    def resize(self, count: int, loads: dict[int, list[float]], switch_timeout_s: float = 60.0) -> dict:
+        """Go to `count` actors with a placement planned for them from `loads`. Growing: start the new actors
+        (the highest indices) holding their slots, then apply. Shrinking: apply a placement on actors [0, count),
+        then remove the rest once no step uses them."""
+        planned = self._plan(loads, count)
+        replicas = self._replicas(planned)
+        old = self.num_actors
+        if count > old:
+            self.transport.add_actors(slots_of_actors(replicas, count)[old:])
+        result = {"applied": False}
+        try:
+            result = self.apply(replicas, switch_timeout_s, num_actors=count)
+        finally:
+            # Whatever happened, actors no map names go: the old tail after a shrink, the new actors after a
+            # withdrawn or failed switch (so the count stays what the map uses).
+            in_use = self.transport.actors_in_use()
+            if in_use < self.num_actors:
+                self.transport.remove_actors(in_use)
+        log.info("expert actors: %d -> %d%s", old, self.num_actors, "" if result["applied"] else " (withdrawn)")
+        return dict(result, actors=self.num_actors, predicted_after=balance_ratio(self._actor_loads(planned, loads)),
+                    resized=result["applied"])
+
+    def apply(self, replicas: dict[Slot, list[int]], switch_timeout_s: float, num_actors: int | None = None) -> dict:
+        """`num_actors`: the actors `replicas` spans, the first ones (default: all; fewer when shrinking)."""
+        actors = self.transport.actors[:num_actors or self.num_actors]
+        new_slots = slots_of_actors(replicas, len(actors))
         # Phase 1: every actor loads the slots it lacks (it keeps serving from the ones it has).
         loaded = sum(ray.get([a.load_slots.remote(sorted(s)) for a, s in zip(actors, new_slots)]))
         # Phase 2: the transport switches maps at its next step boundary.

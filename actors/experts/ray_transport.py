@@ -8,7 +8,8 @@ calls, measured slower). The transport groups a layer's experts by the actor cho
 expert take turns, step by step; all of an expert's rows go to one replica, so results do not change), sends all
 messages, then collects them. A message whose actor died or timed out is re-sent to other replicas of its experts
 when every one of them has one; otherwise the step waits until Ray has restarted the actor and sends it again.
-Requests are delayed, never answered wrong.
+Requests are delayed, never answered wrong. The set of actors can grow and shrink while serving (add_actors,
+remove_actors; the balancer decides when), always around a switch of the replica map at a step boundary.
 """
 
 from __future__ import annotations
@@ -107,24 +108,60 @@ class ExpertActor:
         return ray.get_runtime_context().get_node_id()
 
 
+@dataclass(frozen=True)
+class ActorSpec:
+    """What every expert actor of a transport starts with (the transport starts more of them when it grows)."""
+
+    model_path: str
+    hidden_act: str
+    dtype: str = "float32"
+    num_cpus: float = 0.25
+    torch_threads: int = 1
+    ffn_shards: int = 0
+    # Custom Ray resources each actor asks for (pins the actors to the nodes that offer them).
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def bundle(self) -> dict[str, float]:
+        """One actor's placement-group bundle."""
+        return {"CPU": self.num_cpus, **self.resources}
+
+    def start(self, slots: set[Slot], pg, bundle: int):
+        """An actor holding `slots`, in bundle `bundle` of placement group `pg` (not waited for)."""
+        return ray.remote(ExpertActor).options(
+            num_cpus=self.num_cpus, resources=dict(self.resources), max_restarts=-1, max_task_retries=0,
+            max_concurrency=4,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+        ).remote(self.model_path, [list(s) for s in sorted(slots)], self.hidden_act, self.dtype, self.torch_threads,
+                 self.ffn_shards)
+
+
+def actor_spec(model_path: str, hidden_act: str, dtype: str = "float32", num_cpus: float = 0.25,
+               ffn_shards: int = 0, torch_threads: int | None = None,
+               resources: dict[str, float] | None = None) -> ActorSpec:
+    """The actors use the caller's torch thread count unless told otherwise: CPU matmul kernels split work by
+    thread count, and on some CPUs the bits then differ from the same model run in the caller."""
+    return ActorSpec(model_path, hidden_act, dtype, num_cpus, torch_threads or torch.get_num_threads(), ffn_shards,
+                     dict(resources or {}))
+
+
+def start_actors(spec: ActorSpec, owners: dict[Slot, list[int]], num_actors: int,
+                 spread: bool = True) -> tuple[list, object]:
+    """`num_actors` actors, actor a holding every (layer, expert) whose owners include a, in a placement group
+    that spreads them over nodes (SPREAD: best effort). Returns (actors, placement group); remove the group to
+    free them."""
+    pg = placement_group([spec.bundle()] * num_actors, strategy="SPREAD" if spread else "PACK")
+    ray.get(pg.ready(), timeout=120)
+    actors = [spec.start(slots, pg, a) for a, slots in enumerate(slots_of_actors(owners, num_actors))]
+    ray.get([a.ready.remote() for a in actors], timeout=300)
+    return actors, pg
+
+
 def start_expert_actors(model_path: str, owners: dict[Slot, list[int]], num_actors: int,
                         hidden_act: str, dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True,
                         ffn_shards: int = 0, torch_threads: int | None = None) -> tuple[list, object]:
-    """`num_actors` actors, actor a holding every (layer, expert) whose owners include a, in a placement group
-    that spreads them over nodes (SPREAD: best effort). Returns (actors, placement group); remove the group to
-    free them. The actors use the caller's torch thread count unless told otherwise: CPU matmul kernels split
-    work by thread count, and on some CPUs the bits then differ from the same model run in the caller."""
-    torch_threads = torch_threads or torch.get_num_threads()
-    pg = placement_group([{"CPU": num_cpus}] * num_actors, strategy="SPREAD" if spread else "PACK")
-    ray.get(pg.ready(), timeout=120)
-    actors = []
-    for a, slots in enumerate(slots_of_actors(owners, num_actors)):
-        actors.append(ray.remote(ExpertActor).options(
-            num_cpus=num_cpus, max_restarts=-1, max_task_retries=0, max_concurrency=4,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=a),
-        ).remote(model_path, [list(s) for s in sorted(slots)], hidden_act, dtype, torch_threads, ffn_shards))
-    ray.get([a.ready.remote() for a in actors], timeout=300)
-    return actors, pg
+    """start_actors with a spec made of these arguments (see actor_spec)."""
+    return start_actors(actor_spec(model_path, hidden_act, dtype, num_cpus, ffn_shards, torch_threads), owners,
+                        num_actors, spread)
 
 
 def slots_of_actors(owners: dict[Slot, list[int]], num_actors: int) -> list[set[Slot]]:
@@ -223,14 +260,19 @@ class PendingLayer:
 
 class ActorTransport:
     def __init__(self, actors: list, replicas: dict[Slot, list[int]], *, link: str = "channel",
-                 timeout_s: float = 30.0, restart_wait_s: float = 300.0):
-        """`replicas`: (layer, expert) -> indices of the actors holding it (first is preferred)."""
+                 timeout_s: float = 30.0, restart_wait_s: float = 300.0, spec: ActorSpec | None = None):
+        """`replicas`: (layer, expert) -> indices of the actors holding it (first is preferred). `spec`: how to
+        start more actors (add_actors; None: the actor count is fixed)."""
         if link not in LINKS:
             raise ValueError(f"experts.transport must be one of {sorted(LINKS)}, not {link!r}")
-        self.actors = actors
+        self.actors = list(actors)
+        self.link = link
+        self.spec = spec
         self.links = [LINKS[link](a) for a in actors]
         self.replicas = replicas
         self.first_layer = min(layer for layer, _ in replicas)
+        self.last_layer = max(layer for layer, _ in replicas)
+        self._in_step = False  # between a step's first layer and the end of its last: the maps are in use
         self.experts_per_layer = dict(collections.Counter(layer for layer, _ in replicas))
         self.timeout_s = timeout_s
         self.restart_wait_s = restart_wait_s
@@ -244,9 +286,10 @@ class ActorTransport:
         self.waited_for_restart = 0
         self.placements = 0  # placement switches applied
         self._down: set[int] = set()
-        self._reopening = [threading.Lock() for _ in actors]
+        self._reopening = [threading.Lock() for _ in actors]  # grows with the actors, never shrinks
         self._closed = threading.Event()
         self.placement_group = None  # set by whoever started the actors in one; removed by shutdown()
+        self.own_groups: list = [None] * len(actors)  # per actor: the group add_actors made for it, if any
         for link in self.links:
             link.open(timeout_s)
 
@@ -254,11 +297,15 @@ class ActorTransport:
 
     def propose(self, replicas: dict[Slot, list[int]]) -> threading.Event:
         """Use `replicas` from the next step on (the actors already hold its slots); the event is set once no
-        step uses the old map any more."""
+        step uses the old map any more: at once between steps (an idle verifier must be able to shrink too),
+        else at the next step boundary."""
         with self._lock:
             self._next_replicas = replicas
             self._switched = threading.Event()
-            return self._switched
+            switched = self._switched
+            if not self._in_step:
+                self._switch()
+            return switched
 
     def withdraw(self, replicas: dict[Slot, list[int]]) -> bool:
         """Cancel a proposal that has not been switched to yet (True if it was still pending)."""
@@ -271,10 +318,14 @@ class ActorTransport:
     def _step_boundary(self) -> None:
         self._step += 1
         with self._lock:
-            if self._next_replicas is not None:
-                self.replicas, self._next_replicas = self._next_replicas, None
-                self.placements += 1
-                self._switched.set()
+            self._in_step = True
+            self._switch()
+
+    def _switch(self) -> None:  # under _lock, with no step using the maps
+        if self._next_replicas is not None:
+            self.replicas, self._next_replicas = self._next_replicas, None
+            self.placements += 1
+            self._switched.set()
 
     def slots_of(self, actor: int) -> list[Slot]:
         with self._lock:
@@ -330,6 +381,9 @@ class ActorTransport:
                     continue
                 scatter_outputs(outputs, positions, pending.counts, out.to(pending.rows.device))
             if not failed:
+                if pending.layer == self.last_layer:
+                    with self._lock:
+                        self._in_step = False
                 return outputs
             if all(self._owner(pending.layer, pending.plan[p].expert, pending.step) is not None for p in failed):
                 self.resent_to_replica += 1
@@ -360,13 +414,18 @@ class ActorTransport:
         reloaded the ones it started with), and reconnect. Raises if it stays away restart_wait_s."""
         deadline = time.monotonic() + self.restart_wait_s
         with self._reopening[actor]:
-            while actor in self._down:
+            while True:
+                with self._lock:  # remove_actors takes removed actors out of _down (and the lists) under it
+                    if actor not in self._down:
+                        return
+                    handle, link = self.actors[actor], self.links[actor]
                 if self._closed.is_set() or not ray.is_initialized():
                     raise RuntimeError("expert transport shut down")
                 try:
-                    ray.get(self.actors[actor].hold_slots.remote(self.slots_of(actor)), timeout=self.timeout_s)
-                    self.links[actor].open(self.timeout_s)
-                    self._down.discard(actor)
+                    ray.get(handle.hold_slots.remote(self.slots_of(actor)), timeout=self.timeout_s)
+                    link.open(self.timeout_s)
+                    with self._lock:
+                        self._down.discard(actor)
                 except (RayActorError, GetTimeoutError, ActorUnavailable) as exc:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"expert actor {actor} unavailable for "
@@ -376,16 +435,94 @@ class ActorTransport:
     def token_counts(self) -> list[dict[Slot, int]]:
         return ray.get([a.token_counts.remote() for a in self.actors])
 
+    # -- resizing (one resizer at a time: the balancer thread). Growing appends actors no map names yet; the
+    # balancer then proposes a map that uses them. Shrinking removes actors once the map in use names none. The
+    # engine thread only indexes actors its current map names, so the lists change in place, under _lock. --
+
+    def add_actors(self, slots: list[set[Slot]], ready_timeout_s: float = 300.0) -> list[int]:
+        """Start one actor per entry of `slots`, holding those, and connect to them; returns their indices.
+        Actor i goes into bundle i of the first placement group while that group has one (its actor was
+        removed), else into a one-bundle group of its own."""
+        from ray.util.placement_group import remove_placement_group
+
+        if self.spec is None:
+            raise RuntimeError("this transport was made without an ActorSpec: it cannot start actors")
+        first = len(self.actors)
+        shared = self.placement_group.bundle_count if self.placement_group is not None else 0
+        handles, owned, links = [], [], []  # owned: per new actor, its own group (None: a bundle of the first)
+        try:
+            for i, held in enumerate(slots, start=first):
+                pg = placement_group([self.spec.bundle()]) if i >= shared else None
+                owned.append(pg)
+                if pg is not None:
+                    ray.get(pg.ready(), timeout=ready_timeout_s)  # unplaceable: demand for Ray's autoscaler
+                handles.append(self.spec.start(held, self.placement_group, i) if pg is None
+                               else self.spec.start(held, pg, 0))
+            ray.get([h.ready.remote() for h in handles], timeout=ready_timeout_s)
+            for h in handles:
+                links.append(LINKS[self.link](h))
+                links[-1].open(self.timeout_s)
+        except Exception:
+            for link in links:
+                link.close()
+            for h in handles:
+                ray.kill(h, no_restart=True)
+            for pg in owned:
+                if pg is not None:
+                    remove_placement_group(pg)
+            raise
+        with self._lock:
+            self.actors.extend(handles)
+            self.links.extend(links)
+            self.own_groups.extend(owned)
+            self.rows_per_actor.extend([0] * len(handles))
+            while len(self._reopening) < len(self.actors):
+                self._reopening.append(threading.Lock())
+        return list(range(first, first + len(handles)))
+
+    def actors_in_use(self) -> int:
+        """How many actors the map in use and the proposed one span (1 + the highest index they name)."""
+        with self._lock:
+            return self._in_use()
+
+    def _in_use(self) -> int:
+        maps = [self.replicas] + ([self._next_replicas] if self._next_replicas else [])
+        return 1 + max(a for m in maps for owners in m.values() for a in owners)
+
+    def remove_actors(self, keep: int) -> list:
+        """Remove every actor from index `keep` on: close its link, kill it, remove its own placement group.
+        The map in use (and any proposed) must name none of them: propose one without them and wait for the
+        switch first. Returns the removed actor handles."""
+        from ray.util.placement_group import remove_placement_group
+
+        with self._lock:
+            if self._in_use() > keep:
+                raise RuntimeError(f"the expert map still uses actors from {keep} on: switch it first")
+            handles, links, groups = self.actors[keep:], self.links[keep:], self.own_groups[keep:]
+            for lst in (self.actors, self.links, self.own_groups, self.rows_per_actor):
+                del lst[keep:]
+            self._down -= set(range(keep, keep + len(handles)))  # their reopen threads, if any, give up
+        for link in links:
+            link.close()
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        for pg in groups:
+            if pg is not None:
+                remove_placement_group(pg)
+        return handles
+
     def shutdown(self) -> None:
-        """Close the links, stop reconnecting, and remove the actors' placement group (which ends them)."""
+        """Close the links, stop reconnecting, and remove the actors' placement groups (which ends them)."""
         from ray.util.placement_group import remove_placement_group
 
         self._closed.set()
         for link in self.links:
             link.close()
-        if self.placement_group is not None:
-            remove_placement_group(self.placement_group)
-            self.placement_group = None
+        for pg in [self.placement_group] + self.own_groups:
+            if pg is not None:
+                remove_placement_group(pg)
+        self.placement_group = None
+        self.own_groups = [None] * len(self.own_groups)
 
 
 class CompiledGraphTransport:
@@ -421,8 +558,8 @@ class CompiledGraphTransport:
 
 
 def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,
-                         link: str = "channel", timeout_s: float = 30.0,
-                         shard_dense_ffn: bool = False) -> ActorTransport | None:
+                         link: str = "channel", timeout_s: float = 30.0, shard_dense_ffn: bool = False,
+                         resources: dict[str, float] | None = None) -> ActorTransport | None:
     """Move `model`'s experts into `num_actors` new expert actors (owned by the caller; expert e of every layer on
     actor e % num_actors) and route its MoE layers through them. A dense model's MLPs instead, split into
     `num_actors` slices, if `shard_dense_ffn`. None if there is nothing to move."""
@@ -441,9 +578,10 @@ def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: in
     else:
         return None
     hidden_act = model.config.get_text_config().hidden_act
-    actors, pg = start_expert_actors(model_path, owners, num_actors, hidden_act,
-                                     dtype=str(dtype).removeprefix("torch."), num_cpus=num_cpus, ffn_shards=ffn)
-    transport = ActorTransport(actors, owners, link=link, timeout_s=timeout_s)
+    spec = actor_spec(model_path, hidden_act, dtype=str(dtype).removeprefix("torch."), num_cpus=num_cpus,
+                      ffn_shards=ffn, resources=resources)
+    actors, pg = start_actors(spec, owners, num_actors)
+    transport = ActorTransport(actors, owners, link=link, timeout_s=timeout_s, spec=None if ffn else spec)
     transport.placement_group = pg
     transport.ffn_shards = ffn
     if ffn:
