@@ -10,6 +10,7 @@ Names follow vLLM's where the meaning is the same, under the `specserve:` prefix
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -173,6 +174,11 @@ def _key(app_name: str) -> str:
     return f"specserve:{app_name}:metrics"
 
 
+def _field(labels: dict) -> str:
+    """A process's field in the Redis hash: deployment/replica."""
+    return f"{labels.get('deployment', '')}/{labels.get('replica', '')}"
+
+
 class MetricsPublisher:
     """Publishes one replica's families to Redis every `period_s` until closed (a thread; Redis errors are
     logged once and retried)."""
@@ -180,7 +186,7 @@ class MetricsPublisher:
     def __init__(self, redis_client, app_name: str, labels: dict, families: Callable[[], list[Family]],
                  period_s: float):
         self.redis, self.key, self.labels = redis_client, _key(app_name), labels
-        self.field = f"{labels.get('deployment', '')}/{labels.get('replica', '')}"
+        self.field = _field(labels)
         self._families, self.period_s = families, period_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="specserve-metrics", daemon=True)
@@ -226,6 +232,21 @@ def published(redis_client, app_name: str, max_age_s: float, skip_field: str = "
     if stale:
         redis_client.hdel(_key(app_name), *stale)
     return out
+
+
+def shard(own: dict, processes: list[tuple[dict, list[Family]]]) -> list[tuple[dict, list[Family]]]:
+    """The processes an ingress reports when every ingress is scraped (a ServiceMonitor scrapes each pod): each
+    other replica goes to one ingress, by rendezvous hashing over the ingresses that publish, so every series
+    is scraped once; other ingresses report themselves. `own`: the answering ingress's labels."""
+    ingresses = sorted({_field(own)} | {_field(labels) for labels, _ in processes
+                                        if labels.get("deployment") == own.get("deployment")})
+
+    def owner(labels: dict) -> str:
+        field = _field(labels)
+        return max(ingresses, key=lambda i: hashlib.blake2b(f"{i}|{field}".encode(), digest_size=8).digest())
+
+    return [(labels, fams) for labels, fams in processes
+            if labels.get("deployment") != own.get("deployment") and owner(labels) == _field(own)]
 
 
 def start_publisher(config, deployment: str, families: Callable[[], list[Family]]) -> MetricsPublisher | None:

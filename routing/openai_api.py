@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from specserve.cluster.config import SpecserveConfig
-from specserve.cluster.metrics import published, render, start_publisher
+from specserve.cluster.metrics import published, render, shard, start_publisher
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.errors import APIError, api_error_of
 from specserve.routing.frontend import Frontend
@@ -96,8 +97,9 @@ class OpenAIIngress:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics(self):
-        """Prometheus text: this replica's metrics and every other replica's last published ones."""
+    async def metrics(self, scope: Literal["app", "shard"] = "app"):
+        """Prometheus text: this replica's metrics and every other replica's last published ones; with
+        ?scope=shard only this ingress's share of the others (for scrapers that reach every ingress)."""
         own = ({"deployment": "Ingress", "replica": self.metrics.labels["replica"] if self.metrics else "local"},
                self.fe.metrics.families())
         others = []
@@ -108,6 +110,8 @@ class OpenAIIngress:
                     3 * self.config.server.metrics_period_s + 5, self.metrics.field)
             except Exception as exc:  # noqa: BLE001 - Redis down: still answer with our own
                 log.warning("reading published metrics failed: %s", exc)
+        if scope == "shard":
+            others = shard(own[0], others)
         return Response(render([own, *others]), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def drain(self, timeout_s: float | None = None) -> int:

@@ -5,7 +5,7 @@ import time
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from specserve.cluster.metrics import FrontendMetrics, MetricsPublisher, published, render, verifier_families
+from specserve.cluster.metrics import FrontendMetrics, MetricsPublisher, published, render, shard, verifier_families
 from specserve.cluster.redis_server import EmbeddedRedis
 
 
@@ -76,3 +76,18 @@ def test_publish_read_and_stale_entries_dropped():
         pub.publish()
         pub.close()  # a closed replica leaves at once
         assert published(client, "app", max_age_s=10) == []
+
+
+def test_sharded_scrapes_of_every_ingress_report_each_replica_once():
+    ingresses = [{"deployment": "Ingress", "replica": f"i{n}"} for n in range(3)]
+    others = [{"deployment": d, "replica": f"{d[0]}{n}"} for d in ("Verifier", "Drafter") for n in range(10)]
+    processes = [(labels, []) for labels in ingresses + others]
+    reported = []
+    for own in ingresses:
+        mine = [labels for labels, _ in shard(own, [p for p in processes if p[0] != own])]
+        assert all(labels["deployment"] != "Ingress" for labels in mine)  # each ingress reports only itself
+        reported += mine
+    assert sorted(map(str, reported)) == sorted(map(str, others))  # every replica once, none twice
+    assert all(len(shard(own, processes)) < len(others) for own in ingresses)  # spread, not one takes all
+    # A lone ingress owns everything.
+    assert len(shard(ingresses[0], [(labels, []) for labels in others])) == len(others)
