@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: install serve test test-unit protos bench clean
+.PHONY: install serve test test-unit protos chart-schema clean
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-unit: install
 # Regenerate the committed gRPC stubs after editing protos/specserve/v1/*.proto (a test fails if they are stale).
 protos: install
 	$(PY) protos/compile.py
+
+# Regenerate helm/specserve/values.schema.json after changing the config schema or deploy/chart_values.py (a
+# test fails if it is stale).
+chart-schema: install
+	$(PY) -m specserve.deploy.chart_values
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import httpx
@@ -18,10 +19,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    p.add_argument("--api-key", default=os.environ.get("SPECSERVE_API_KEY"),
+                   help="API key (default: $SPECSERVE_API_KEY; none when the server needs no key)")
     args = p.parse_args(argv)
     base = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        with httpx.Client(timeout=httpx.Timeout(300.0, connect=5.0)) as client:
+        with httpx.Client(timeout=httpx.Timeout(300.0, connect=5.0), headers=headers) as client:
             model = args.model or client.get(f"{base}/v1/models").json()["data"][0]["id"]
             body = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
                     "stream": True, "seed": args.seed}

@@ -1,0 +1,136 @@
+{{/* Names and labels, per Helm's conventions. */}}
+{{- define "specserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "specserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "specserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "specserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "specserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "specserve.labels" -}}
+helm.sh/chart: {{ include "specserve.chart" . }}
+{{ include "specserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: specserve
+{{- end }}
+
+{{- define "specserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "specserve.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s-redis:6379/0" (include "specserve.fullname" .) }}
+{{- else }}
+{{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl }}
+{{- end }}
+{{- end }}
+
+{{- define "specserve.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "specserve.fullname" .)) .Values.apiKeys.existingSecret }}
+{{- end }}
+
+{{- define "specserve.apiKeysFile" -}}/etc/specserve/api-keys/api-keys.yaml{{- end }}
+
+{{/* The ports the ingress serves, from the specserve config (its defaults when unset). */}}
+{{- define "specserve.httpPort" -}}
+{{- (.Values.specserve.server | default dict).http_port | default 8000 }}
+{{- end }}
+{{- define "specserve.grpcPort" -}}
+{{- $server := .Values.specserve.server | default dict }}
+{{- if hasKey $server "grpc_port" }}{{ $server.grpc_port | int }}{{ else }}9000{{ end }}
+{{- end }}
+
+{{/*
+The Serve application's args: the user's specserve config with what the chart decides on top. Serve builds the
+app from these alone (specserve.deploy.serve_config:app validates them with the same pydantic schema).
+*/}}
+{{- define "specserve.args" -}}
+{{- $server := dict "host" "0.0.0.0" "redis_url" (include "specserve.redisUrl" .) }}
+{{- $chart := dict "server" $server "model" (dict "cache_dir" .Values.modelCache.mountPath) }}
+{{- if .Values.apiKeys.enabled }}
+{{- $_ := set $chart "auth" (dict "api_keys_file" (include "specserve.apiKeysFile" .)) }}
+{{- end }}
+{{- mustMergeOverwrite (deepCopy .Values.specserve) $chart | toJson }}
+{{- end }}
+
+{{/* serveConfigV2: the shape `specserve deploy render` writes; deployment options come from the args in code. */}}
+{{- define "specserve.serveConfig" -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ include "specserve.httpPort" . }}
+applications:
+  - name: {{ (.Values.specserve.server | default dict).app_name | default "specserve" }}
+    route_prefix: {{ (.Values.specserve.server | default dict).route_prefix | default "/" }}
+    import_path: specserve.deploy.serve_config:app
+    args: {{ include "specserve.args" . }}
+{{- end }}
+
+{{/* Volumes and mounts every Ray container gets: the model cache. */}}
+{{- define "specserve.modelCacheVolume" -}}
+- name: model-cache
+{{- if .Values.modelCache.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ default (printf "%s-model-cache" (include "specserve.fullname" .)) .Values.modelCache.persistence.existingClaim }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end }}
+
+{{- define "specserve.rayEnv" -}}
+- name: SPECSERVE_CACHE
+  value: {{ .Values.modelCache.mountPath | quote }}
+- name: TOKENIZERS_PARALLELISM
+  value: "false"
+{{- end }}
+
+{{/* An init container that pulls the registry model into the cache before Ray starts on the pod. */}}
+{{- define "specserve.pullModel" -}}
+{{- if .Values.modelCache.pullOnStart }}
+initContainers:
+  - name: pull-model
+    image: {{ include "specserve.image" . }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["specserve", "models", "pull", {{ .Values.specserve.model.source | default "smollm2-135m" | quote }}]
+    env:
+      {{- include "specserve.rayEnv" . | nindent 6 }}
+    volumeMounts:
+      - name: model-cache
+        mountPath: {{ .Values.modelCache.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/* rayStartParams values must be strings; custom resources go in as one JSON string. */}}
+{{- define "specserve.rayStartParams" -}}
+{{- $params := dict }}
+{{- range $k, $v := .params }}
+{{- $_ := set $params $k (toString $v) }}
+{{- end }}
+{{- if .rayResources }}
+{{- $_ := set $params "resources" (.rayResources | toJson | quote) }}
+{{- end }}
+{{- if .gpus }}
+{{- $_ := set $params "num-gpus" (toString .gpus) }}
+{{- end }}
+{{- toYaml $params }}
+{{- end }}
