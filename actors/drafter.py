@@ -20,9 +20,9 @@ from specserve.cluster.config import SpecserveConfig
 
 log = logging.getLogger(__name__)
 
-# A verifier drafts every engine step while it has sequences; one silent this long is idle (or gone). Long
-# enough to span the pauses of a busy verifier (a worker that missed a deadline is rested for seconds), so a
-# drafter starting up is not scaled away again.
+# Verifiers heartbeat every attached worker every few seconds (and call it every step they draft); one silent
+# this long is gone. Counting live verifiers, not busy ones, keeps the drafters following the verifier replicas
+# even when the router leaves one of them idle for a while.
 ACTIVE_WINDOW_S = 30.0
 
 
@@ -50,8 +50,11 @@ class DraftWorker:
         self._last_call[client] = time.monotonic()
         return self.proposer.propose_batch(client, requests, releases)
 
+    def heartbeat(self, client: str) -> None:
+        self._last_call[client] = time.monotonic()
+
     def active_verifiers(self) -> int:
-        """Verifiers (drafter clients) that asked for drafts within the last ACTIVE_WINDOW_S."""
+        """Verifiers (drafter clients) heard from within the last ACTIVE_WINDOW_S."""
         cutoff = time.monotonic() - ACTIVE_WINDOW_S
         for client in [c for c, t in self._last_call.items() if t < cutoff]:
             del self._last_call[client]

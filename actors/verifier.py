@@ -196,6 +196,7 @@ class Verifier:
                         log.info("attached drafter worker %s", worker_id[:8])
             except Exception as exc:  # noqa: BLE001 - drafters may be restarting; retry
                 log.info("no drafter worker yet: %s", exc)
+            client.heartbeat()
             attached = len(client.workers())
             self._stop.wait(1.0 if not attached or (attached < wanted and not scaling) else 5.0 if scaling else 15.0)
 

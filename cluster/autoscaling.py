@@ -2,8 +2,9 @@
 
 Drafter replicas get no Serve requests (verifiers call their draft workers directly, actors/drafter.py), so
 Serve's default policy, which counts ongoing requests, would never move them. They follow their verifiers
-instead: each drafter replica reports how many verifiers drafted through it lately, and the drafter target is
-that count times `drafters_per_verifier`. Serve applies the deployment's bounds and up/downscale delays.
+instead: each drafter replica reports how many verifiers it heard from lately (every verifier heartbeats each
+worker it attached), and the drafter target is that count times `drafters_per_verifier`. Serve applies the
+deployment's bounds and up/downscale delays.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ POLICY_PATH = "specserve.cluster.autoscaling:DrafterPolicy"
 
 
 def drafters_needed(active_verifiers: list[float], drafters_per_verifier: float) -> int:
-    """Each verifier spreads its sequences over every drafter it found, so every replica sees (nearly) all
-    verifiers that draft: the largest count is the best estimate, the others lag discovery."""
+    """Each verifier attaches every drafter it finds, so every replica hears from (nearly) all verifiers: the
+    largest count is the best estimate, the others lag discovery."""
     verifiers = max(active_verifiers, default=0.0)
     return math.ceil(round(verifiers * drafters_per_verifier, 6))
 

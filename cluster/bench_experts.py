@@ -62,9 +62,9 @@ def _owners(model, num_actors: int) -> dict[tuple[int, int], list[int]]:
 
 
 def _actors_for(path, model, owners, num_actors, link="channel"):
-    from specserve.actors.experts.ray_transport import ActorTransport, start_expert_actors
+    from specserve.actors.experts.ray_transport import ActorTransport, actor_spec, start_actors
 
-    actors, pg = start_expert_actors(str(path), owners, num_actors, model.config.hidden_act, num_cpus=0.1)
+    actors, pg = start_actors(actor_spec(str(path), model.config.hidden_act, num_cpus=0.1), owners, num_actors)
     transport = ActorTransport(actors, owners, link=link)
     transport.placement_group = pg  # transport.shutdown() removes it
     return transport
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    torch.set_num_threads(args.torch_threads)  # the actors take the caller's count (start_expert_actors)
+    torch.set_num_threads(args.torch_threads)  # the actors take the caller's count (actor_spec)
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)

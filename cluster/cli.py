@@ -9,19 +9,20 @@ import sys
 def _models(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="specserve models")
     sub = parser.add_subparsers(dest="action", required=True)
-    pull = sub.add_parser("pull", help="fetch a registry model into the model cache (idempotent)")
-    pull.add_argument("name", help="registry name, e.g. smollm2-135m")
+    pull = sub.add_parser("pull", help="fetch models into the model cache (idempotent)")
+    pull.add_argument("name", nargs="+", help="registry name (e.g. smollm2-135m), hub id or local directory")
     pull.add_argument("--cache-dir", default=None, help="model cache directory (default: $SPECSERVE_CACHE or ~/.cache/specserve)")
     args = parser.parse_args(argv)
     from specserve.actors import model_loader
     from specserve.cluster.config import default_cache_dir
 
-    try:
-        path = model_loader.pull_model(args.name, args.cache_dir or default_cache_dir(), progress=True)
-    except model_loader.ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
+    for name in args.name:  # a registry name is pulled, a hub id downloaded, a directory checked
+        try:
+            path = model_loader.resolve_model_path(name, args.cache_dir or default_cache_dir(), progress=True)
+        except model_loader.ModelLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(path)
     return 0
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: specserve {serve,generate,models,bench,bench-kv,bench-router,bench-experts,deploy} [options]\n\n"
               "  serve      start Ray, the embedded Redis and the app; serve until Ctrl-C\n"
               "  generate   stream a completion from a running server\n"
-              "  models     models pull NAME: fetch a model into the cache\n"
+              "  models     models pull NAME...: fetch models into the cache\n"
               "  bench      drive an OpenAI-compatible server with a workload and report latency/throughput\n"
               "  bench-kv   measure the KV block store: import vs prefill, lookup, throughput, multi-turn TTFT\n"
               "  bench-router  time the prefix-aware router's decisions at a given index size\n"

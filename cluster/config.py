@@ -303,6 +303,9 @@ class SpecserveConfig(_Strict):
         sp = self.speculative
         if sp.ngram_min > sp.ngram_max:
             raise ValueError("speculative.ngram_min must be <= speculative.ngram_max")
+        if sp.remote and self.drafter.autoscaling and self.drafter.autoscaling.min_replicas < 1:
+            # Idle drafters would scale to zero, and the verifiers' worker discovery would cold-start one again.
+            raise ValueError("drafter.autoscaling.min_replicas must be >= 1 (drafters follow active verifiers)")
         if sp.method == "model" and not sp.draft_model:
             raise ValueError("speculative.method 'model' needs speculative.draft_model")
         if self.server.grpc_port and self.server.grpc_port == self.server.http_port:

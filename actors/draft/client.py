@@ -49,6 +49,9 @@ class RayLink:
 
         return ray.get(pending, timeout=timeout)
 
+    def heartbeat(self, client: str) -> None:
+        self.actor.heartbeat.remote(client)  # not awaited: a lost one only ages this verifier's presence
+
 
 class WorkerTimeout(Exception):
     pass
@@ -93,6 +96,17 @@ class DrafterClient:
     def workers(self) -> list[str]:
         with self._lock:
             return list(self._links)
+
+    def heartbeat(self) -> None:
+        """Tell every attached worker this verifier is alive (drafter autoscaling counts live verifiers)."""
+        with self._lock:
+            links = list(self._links.values())
+        for link in links:
+            if hasattr(link, "heartbeat"):
+                try:
+                    link.heartbeat(self.client_id)
+                except Exception:  # noqa: BLE001 - a dead worker is found and dropped by the next propose
+                    pass
 
     def _usable(self) -> dict[str, object]:
         now = time.monotonic()

@@ -37,7 +37,7 @@ Slot = tuple[int, int]  # (layer, expert): one physical copy of an expert's weig
 
 
 class ExpertActor:
-    """A Ray actor (see `start_expert_actors`). Its Ray methods and its channel thread share the shard; a lock
+    """A Ray actor (see `start_actors`). Its Ray methods and its channel thread share the shard; a lock
     keeps slot changes and token counts consistent with the computation."""
 
     def __init__(self, model_path: str, slots: list[Slot], hidden_act: str, dtype: str = "float32",
@@ -154,14 +154,6 @@ def start_actors(spec: ActorSpec, owners: dict[Slot, list[int]], num_actors: int
     actors = [spec.start(slots, pg, a) for a, slots in enumerate(slots_of_actors(owners, num_actors))]
     ray.get([a.ready.remote() for a in actors], timeout=300)
     return actors, pg
-
-
-def start_expert_actors(model_path: str, owners: dict[Slot, list[int]], num_actors: int,
-                        hidden_act: str, dtype: str = "float32", num_cpus: float = 0.25, spread: bool = True,
-                        ffn_shards: int = 0, torch_threads: int | None = None) -> tuple[list, object]:
-    """start_actors with a spec made of these arguments (see actor_spec)."""
-    return start_actors(actor_spec(model_path, hidden_act, dtype, num_cpus, ffn_shards, torch_threads), owners,
-                        num_actors, spread)
 
 
 def slots_of_actors(owners: dict[Slot, list[int]], num_actors: int) -> list[set[Slot]]:

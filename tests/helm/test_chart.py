@@ -31,7 +31,10 @@ EVERYTHING = ["--set", "apiKeys.enabled=true", "--set", "apiKeys.keys.sk-test=te
               "--set", "modelCache.persistence.enabled=true", "--set", "redis.persistence.enabled=true",
               "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
               "--set", "metrics.grafanaDashboard.enabled=true"]
+# A values file replaces the whole workerGroups list: a group with only the required fields must render.
+MINIMAL_GROUP = ["--set-json", 'workerGroups=[{"name": "cpu", "maxReplicas": 2, "rayResources": {"specserve_verifier": 2}}]']
 CASES = {"defaults": [], "everything": EVERYTHING, "grpc-off": ["--set", "specserve.server.grpc_port=0"],
+         "minimal-group": MINIMAL_GROUP,
          **{p.stem: ["-f", str(p)] for p in EXAMPLES}}
 
 
@@ -207,9 +210,11 @@ def test_gpu_pool_example_asks_for_gpus_where_verifiers_run():
     assert gpu["template"]["spec"]["nodeSelector"]
     args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert args["model"]["device"] == "cuda" and args["verifier"]["num_gpus"] > 0
-    # Expert actors (MoE models) pinned to the experts group, which offers room for 8 per pod.
+    # Expert actors (MoE models) pinned to the experts group.
     assert args["experts"]["resources"] == {"specserve_experts": 1}
-    assert json.loads(json.loads(groups["experts"]["rayStartParams"]["resources"])) == {"specserve_experts": 8}
+    per_pod = json.loads(json.loads(groups["experts"]["rayStartParams"]["resources"]))["specserve_experts"]
+    cpus = int(groups["experts"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert per_pod * args["experts"]["num_cpus"] <= cpus  # the resource never promises more than the CPUs hold
     assert args["auth"]["api_keys_file"]  # keys on: the ingress reads the mounted Secret
     mounts = {m["name"] for m in groups["ingress"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert "api-keys" in mounts
@@ -221,6 +226,7 @@ def test_everything_renders_its_optional_objects():
         assert kind in kinds, kind
     (secret,) = objects("everything", "Secret")
     assert yaml.safe_load(secret["stringData"]["api-keys.yaml"]) == {"sk-test": "team-a"}
+    assert secret["stringData"]["test-key"] == "sk-test"  # what `helm test` sends, a key the ingress accepts
     (rule,) = objects("everything", "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load((ROOT / "deploy" / "prometheus-rules.yaml").read_text())["groups"]
     (dash,) = objects("everything", "ConfigMap")
@@ -238,6 +244,9 @@ def test_everything_renders_its_optional_objects():
     (["--set", "redis.enabled=false"], "redis.externalUrl is required"),
     (["--set", "apiKeys.enabled=true"], "apiKeys.keys needs at least one key"),
     (["--set", "workerGroups[0].name=Bad_Name"], "name"),
+    (["--set", "workerGroups[0].name=ingress"], 'the name "ingress" is taken'),
+    (["--set-json", 'workerGroups=[{"name": "a", "maxReplicas": 1}, {"name": "a", "maxReplicas": 1}]'],
+     'the name "a" is taken'),
 ])
 def test_bad_values_fail_with_a_reason(args, message):
     done = helm("template", "rel", str(CHART), *args, check=False)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specserve.actors.experts.hook import experts_modules, install_dispatch
-from specserve.actors.experts.ray_transport import ActorTransport, start_expert_actors
+from specserve.actors.experts.ray_transport import ActorTransport, actor_spec, start_actors
 from tiny_models import MOE_ARCHS, make_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def _with_actors(path, replicated: bool, link: str = "channel"):
     layers = experts_modules(model)
     n = next(iter(layers.values())).num_experts
     owners = {(layer, e): ([e % 2, 1 - e % 2] if replicated else [e % 2]) for layer in layers for e in range(n)}
-    actors, pg = start_expert_actors(str(path), owners, 2, model.config.hidden_act, num_cpus=0.1)
+    actors, pg = start_actors(actor_spec(str(path), model.config.hidden_act, num_cpus=0.1), owners, 2)
     transport = ActorTransport(actors, owners, link=link, timeout_s=10)
     transport.placement_group = pg
     install_dispatch(model, transport)

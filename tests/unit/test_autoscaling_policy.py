@@ -69,3 +69,8 @@ def test_autoscaled_drafters_get_the_policy_in_their_options():
     assert AutoscalingConfig.model_validate(scaling).policy.get_policy() is DrafterPolicy
     fixed = SpecserveConfig.load(overrides={"speculative.method": "int8"})
     assert "autoscaling_config" not in deployment_options(fixed)["Drafter"]
+
+
+def test_autoscaled_drafters_keep_at_least_one_replica():
+    with pytest.raises(ValueError, match="drafter.autoscaling.min_replicas"):
+        SpecserveConfig.load(overrides={"speculative.method": "int8", "drafter.autoscaling": {"min_replicas": 0}})

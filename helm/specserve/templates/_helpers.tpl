@@ -33,6 +33,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: specserve
 {{- end }}
 
+{{/* Ray pod templates carry no chart or app version: a change of the pod templates makes KubeRay build a
+whole new RayCluster, which a chart upgrade alone must not do. */}}
+{{- define "specserve.podLabels" -}}
+{{ include "specserve.selectorLabels" . }}
+app.kubernetes.io/part-of: specserve
+{{- end }}
+
 {{- define "specserve.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
@@ -104,14 +111,17 @@ applications:
   value: "false"
 {{- end }}
 
-{{/* An init container that pulls the registry model into the cache before Ray starts on the pod. */}}
+{{/* An init container that fetches the model (and the draft model) into the cache before Ray starts on the pod:
+a registry name is pulled, a hub id downloaded, a local directory checked. */}}
 {{- define "specserve.pullModel" -}}
 {{- if .Values.modelCache.pullOnStart }}
+{{- $sources := list (.Values.specserve.model.source | default "smollm2-135m") }}
+{{- with (.Values.specserve.speculative | default dict).draft_model }}{{ $sources = append $sources . }}{{ end }}
 initContainers:
   - name: pull-model
     image: {{ include "specserve.image" . }}
     imagePullPolicy: {{ .Values.image.pullPolicy }}
-    command: ["specserve", "models", "pull", {{ .Values.specserve.model.source | default "smollm2-135m" | quote }}]
+    command: ["specserve", "models", "pull"{{ range $sources }}, {{ . | quote }}{{ end }}]
     env:
       {{- include "specserve.rayEnv" . | nindent 6 }}
     volumeMounts:
