@@ -280,6 +280,9 @@ class ServerConfig(_Strict):
     request_timeout_s: float = Field(0.0, ge=0)
     # How often each replica publishes its metrics (for /metrics, via Redis).
     metrics_period_s: float = Field(2.0, gt=0)
+    # 0 = off. Each ingress replica also serves its share of the app's metrics on this port (every replica's
+    # series from exactly one ingress), for a scraper of every ingress pod (the chart's ServiceMonitor).
+    metrics_port: int = Field(0, ge=0, le=65535)
 
 
 class SpecserveConfig(_Strict):
@@ -308,8 +311,9 @@ class SpecserveConfig(_Strict):
             raise ValueError("drafter.autoscaling.min_replicas must be >= 1 (drafters follow active verifiers)")
         if sp.method == "model" and not sp.draft_model:
             raise ValueError("speculative.method 'model' needs speculative.draft_model")
-        if self.server.grpc_port and self.server.grpc_port == self.server.http_port:
-            raise ValueError("server.grpc_port must differ from server.http_port")
+        ports = [p for p in (self.server.http_port, self.server.grpc_port, self.server.metrics_port) if p]
+        if len(ports) != len(set(ports)):
+            raise ValueError("server.http_port, server.grpc_port and server.metrics_port must differ")
         if not self.server.route_prefix.startswith("/"):
             raise ValueError("server.route_prefix must start with '/'")
         for s in self.server.redis_sentinels:

@@ -152,6 +152,20 @@ def verifier_families(stats: dict, model_name: str) -> list[Family]:
 
 def render(processes: list[tuple[dict, list[Family]]]) -> bytes:
     """Prometheus text for (labels of the process, its families) pairs; families of one name are merged."""
+    return generate_latest(_registry(lambda: merged_metrics(processes)))
+
+
+def _registry(collect: Callable[[], list[Metric]]) -> CollectorRegistry:
+    class _Collector:
+        def collect(self):
+            return collect()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    return registry
+
+
+def merged_metrics(processes: list[tuple[dict, list[Family]]]) -> list[Metric]:
     merged: dict[str, Metric] = {}
     for labels, fams in processes:
         for f in fams:
@@ -160,14 +174,7 @@ def render(processes: list[tuple[dict, list[Family]]]) -> bytes:
                 metric = merged[f["name"]] = Metric(f["name"], f["help"], f["type"])
             for name, sample_labels, value in f["samples"]:
                 metric.add_sample(name, {**sample_labels, **labels}, value)
-
-    class _Collector:
-        def collect(self):
-            return list(merged.values())
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector())
-    return generate_latest(registry)
+    return list(merged.values())
 
 
 def _key(app_name: str) -> str:
@@ -247,6 +254,33 @@ def shard(own: dict, processes: list[tuple[dict, list[Family]]]) -> list[tuple[d
 
     return [(labels, fams) for labels, fams in processes
             if labels.get("deployment") != own.get("deployment") and owner(labels) == _field(own)]
+
+
+def app_view(own: tuple[dict, list[Family]], redis_client, app_name: str, max_age_s: float,
+             scope: str = "app") -> list[tuple[dict, list[Family]]]:
+    """What an ingress reports: itself and every other replica's published families ("app"), or only its
+    share of them ("shard"). Without Redis (or while it is down), itself alone."""
+    others = []
+    if redis_client is not None:
+        try:
+            others = published(redis_client, app_name, max_age_s, skip_field=_field(own[0]))
+        except Exception as exc:  # noqa: BLE001 - Redis down: still answer with our own
+            log.warning("reading published metrics failed: %s", exc)
+    if scope == "shard":
+        others = shard(own[0], others)
+    return [own, *others]
+
+
+def serve_shard(host: str, port: int, own: Callable[[], tuple[dict, list[Family]]], redis_client, app_name: str,
+                max_age_s: float):
+    """An HTTP server (its own thread) on this replica's port, answering any path with the sharded view: a
+    scraper of every ingress pod reaches each pod's own ingress here, never another through Serve's proxy.
+    Returns the server; `shutdown()` and `server_close()` stop it."""
+    from prometheus_client import start_http_server
+
+    registry = _registry(lambda: merged_metrics(app_view(own(), redis_client, app_name, max_age_s, "shard")))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
 
 
 def start_publisher(config, deployment: str, families: Callable[[], list[Family]]) -> MetricsPublisher | None:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from specserve.cluster.config import SpecserveConfig
-from specserve.cluster.metrics import published, render, shard, start_publisher
+from specserve.cluster.metrics import app_view, render, serve_shard, start_publisher
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.errors import APIError, api_error_of
 from specserve.routing.frontend import Frontend
@@ -85,6 +85,11 @@ class OpenAIIngress:
             self.grpc.start()  # __init__ runs on the replica's event loop
         self.metrics = start_publisher(self.config, "Ingress", self.fe.metrics.families)
         self._redis = self.metrics.redis if self.metrics else None
+        self._metrics_max_age = 3 * server.metrics_period_s + 5  # entries older are of replicas gone
+        self.metrics_server = None
+        if server.metrics_port:  # one ingress per node (the gRPC port), so one per pod: scraped pod by pod
+            self.metrics_server = serve_shard(server.host, server.metrics_port, self._own_metrics, self._redis,
+                                              server.app_name, self._metrics_max_age)
 
     # ---- operations ----------------------------------------------------------------------------------------
     @app.get("/health")
@@ -100,19 +105,14 @@ class OpenAIIngress:
     async def metrics(self, scope: Literal["app", "shard"] = "app"):
         """Prometheus text: this replica's metrics and every other replica's last published ones; with
         ?scope=shard only this ingress's share of the others (for scrapers that reach every ingress)."""
-        own = ({"deployment": "Ingress", "replica": self.metrics.labels["replica"] if self.metrics else "local"},
-               self.fe.metrics.families())
-        others = []
-        if self._redis is not None:
-            try:
-                others = await asyncio.get_running_loop().run_in_executor(
-                    None, published, self._redis, self.config.server.app_name,
-                    3 * self.config.server.metrics_period_s + 5, self.metrics.field)
-            except Exception as exc:  # noqa: BLE001 - Redis down: still answer with our own
-                log.warning("reading published metrics failed: %s", exc)
-        if scope == "shard":
-            others = shard(own[0], others)
-        return Response(render([own, *others]), media_type="text/plain; version=0.0.4; charset=utf-8")
+        processes = await asyncio.get_running_loop().run_in_executor(
+            None, app_view, self._own_metrics(), self._redis, self.config.server.app_name, self._metrics_max_age,
+            scope)
+        return Response(render(processes), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def _own_metrics(self) -> tuple[dict, list]:
+        labels = {"deployment": "Ingress", "replica": self.metrics.labels["replica"] if self.metrics else "local"}
+        return labels, self.fe.metrics.families()
 
     async def drain(self, timeout_s: float | None = None) -> int:
         """Stop taking requests (health NOT_SERVING / 503, new requests 503 UNAVAILABLE) and wait for in-flight
@@ -130,6 +130,9 @@ class OpenAIIngress:
         await self.drain(max(1.0, self.config.ingress.graceful_shutdown_timeout_s - 5.0))
         if self.grpc is not None:
             await self.grpc.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         if self.metrics is not None:
             self.metrics.close()
 

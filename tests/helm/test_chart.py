@@ -167,7 +167,8 @@ def test_wiring_ports_selectors_probes_and_resources(case):
     if cfg.server.grpc_port:
         assert ports["serve-grpc"]["port"] == cfg.server.grpc_port and ports["serve-grpc"]["appProtocol"] == "grpc"
     else:  # gRPC off: no port, and the ingress pods keep KubeRay's default readiness probe
-        assert set(ports) == {"serve"}
+        assert "serve-grpc" not in ports
+    assert ports["serve-metrics"]["port"] == cfg.server.metrics_port
     # The API Service reaches exactly the ingress pods, whose container serves both ports and whose readiness
     # is the gRPC health service.
     selector = api["spec"]["selector"]
@@ -176,7 +177,8 @@ def test_wiring_ports_selectors_probes_and_resources(case):
         assert (selector.items() <= labels.items()) == (name == "ingress"), name
     (container,) = groups["ingress"]["template"]["spec"]["containers"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
-        "serve": cfg.server.http_port, **({"serve-grpc": cfg.server.grpc_port} if cfg.server.grpc_port else {})}
+        "serve": cfg.server.http_port, "serve-metrics": cfg.server.metrics_port,
+        **({"serve-grpc": cfg.server.grpc_port} if cfg.server.grpc_port else {})}
     if cfg.server.grpc_port:
         assert container["readinessProbe"]["grpc"]["port"] == cfg.server.grpc_port
     else:
@@ -231,8 +233,13 @@ def test_everything_renders_its_optional_objects():
     assert rule["spec"]["groups"] == yaml.safe_load((ROOT / "deploy" / "prometheus-rules.yaml").read_text())["groups"]
     (dash,) = objects("everything", "ConfigMap")
     assert json.loads(dash["data"]["specserve.json"]) == json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    # Each series scraped once: every ingress pod's own metrics port, which serves only its share.
     (monitor,) = objects("everything", "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["params"] == {"scope": ["shard"]}  # each series scraped once
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "serve-metrics" and endpoint["path"] == "/metrics"
+    args = yaml.safe_load(rayservice("everything")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    api = next(s for s in objects("everything", "Service") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "api")
+    assert {p["name"]: p["port"] for p in api["spec"]["ports"]}["serve-metrics"] == args["server"]["metrics_port"]
     (test_pod,) = [p for p in objects("everything", "Pod") if p["metadata"]["annotations"]["helm.sh/hook"] == "test"]
     env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
     assert env["URL"] == "http://rel-specserve:8000" and env["GRPC_TARGET"] == "rel-specserve:9000"

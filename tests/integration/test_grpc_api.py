@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from ray import serve
 from transformers import AutoTokenizer
 
-from conftest import start_app
+from conftest import listen_port, start_app
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 from tiny_models import make_tiny_model
@@ -27,7 +27,8 @@ def app(ray_cluster, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("tiny-grpc"), arch="llama", seed=5)
     server = start_app(ray_cluster, str(path), NAME, **{"engine.block_size": 4, "engine.num_blocks": 160,
                                                        "engine.max_num_batched_tokens": 64,
-                                                       "server.metrics_period_s": 0.5})
+                                                       "server.metrics_period_s": 0.5,
+                                                       "server.metrics_port": listen_port()})
     yield server, path
     server.stop()
 
@@ -272,6 +273,10 @@ def test_metrics_cover_latency_engine_speculation_and_errors(app):
     assert metric(text, "specserve:spec_decode_num_accepted_tokens_per_pos_total", position="0") >= 0
     assert metric(text, "specserve:request_errors_total", code="INVALID_ARGUMENT", protocol="grpc") >= 1
     assert metric(text, "specserve:router_decisions_total") >= 1
+    # The ingress's own metrics port: with one ingress, its share is the whole app, the same series.
+    shard = httpx.get(f"http://127.0.0.1:{server.config.server.metrics_port}/metrics", timeout=10).text
+    assert metric(shard, "specserve:request_errors_total", code="INVALID_ARGUMENT", protocol="grpc") >= 1
+    assert metric(shard, "specserve:prefix_cache_queries_total", deployment="Verifier") > 0
 
 
 def test_readme_python_client_example_runs(app, capsys):

@@ -91,3 +91,34 @@ def test_sharded_scrapes_of_every_ingress_report_each_replica_once():
     assert all(len(shard(own, processes)) < len(others) for own in ingresses)  # spread, not one takes all
     # A lone ingress owns everything.
     assert len(shard(ingresses[0], [(labels, []) for labels in others])) == len(others)
+
+
+def test_the_shard_port_serves_this_ingress_and_its_share_over_http():
+    import httpx
+
+    from specserve.cluster.metrics import serve_shard
+    from specserve.cluster.redis_server import free_port
+
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        others = [{"deployment": "Ingress", "replica": "i1"}] + \
+                 [{"deployment": "Verifier", "replica": f"v{n}"} for n in range(6)]
+        for labels in others:
+            fams = verifier_families(engine_stats(), "m") if labels["deployment"] == "Verifier" else \
+                FrontendMetrics("m").families()
+            MetricsPublisher(client, "app", labels, lambda f=fams: f, 60).publish()
+        own = {"deployment": "Ingress", "replica": "i0"}
+        front = FrontendMetrics("m")
+        front.success("stop")
+        port = free_port()
+        http = serve_shard("127.0.0.1", port, lambda: (own, front.families()), client, "app", 60)
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).content
+        finally:
+            http.shutdown()
+            http.server_close()
+        replicas = {s.labels["replica"] for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+        expected = {"i0"} | {labels["replica"] for labels, _ in shard(own, [(o, []) for o in others])}
+        assert replicas == expected and "i1" not in replicas and len(expected) < 7
+        assert parse(text)[("specserve:request_success_total", frozenset(
+            {("model_name", "m"), ("deployment", "Ingress"), ("replica", "i0"), ("finished_reason", "stop")}))] == 1

@@ -62,6 +62,11 @@ app.kubernetes.io/part-of: specserve
 {{- define "specserve.httpPort" -}}
 {{- (.Values.specserve.server | default dict).http_port | default 8000 }}
 {{- end }}
+{{/* Each ingress pod's own metrics port (its share of the app's series); the chart turns it on by default. */}}
+{{- define "specserve.metricsPort" -}}
+{{- $server := .Values.specserve.server | default dict }}
+{{- if hasKey $server "metrics_port" }}{{ $server.metrics_port | int }}{{ else }}9100{{ end }}
+{{- end }}
 {{- define "specserve.grpcPort" -}}
 {{- $server := .Values.specserve.server | default dict }}
 {{- if hasKey $server "grpc_port" }}{{ $server.grpc_port | int }}{{ else }}9000{{ end }}
@@ -72,7 +77,7 @@ The Serve application's args: the user's specserve config with what the chart de
 app from these alone (specserve.deploy.serve_config:app validates them with the same pydantic schema).
 */}}
 {{- define "specserve.args" -}}
-{{- $server := dict "host" "0.0.0.0" "redis_url" (include "specserve.redisUrl" .) }}
+{{- $server := dict "host" "0.0.0.0" "redis_url" (include "specserve.redisUrl" .) "metrics_port" (include "specserve.metricsPort" . | int) }}
 {{- $chart := dict "server" $server "model" (dict "cache_dir" .Values.modelCache.mountPath) }}
 {{- if .Values.apiKeys.enabled }}
 {{- $_ := set $chart "auth" (dict "api_keys_file" (include "specserve.apiKeysFile" .)) }}
