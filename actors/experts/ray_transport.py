@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray
@@ -108,6 +109,10 @@ class ExpertActor:
         return ray.get_runtime_context().get_node_id()
 
 
+# Expert actors are named (unique per actor) so that operators' tools and `specserve chaos` can find them.
+ACTOR_NAME_PREFIX = "specserve-expert-actor-"
+
+
 @dataclass(frozen=True)
 class ActorSpec:
     """What every expert actor of a transport starts with (the transport starts more of them when it grows)."""
@@ -128,8 +133,8 @@ class ActorSpec:
     def start(self, slots: set[Slot], pg, bundle: int):
         """An actor holding `slots`, in bundle `bundle` of placement group `pg` (not waited for)."""
         return ray.remote(ExpertActor).options(
-            num_cpus=self.num_cpus, resources=dict(self.resources), max_restarts=-1, max_task_retries=0,
-            max_concurrency=4,
+            name=f"{ACTOR_NAME_PREFIX}{uuid.uuid4().hex[:12]}", num_cpus=self.num_cpus,
+            resources=dict(self.resources), max_restarts=-1, max_task_retries=0, max_concurrency=4,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
         ).remote(self.model_path, [list(s) for s in sorted(slots)], self.hidden_act, self.dtype, self.torch_threads,
                  self.ffn_shards)
