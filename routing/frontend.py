@@ -32,6 +32,8 @@ from specserve.routing.errors import APIError, api_error_of, invalid
 from specserve.routing.routing_metrics import RoutingOutcomes, take_decision
 
 log = logging.getLogger(__name__)
+# How early a cancel may come and still count as the deadline (gRPC's clock and ours read the same timeout).
+_DEADLINE_SLACK_S = 0.05
 
 
 class Event(NamedTuple):
@@ -231,7 +233,10 @@ class Frontend:
                     self.metrics.in_flight.dec()
         except (GeneratorExit, asyncio.CancelledError):
             if not finished:  # the client went away (the verifier stream is cancelled, the sequence freed)
-                self.metrics.error("CANCELLED", protocol)
+                # gRPC cancels the handler at the client's deadline, which is ours too: whichever fires first,
+                # a request that ran out of time is counted as such.
+                late = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
+                self.metrics.error("DEADLINE_EXCEEDED" if late else "CANCELLED", protocol)
             raise
         except Exception as exc:
             raise self.record_error(exc, protocol) from exc

@@ -255,6 +255,20 @@ class PendingLayer:
     groups: dict[int, list[int]] = field(default_factory=dict)  # actor -> plan positions sent to it
 
 
+def _dispose(links: list, handles: list, groups: list) -> None:
+    """Close the links, end the actors for good, and remove their own placement groups (None: a bundle of a
+    group shared with others, left as it is)."""
+    from ray.util.placement_group import remove_placement_group
+
+    for link in links:
+        link.close()
+    for h in handles:
+        ray.kill(h, no_restart=True)
+    for pg in groups:
+        if pg is not None:
+            remove_placement_group(pg)
+
+
 class ActorTransport:
     def __init__(self, actors: list, replicas: dict[Slot, list[int]], *, link: str = "channel",
                  timeout_s: float = 30.0, restart_wait_s: float = 300.0, spec: ActorSpec | None = None):
@@ -440,8 +454,6 @@ class ActorTransport:
         """Start one actor per entry of `slots`, holding those, and connect to them; returns their indices.
         Actor i goes into bundle i of the first placement group while that group has one (its actor was
         removed), else into a one-bundle group of its own."""
-        from ray.util.placement_group import remove_placement_group
-
         if self.spec is None:
             raise RuntimeError("this transport was made without an ActorSpec: it cannot start actors")
         first = len(self.actors)
@@ -460,13 +472,7 @@ class ActorTransport:
                 links.append(LINKS[self.link](h))
                 links[-1].open(self.timeout_s)
         except Exception:
-            for link in links:
-                link.close()
-            for h in handles:
-                ray.kill(h, no_restart=True)
-            for pg in owned:
-                if pg is not None:
-                    remove_placement_group(pg)
+            _dispose(links, handles, owned)
             raise
         with self._lock:
             self.actors.extend(handles)
@@ -490,8 +496,6 @@ class ActorTransport:
         """Remove every actor from index `keep` on: close its link, kill it, remove its own placement group.
         The map in use (and any proposed) must name none of them: propose one without them and wait for the
         switch first. Returns the removed actor handles."""
-        from ray.util.placement_group import remove_placement_group
-
         with self._lock:
             if self._in_use() > keep:
                 raise RuntimeError(f"the expert map still uses actors from {keep} on: switch it first")
@@ -499,13 +503,7 @@ class ActorTransport:
             for lst in (self.actors, self.links, self.own_groups, self.rows_per_actor):
                 del lst[keep:]
             self._down -= set(range(keep, keep + len(handles)))  # their reopen threads, if any, give up
-        for link in links:
-            link.close()
-        for h in handles:
-            ray.kill(h, no_restart=True)
-        for pg in groups:
-            if pg is not None:
-                remove_placement_group(pg)
+        _dispose(links, handles, groups)
         return handles
 
     def shutdown(self) -> None:
