@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 ARGS   ?=
 
-.PHONY: install serve test test-unit protos chart-schema clean
+.PHONY: install serve test test-unit perf protos chart-schema clean
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest tests/unit -m "not smollm2" $(ARGS)
+
+# The README's performance figures and plots (docs/perf/): the benchmark suite, then a 10-minute soak. Needs a
+# quiet machine (about an hour on 2 cores); the peer, if running on 127.0.0.1:8001, joins the comparisons.
+perf: install
+	$(VENV)/bin/specserve models pull smollm2-135m
+	bash docs/perf/run.sh
 
 # Regenerate the committed gRPC stubs after editing protos/specserve/v1/*.proto (a test fails if they are stale).
 protos: install

@@ -195,20 +195,21 @@ async def _conversations(urls: list[str], model: str, convs, max_tokens: int) ->
     that order, so with an odd number of conversations each turn lands on another replica than the turn before."""
     import httpx
 
-    from specserve.cluster.bench import RequestSettings, run_request
+    from specserve.cluster.bench.http_client import RequestSettings, run_request
 
     settings = RequestSettings("chat", max_tokens, 0.0, 300.0)
     clients = [httpx.AsyncClient(base_url=u, timeout=300) for u in urls]
-    histories = [[{"role": "system", "content": c.system}] for c in convs]
+    histories = [list(c.messages[:-1]) for c in convs]
+    user_turns = [[c.messages[-1]["content"], *c.follow_ups] for c in convs]
     out = []
     k = 0
     try:
-        for t_i in range(max(len(c.user_turns) for c in convs)):
-            for c_i, conv in enumerate(convs):
-                if t_i >= len(conv.user_turns):
+        for t_i in range(max(c.turns for c in convs)):
+            for c_i, turns in enumerate(user_turns):
+                if t_i >= len(turns):
                     continue
                 messages = histories[c_i]
-                messages.append({"role": "user", "content": conv.user_turns[t_i]})
+                messages.append({"role": "user", "content": turns[t_i]})
                 replica = k % len(clients)
                 k += 1
                 res = await run_request(clients[replica], model, messages, settings)
@@ -239,14 +240,14 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
                   overrides: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    from specserve.cluster.bench import multiturn_workload
+    from specserve.cluster.bench.workloads import Session, multiturn_workload
     from specserve.cluster.config import SpecserveConfig
     from specserve.cluster.launcher import LocalServer
     from specserve.cluster.redis_server import EmbeddedRedis, free_port
 
     if conversations % 2 == 0:
         _say(f"note: with {conversations} (even) conversations, round-robin keeps each conversation on one replica")
-    convs = multiturn_workload(conversations, turns)
+    convs = multiturn_workload(conversations * turns, turns=turns)
     redis_server = EmbeddedRedis().start()
     ray_started = not ray.is_initialized()
     if ray_started:
@@ -268,7 +269,9 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
                     servers.append(LocalServer(cfg).start(progress=True))
                 urls = [s.url for s in servers]
                 # Warm-up: one short request per replica (kernels, connections), unrelated to the workload.
-                asyncio.run(_conversations(urls, "kvbench", [type(convs[0])("You are terse.", ["Hi!", "Bye!"])], 8))
+                warm = Session([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}],
+                               ["Bye!"])
+                asyncio.run(_conversations(urls, "kvbench", [warm], 8))
                 _say(f"{mode}: {conversations} conversations x {turns} turns, round-robin over 2 replicas")
                 res["modes"][mode] = asyncio.run(_conversations(urls, "kvbench", convs, max_tokens))
                 res.setdefault("replica_stats", {})[mode] = [_replica_stats(s.config.server.app_name) for s in servers]

@@ -38,19 +38,21 @@ def main(argv: list[str] | None = None) -> int:
         "bench-experts": lambda a: __import__("specserve.cluster.bench_experts", fromlist=["main"]).main(a),
         "deploy": lambda a: __import__("specserve.deploy.serve_config", fromlist=["main"]).main(a),
         "chaos": lambda a: __import__("specserve.cluster.chaos", fromlist=["main"]).main(a),
+        "soak": lambda a: __import__("specserve.cluster.bench.soak", fromlist=["main"]).main(a),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: specserve {serve,generate,models,bench,bench-kv,bench-router,bench-experts,deploy,chaos} "
+        print("usage: specserve {serve,generate,models,bench,bench-kv,bench-router,bench-experts,deploy,chaos,soak} "
               "[options]\n\n"
               "  serve      start Ray, the embedded Redis and the app; serve until Ctrl-C\n"
               "  generate   stream a completion from a running server\n"
               "  models     models pull NAME...: fetch models into the cache\n"
-              "  bench      drive an OpenAI-compatible server with a workload and report latency/throughput\n"
+              "  bench      drive OpenAI-compatible servers with workloads and loads; table, JSON and plots\n"
               "  bench-kv   measure the KV block store: import vs prefill, lookup, throughput, multi-turn TTFT\n"
               "  bench-router  time the prefix-aware router's decisions at a given index size\n"
               "  bench-experts  MoE experts in actors: dispatch overhead, decode tokens/s, load balance\n"
               "  deploy     deploy render: the Serve config YAML (serve deploy, KubeRay RayService serveConfigV2)\n"
-              "  chaos      kill parts of a served app under steady load; check answers and time the recovery",
+              "  chaos      kill parts of a served app under steady load; check answers and time the recovery\n"
+              "  soak       a long steady run; fails if replica memory or the KV pool grows after warm-up",
               file=sys.stderr if argv else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     return int(commands[argv[0]](argv[1:]) or 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from prometheus_client.exposition import generate_latest
 log = logging.getLogger(__name__)
 
 P = "specserve:"
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Buckets as vLLM's, so dashboards carry over.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -97,7 +99,18 @@ class FrontendMetrics:
         self._rejected.labels(self.model_name, reason).inc()
 
     def families(self) -> list[Family]:
-        return families_of(self.registry)
+        return families_of(self.registry) + process_families()
+
+
+def process_families() -> list[Family]:
+    """This process's resident memory (Linux; nothing elsewhere): the soak test watches it for growth."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return []
+    return [family("process_resident_memory_bytes", "gauge", "Resident memory of this replica's process",
+                   [[P + "process_resident_memory_bytes", {}, float(pages * _PAGE_SIZE)]])]
 
 
 def verifier_families(stats: dict, model_name: str) -> list[Family]:
@@ -147,7 +160,7 @@ def verifier_families(stats: dict, model_name: str) -> list[Family]:
                                                  for a, n in enumerate(experts["rows_per_actor"])]))
         out.append(one("expert_resent_messages", "counter", "Expert messages re-sent to another replica after an "
                        "actor failed", experts["resent_to_replica"]))
-    return out
+    return out + process_families()
 
 
 def render(processes: list[tuple[dict, list[Family]]]) -> bytes:

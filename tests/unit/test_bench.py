@@ -15,40 +15,54 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from specserve.cluster import bench  # noqa: E402
-from specserve.cluster.bench import RequestResult  # noqa: E402
+from specserve.cluster.bench import cli, main, runner  # noqa: E402
+from specserve.cluster.bench import workloads as wl  # noqa: E402
+from specserve.cluster.bench.http_client import BenchError  # noqa: E402
+from specserve.cluster.bench.load import Load  # noqa: E402
+from specserve.cluster.bench.results import RequestResult, percentile, summarize  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(bench.WORKLOADS))
+@pytest.mark.parametrize("name", list(wl.WORKLOADS))
 def test_workloads_deterministic_per_seed(name):
-    a = bench.build_workload(name, 24, seed=7)
-    assert a == bench.build_workload(name, 24, seed=7)
-    assert a != bench.build_workload(name, 24, seed=8)
-    assert len(a) == 24
-    for messages in a:
-        assert messages and all(m["role"] in ("system", "user") and m["content"].strip() for m in messages)
-        assert messages[-1]["role"] == "user"
+    a = wl.build_workload(name, 24, seed=7)
+    assert a == wl.build_workload(name, 24, seed=7)
+    assert a != wl.build_workload(name, 24, seed=8)
+    assert sum(s.turns for s in a) == 24
+    for s in a:
+        assert s.messages and all(m["role"] in ("system", "user") and m["content"].strip() for m in s.messages)
+        assert s.messages[-1]["role"] == "user" and all(f.strip() for f in s.follow_ups)
 
 
 def test_workload_prefix_is_stable_as_n_grows():
     # Passes take slices of one stream, so a larger n must extend, not reshuffle, the list.
-    for name in bench.WORKLOADS:
-        assert bench.build_workload(name, 30, 3)[:10] == bench.build_workload(name, 10, 3)
+    for name in wl.WORKLOADS:
+        small = wl.build_workload(name, 12, 3)
+        assert wl.build_workload(name, 36, 3)[:len(small)] == small
+
+
+def test_multiturn_and_long_workloads():
+    convs = wl.multiturn_workload(12, seed=1, turns=4)
+    assert len(convs) == 3 and all(c.turns == 4 and [m["role"] for m in c.messages] == ["system", "user"]
+                                   for c in convs)
+    assert len({c.messages[0]["content"] for c in convs}) == 3  # tenants rotate
+    long = [s.messages[0]["content"] for s in wl.long_workload(10, seed=1)]
+    assert all(1000 <= len(p.split()) <= 2500 for p in long)  # ~1,500-2,500 tokens each
+    assert len({p[:64] for p in long}) == 10  # distinct from the first block on: no prefix hits
 
 
 def test_chat_prompts_short_and_varied():
-    prompts = [m[0]["content"] for m in bench.chat_workload(200, 0)]
+    prompts = [s.messages[0]["content"] for s in wl.chat_workload(200, 0)]
     assert len(set(prompts)) == 200  # no repeats within a few hundred
     words = [len(p.split()) for p in prompts]
     assert 5 <= min(words) and max(words) <= 35  # roughly 10-40 tokens
 
 
 def test_shared_prefix_shares_long_prefix_per_tenant():
-    reqs = bench.shared_prefix_workload(40, seed=1, tenants=4)
+    reqs = [s.messages for s in wl.shared_prefix_workload(40, seed=1, tenants=4)]
     by_system: dict[str, list[str]] = {}
     for messages in reqs:
         assert [m["role"] for m in messages] == ["system", "user"]
@@ -68,23 +82,23 @@ def test_shared_prefix_shares_long_prefix_per_tenant():
                     break
                 common += 1
             assert common < 100
-    assert len(bench.shared_prefix_workload(12, seed=1, tenants=2)[0]) == 2
-    assert len({m[0]["content"] for m in bench.shared_prefix_workload(12, seed=1, tenants=2)}) == 2
+    assert len(wl.shared_prefix_workload(12, seed=1, tenants=2)[0].messages) == 2
+    assert len({s.messages[0]["content"] for s in wl.shared_prefix_workload(12, seed=1, tenants=2)}) == 2
 
 
 def test_ideal_prefix_hit_rate_counts_full_blocks_seen_before():
     a = list(range(40))  # 2 full usable blocks of 16
     b = a[:32] + [99] * 9  # shares both blocks with a
     c = a[:20] + [77] * 30  # shares one block
-    assert bench.ideal_prefix_hit_rate([a], 16) == 0
-    assert bench.ideal_prefix_hit_rate([a, b, c], 16) == pytest.approx((32 + 16) / (40 + 41 + 50))
-    assert bench.ideal_prefix_hit_rate([a[:16], a[:16]], 16) == 0  # a prompt's last token is always computed
-    assert bench.ideal_prefix_hit_rate([], 16) is None
+    assert wl.ideal_prefix_hit_rate([a], 16) == 0
+    assert wl.ideal_prefix_hit_rate([a, b, c], 16) == pytest.approx((32 + 16) / (40 + 41 + 50))
+    assert wl.ideal_prefix_hit_rate([a[:16], a[:16]], 16) == 0  # a prompt's last token is always computed
+    assert wl.ideal_prefix_hit_rate([], 16) is None
 
 
 def test_copy_workload_embeds_passage():
-    for messages in bench.copy_workload(30, seed=2):
-        text = messages[0]["content"]
+    for s in wl.copy_workload(30, seed=2):
+        text = s.messages[0]["content"]
         instruction, _, passage = text.partition("\n\n")
         assert instruction and passage
         assert 70 <= len(passage.split()) <= 160  # ~100-200 tokens to copy
@@ -93,8 +107,8 @@ def test_copy_workload_embeds_passage():
 def test_typos_change_text_but_keep_word_count():
     import random
 
-    text = " ".join(bench._PASSAGES[0])
-    noisy = bench._add_typos(text, random.Random(0), rate=0.5)
+    text = " ".join(wl._PASSAGES[0])
+    noisy = wl.add_typos(text, random.Random(0), rate=0.5)
     assert noisy != text and len(noisy.split()) == len(text.split())
 
 
@@ -105,20 +119,20 @@ def test_typos_change_text_but_keep_word_count():
 
 def test_percentile_known_values():
     xs = [4.0, 1.0, 3.0, 2.0, 5.0]
-    assert bench.percentile(xs, 50) == 3.0
-    assert bench.percentile(xs, 0) == 1.0
-    assert bench.percentile(xs, 100) == 5.0
-    assert bench.percentile(xs, 90) == pytest.approx(4.6)
-    assert bench.percentile([1.0, 2.0], 50) == 1.5
-    assert bench.percentile([7.0], 90) == 7.0
-    assert bench.percentile([], 50) is None
+    assert percentile(xs, 50) == 3.0
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 100) == 5.0
+    assert percentile(xs, 90) == pytest.approx(4.6)
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert percentile([7.0], 90) == 7.0
+    assert percentile([], 50) is None
 
 
 def test_summarize_known_numbers():
     ok1 = RequestResult(ok=True, ttft_s=0.1, e2e_s=1.0, itl_s=[0.1, 0.2, 0.3], output_tokens=10, usage_reported=True)
     ok2 = RequestResult(ok=True, ttft_s=0.3, e2e_s=0.9, itl_s=[0.4], output_tokens=4, usage_reported=True)
     bad = RequestResult(ok=False, error="HTTP 503", e2e_s=0.01)
-    s = bench.summarize([ok1, ok2, bad], wall_s=2.0, concurrency=1)
+    s = summarize([ok1, ok2, bad], wall_s=2.0, single_stream=True)
     assert (s["requests"], s["ok"], s["errors"]) == (3, 2, 1)
     assert s["error_kinds"] == {"HTTP 503": 1}
     assert s["ttft_ms_p50"] == pytest.approx(200.0)
@@ -131,24 +145,30 @@ def test_summarize_known_numbers():
     assert s["output_tok_s"] == pytest.approx(7.0)
     assert s["req_s"] == pytest.approx(1.0)
     assert s["usage_reported"] is True
-    assert bench.summarize([ok1], 1.0, concurrency=4)["single_stream_tok_s"] is None
+    assert summarize([ok1], 1.0)["single_stream_tok_s"] is None
 
 
 def test_summarize_empty_pass():
-    s = bench.summarize([RequestResult(ok=False, error="ConnectError")], wall_s=0.5, concurrency=2)
+    s = summarize([RequestResult(ok=False, error="ConnectError")], wall_s=0.5)
     assert s["ok"] == 0 and s["ttft_ms_p50"] is None and s["tpot_ms_mean"] is None and s["output_tokens"] == 0
 
 
 def test_parse_config_and_bad_args(capsys):
-    cfg = bench.parse_config(["--target", "a=http://127.0.0.1:1/v1/", "--url", "http://127.0.0.1:2",
+    cfg = cli.parse_config(["--target", "a=http://127.0.0.1:1/v1/", "--url", "http://127.0.0.1:2",
                               "--workload", "chat,copy", "--workload", "shared-prefix", "--concurrency", "1, 4"])
     assert [(t.label, t.url) for t in cfg.targets] == [("a", "http://127.0.0.1:1"), ("127.0.0.1:2", "http://127.0.0.1:2")]
-    assert cfg.workloads == ["chat", "copy", "shared-prefix"] and cfg.concurrency == [1, 4]
-    assert cfg.requests_for(1) == 8 and cfg.requests_for(16) == 64
+    mixed = cli.parse_config(["--serve", "s=speculative.method=none", "--target", "peer=http://h:1#m",
+                              "--matrix", "store", "--url", "http://h:2"])
+    assert [t.label for t in mixed.targets] == ["s", "peer", "store-off", "store-on", "h:2"]  # as given
+    assert cfg.workloads == ["chat", "copy", "shared-prefix"]
+    assert [(ld.kind, ld.value) for ld in cfg.loads] == [("concurrency", 1), ("concurrency", 4)]
+    assert cfg.requests_for(Load("concurrency", 1)) == 8 and cfg.requests_for(Load("concurrency", 16)) == 64
+    assert cfg.requests_for(Load("rate", 2.0)) == 20
     for argv in (["--workload", "nope"], ["--concurrency", "0"], ["--concurrency", "x"], ["--target", "nolabel"],
                  ["--url", "127.0.0.1:8000"], ["--url", "http://127.0.0.1:1", "--url", "http://127.0.0.1:1"],
-                 ["--max-tokens", "0"], ["--bogus-flag"]):
-        assert bench.main(argv) == 2, argv
+                 ["--max-tokens", "0"], ["--bogus-flag"], ["--rate", "0"], ["--rate", "fast"],
+                 ["--slo", "ttft=5"], ["--slo", "ttft_ms=-1"], ["--max-concurrency", "0"], ["--matrix", "nope"]):
+        assert main(argv) == 2, argv
     err = capsys.readouterr().err
     assert "unknown workload" in err and "LABEL=URL" in err
 
@@ -288,14 +308,14 @@ def fresh(fake):
 def test_end_to_end_against_fake(fresh, tmp_path, capsys, concurrency):
     out = tmp_path / "bench.json"
     n = 12
-    rc = bench.main(["--url", fresh.url, "--concurrency", str(concurrency), "--num-requests", str(n),
+    rc = main(["--url", fresh.url, "--concurrency", str(concurrency), "--num-requests", str(n),
                      "--warmup", "2", "--max-tokens", "16", "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["complete"] is True
-    assert doc["config"]["concurrency"] == [concurrency]
+    assert doc["config"]["loads"] == [{"kind": "concurrency", "value": concurrency}]
     (p,) = doc["passes"]
-    assert p["model"] == FakeOpenAIServer.MODEL and p["workload"] == "chat" and p["concurrency"] == concurrency
+    assert p["model"] == FakeOpenAIServer.MODEL and p["workload"] == "chat" and p["load"]["label"] == f"c={concurrency}"
     reqs = p["requests"]
     assert len(reqs) == n and sorted(r["index"] for r in reqs) == list(range(n))
     assert all(r["ok"] and r["usage_reported"] and r["done"] for r in reqs)
@@ -319,15 +339,17 @@ def test_end_to_end_against_fake(fresh, tmp_path, capsys, concurrency):
 
 def test_compare_two_targets_multiple_passes(fresh, tmp_path, capsys):
     out = tmp_path / "cmp.json"
-    rc = bench.main(["--target", f"a={fresh.url}", "--target", f"b={fresh.url}/v1", "--workload",
+    rc = main(["--target", f"a={fresh.url}", "--target", f"b={fresh.url}/v1", "--workload",
                      "shared-prefix,copy", "--concurrency", "1,2", "--num-requests", "4", "--warmup", "0",
                      "--json", str(out)])
     assert rc == 0
     doc = json.loads(out.read_text())
     assert len(doc["passes"]) == 2 * 2 * 2
     assert fresh.seen == 2 * 2 * 2 * 4
-    by_key = {(p["target"], p["workload"], p["concurrency"]) for p in doc["passes"]}
-    assert ("b", "copy", 2) in by_key
+    by_key = {(p["target"], p["workload"], p["load"]["label"]) for p in doc["passes"]}
+    assert ("b", "copy", "c=2") in by_key
+    assert len(doc["comparisons"]) == 4 and all(c["baseline"] == "a" and c["target"] == "b" and
+                                                c["ratios"]["output_tok_s"] > 0 for c in doc["comparisons"])
     # Targets run one after the other and must be sent identical prompts.
     half = len(fresh.bodies) // 2
     def prompts(bodies):
@@ -337,13 +359,14 @@ def test_compare_two_targets_multiple_passes(fresh, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "vs a" in table and "1-stream tok/s" in table
     rows = [line for line in table.splitlines() if line.startswith(("shared-prefix", "copy"))]
-    assert len(rows) == 8 and all(line.rstrip().endswith("x") for line in rows)
+    assert len(rows) == 8
+    assert [line.rstrip().endswith("x") for line in rows] == [False, True] * 4  # b's rows carry the ratio
 
 
 def test_completions_endpoint_without_usage(tmp_path, capsys):
     with FakeOpenAIServer(tokens=5, send_usage=False) as server:
         out = tmp_path / "c.json"
-        rc = bench.main(["--url", server.url, "--endpoint", "completions", "--concurrency", "2",
+        rc = main(["--url", server.url, "--endpoint", "completions", "--concurrency", "2",
                          "--num-requests", "6", "--warmup", "1", "--json", str(out)])
         assert rc == 0
         assert all("prompt" in b and "messages" not in b for b in server.bodies)
@@ -356,7 +379,7 @@ def test_completions_endpoint_without_usage(tmp_path, capsys):
 def test_request_errors_are_reported_not_fatal(tmp_path, capsys):
     with FakeOpenAIServer(tokens=3, fail_every=3) as server:
         out = tmp_path / "e.json"
-        rc = bench.main(["--url", server.url, "--concurrency", "1", "--num-requests", "9", "--warmup", "0",
+        rc = main(["--url", server.url, "--concurrency", "1", "--num-requests", "9", "--warmup", "0",
                          "--json", str(out)])
     assert rc == 0
     s = json.loads(out.read_text())["passes"][0]["summary"]
@@ -366,7 +389,7 @@ def test_request_errors_are_reported_not_fatal(tmp_path, capsys):
 
 def test_in_band_stream_error(tmp_path, capsys):
     with FakeOpenAIServer(tokens=4, midstream_error=True) as server:
-        rc = bench.main(["--url", server.url, "--concurrency", "1", "--num-requests", "2", "--warmup", "0"])
+        rc = main(["--url", server.url, "--concurrency", "1", "--num-requests", "2", "--warmup", "0"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "StreamError x2" in out and "engine died" in out
@@ -377,14 +400,14 @@ def test_unreachable_target_exits_2(capsys):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens here now
-    assert bench.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", "1", "--timeout", "2"]) == 2
+    assert main(["--url", f"http://127.0.0.1:{port}", "--concurrency", "1", "--timeout", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "unreachable" in err and len(err.splitlines()) == 1
 
 
 def test_api_key_sent_but_not_written(fresh, tmp_path):
     out = tmp_path / "k.json"
-    rc = bench.main(["--url", fresh.url, "--api-key", "sekrit", "--concurrency", "1", "--num-requests", "1",
+    rc = main(["--url", fresh.url, "--api-key", "sekrit", "--concurrency", "1", "--num-requests", "1",
                      "--warmup", "0", "--json", str(out)])
     assert rc == 0 and fresh.auth == ["Bearer sekrit"]
     text = out.read_text()
@@ -392,7 +415,7 @@ def test_api_key_sent_but_not_written(fresh, tmp_path):
 
 
 def test_wrong_model_is_reported_as_request_errors(fresh, capsys):
-    rc = bench.main(["--url", fresh.url, "--model", "other", "--concurrency", "1", "--num-requests", "2",
+    rc = main(["--url", fresh.url, "--model", "other", "--concurrency", "1", "--num-requests", "2",
                      "--warmup", "0"])
     assert rc == 0
     assert "HTTP 404 x2" in capsys.readouterr().out
@@ -403,20 +426,175 @@ def test_speculation_summary_and_serve_targets():
                       draft_tokens=12, accepted_tokens=6)
     b = RequestResult(ok=True, ttft_s=0.1, e2e_s=1.0, output_tokens=5, usage_reported=True, spec_rounds=2,
                       draft_tokens=4, accepted_tokens=1)
-    s = bench.summarize([a, b], wall_s=1.0, concurrency=1)
+    s = summarize([a, b], wall_s=1.0)
     assert s["acceptance_rate"] == pytest.approx(7 / 16)
     assert s["mean_accepted_length"] == pytest.approx((7 + 6) / 6)
-    assert bench.summarize([RequestResult(ok=True, output_tokens=3)], 1.0, 1)["mean_accepted_length"] is None
+    assert summarize([RequestResult(ok=True, output_tokens=3)], 1.0)["mean_accepted_length"] is None
 
-    cfg = bench.parse_config(["--serve", "k2=speculative.method=ngram,speculative.num_speculative_tokens=2",
+    cfg = cli.parse_config(["--serve", "k2=speculative.method=ngram,speculative.num_speculative_tokens=2",
                               "--serve-base", "model.dtype=bfloat16,server.http_port=8123"])
     (t,) = cfg.targets
     assert t.label == "k2" and t.url == "http://127.0.0.1:8123"
     assert t.serve == {"speculative.method": "ngram", "speculative.num_speculative_tokens": "2"}
-    served = bench.ServedTarget(t, cfg.serve_base)
+    served = runner.ServedTarget(t, cfg.serve_base)
     assert served.config.speculative.num_speculative_tokens == 2 and served.config.model.dtype == "bfloat16"
-    with pytest.raises(bench.BenchError, match="invalid server config"):
-        bench.ServedTarget(bench.Target("x", "http://h:1", serve={"speculative.method": "telepathy"}), {})
-    matrix = bench.parse_config(["--spec-matrix"])
-    assert [t.label for t in matrix.targets] == list(bench.SPEC_MATRIX)
-    assert bench.main(["--serve", "nolabel"]) == 2
+    with pytest.raises(BenchError, match="invalid server config"):
+        runner.ServedTarget(runner.Target("x", "http://h:1", serve={"speculative.method": "telepathy"}), {})
+    matrix = cli.parse_config(["--spec-matrix"])
+    assert [t.label for t in matrix.targets] == list(runner.MATRICES["spec"])
+    both = cli.parse_config(["--matrix", "store", "--matrix", "routing"])
+    assert [t.label for t in both.targets] == ["store-off", "store-on", "round_robin", "pow2", "prefix_cost"]
+    for t in both.targets:  # every preset is a valid config
+        runner.ServedTarget(t, {})
+    assert main(["--serve", "nolabel"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arrivals, multi-turn sessions, goodput, specserve's figures, plots, soak
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_poisson_arrivals_are_seeded_and_at_the_rate():
+    from specserve.cluster.bench.load import poisson_arrivals
+
+    a = poisson_arrivals(2000, 4.0, seed=1)
+    assert a == poisson_arrivals(2000, 4.0, seed=1) and a != poisson_arrivals(2000, 4.0, seed=2)
+    assert a[0] == 0 and all(x <= y for x, y in zip(a, a[1:]))
+    assert 2000 / a[-1] == pytest.approx(4.0, rel=0.1)  # mean gap 1/rate
+
+
+def test_rate_pass_sends_at_the_arrival_times(fresh, tmp_path):
+    from specserve.cluster.bench.load import poisson_arrivals
+
+    out = tmp_path / "rate.json"
+    assert main(["--url", fresh.url, "--rate", "25", "--num-requests", "10", "--warmup", "0", "--no-plots",
+                 "--json", str(out)]) == 0
+    (p,) = json.loads(out.read_text())["passes"]
+    assert p["load"] == {"kind": "rate", "value": 25.0, "label": "r=25/s"}
+    starts = [r["start_s"] for r in sorted(p["requests"], key=lambda r: r["index"])]
+    for start, due in zip(starts, poisson_arrivals(10, 25.0, seed=0)):
+        assert due - 0.005 <= start <= due + 0.5  # never early; late only by the event loop
+    assert p["summary"]["ok"] == 10 and p["summary"]["single_stream_tok_s"] is None
+    fresh.reset()
+    assert main(["--url", fresh.url, "--rate", "200", "--max-concurrency", "1", "--num-requests", "6",
+                 "--warmup", "0"]) == 0
+    assert fresh.seen == 6 and fresh.max_in_flight == 1
+
+
+def test_multiturn_feeds_each_reply_into_the_next_turn(fresh, tmp_path):
+    out = tmp_path / "mt.json"
+    assert main(["--url", fresh.url, "--workload", "multiturn", "--concurrency", "2", "--num-requests", "8",
+                 "--warmup", "0", "--no-plots", "--json", str(out)]) == 0
+    (p,) = json.loads(out.read_text())["passes"]
+    reqs = sorted(p["requests"], key=lambda r: r["index"])
+    assert [(r["session"], r["turn"]) for r in reqs] == [(s, t) for s in range(2) for t in range(4)]
+    reply = "".join(f" t{i}" for i in range(fresh.tokens))
+    bodies = sorted(fresh.bodies, key=lambda b: len(b["messages"]))
+    for turn in range(4):
+        at_turn = [b["messages"] for b in bodies if len(b["messages"]) == 2 + 2 * turn]
+        assert len(at_turn) == 2  # both conversations reached this turn
+        for msgs in at_turn:
+            assert [m["content"] for m in msgs[2::2]] == [reply] * turn  # every earlier reply, as it came
+            assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * turn + ["user"]
+
+
+def test_failed_turn_ends_its_conversation():
+    with FakeOpenAIServer(tokens=2, fail_every=2) as server:
+        assert main(["--url", server.url, "--workload", "multiturn", "--concurrency", "1", "--num-requests", "4",
+                     "--warmup", "0"]) == 0
+        assert server.seen == 2  # turn 1 failed: turns 2 and 3 were never sent
+
+
+def test_goodput_counts_requests_within_every_bound():
+    from specserve.cluster.bench.results import parse_slo
+
+    fast = RequestResult(ok=True, ttft_s=0.1, e2e_s=0.5, output_tokens=5)  # TPOT 100 ms
+    slow_first = RequestResult(ok=True, ttft_s=0.9, e2e_s=1.3, output_tokens=5)
+    one_token = RequestResult(ok=True, ttft_s=0.2, e2e_s=0.2, output_tokens=1)  # no TPOT: that bound holds
+    failed = RequestResult(ok=False, error="HTTP 503")
+    slo = parse_slo("ttft_ms=500, tpot_ms=150")
+    assert slo == {"ttft_ms": 500.0, "tpot_ms": 150.0}
+    s = summarize([fast, slow_first, one_token, failed], wall_s=2.0, slo=slo)
+    assert s["goodput_req_s"] == pytest.approx(1.0) and s["slo_attainment"] == pytest.approx(0.5)
+    assert summarize([fast], 1.0)["goodput_req_s"] is None
+    for bad in ("ttft=5", "ttft_ms", "ttft_ms=x", "e2e_ms=0"):
+        with pytest.raises(ValueError):
+            parse_slo(bad)
+
+
+def _verifier_metrics(queries, hits, drafts, at, lookups, store_hits, rows, kv=0.0):
+    """Verifier.metrics_stats()'s shape with these counters."""
+    stats = {"num_running": 0, "num_waiting": 0, "kv_usage": kv, "kv_blocks_total": 100,
+             "prefix_cache_queries": queries, "prefix_cache_hits": hits, "preemptions": 0, "steps": 1,
+             "step_time_s": 0.1, "speculation": {"rounds": drafts, "draft_tokens": 3 * drafts,
+                                                 "accepted_tokens": sum(at), "accepted_at": at},
+             "kv_store": {"lookup_blocks": lookups, "hit_blocks": store_hits, "exported_blocks": 0,
+                          "redis_errors": 0, "export_errors": 0},
+             "experts": {"rows_per_actor": rows, "resent_to_replica": 0}}
+    return stats
+
+
+def test_server_figures_are_per_pass_differences_summed_over_replicas():
+    from specserve.cluster.bench import server_stats
+    from specserve.cluster.metrics import render, verifier_families
+
+    def text(*replicas):
+        return render([({"deployment": "Verifier", "replica": f"r{i}"}, verifier_families(st, "m"))
+                       for i, st in enumerate(replicas)]).decode()
+
+    before = text(_verifier_metrics(100, 50, 10, [8, 5, 2], 20, 5, [100, 100]),
+                  _verifier_metrics(0, 0, 0, [0, 0, 0], 0, 0, [0, 0]))
+    after = text(_verifier_metrics(300, 150, 30, [20, 10, 4], 40, 15, [300, 200]),
+                 _verifier_metrics(100, 100, 10, [6, 3, 1], 0, 0, [100, 0], kv=0.25))
+    f = server_stats.pass_figures(before, after)
+    # drafts 30; accepted at positions (12+6, 5+3, 2+1)
+    assert f["spec_drafts"] == 30 and f["acceptance_by_position"] == pytest.approx([18 / 30, 8 / 30, 3 / 30])
+    assert f["local_prefix_hit_rate"] == pytest.approx((100 + 100) / (200 + 100))
+    assert f["store_block_hit_rate"] == pytest.approx(10 / 20)
+    assert f["expert_rows"] == [300, 100] and f["expert_imbalance"] == pytest.approx(300 * 2 / 400)
+    assert server_stats.per_replica(after, server_stats.P + "kv_cache_usage_perc") == {
+        "Verifier/r0": 0.0, "Verifier/r1": 0.25}
+    rss = server_stats.per_replica(after, server_stats.P + "process_resident_memory_bytes")
+    assert set(rss) == {"Verifier/r0", "Verifier/r1"} and all(v > 10 * 2 ** 20 for v in rss.values())
+    assert server_stats.pass_figures(None, after) is None
+
+
+def test_plots_are_written_next_to_the_json(fresh, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "run.json"
+    assert main(["--target", f"a={fresh.url}", "--target", f"b={fresh.url}", "--workload", "chat,copy",
+                 "--concurrency", "1,2", "--num-requests", "4", "--warmup", "0", "--json", str(out)]) == 0
+    pngs = sorted(p.name for p in tmp_path.glob("run-*.png"))
+    assert pngs == ["run-latency-throughput.png", "run-ttft-cdf.png"]  # the fake reports no speculation
+    for name in pngs:
+        img = imread(tmp_path / name)
+        assert img.shape[0] > 300 and img.shape[1] > 600
+        assert img[..., :3].std() > 0.05  # drawn on, not blank
+    # Acceptance by position from server figures, and --plot redraws from the JSON alone.
+    doc = json.loads(out.read_text())
+    for p in doc["passes"]:
+        p["summary"]["server"] = {"acceptance_by_position": [0.8, 0.5, 0.2], "spec_drafts": 10}
+    out.write_text(json.dumps(doc))
+    for name in pngs:
+        (tmp_path / name).unlink()
+    assert main(["--plot", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("run-*.png")) == sorted(pngs + ["run-acceptance.png"])
+
+
+def test_soak_judges_growth_after_warmup_and_leaked_blocks():
+    from specserve.cluster.bench.soak import growth, verdict
+
+    mb = 2 ** 20
+    samples = [{"t": t, "rss": {"Verifier/a": (500 + (t if t < 20 else 20)) * mb, "Ingress/b": (300 + t) * mb}}
+               for t in range(0, 100, 5)]
+    g = growth(samples, warmup_s=20)
+    assert g["Verifier/a"]["growth"] == pytest.approx(0.0)  # grew only during warm-up
+    assert g["Ingress/b"]["growth"] == pytest.approx(60.0)  # medians of (20,25,30,35) vs (80,85,90,95)
+    assert g["Ingress/b"]["peak"] == pytest.approx(395.0)
+    res = {"memory_mb": g, "idle_kv_usage": {"Verifier/a": 0.0}, "summary": {"errors": 0, "error_kinds": {}}}
+    assert verdict(res, 64) == []
+    assert "Ingress/b: memory grew 60.0 MB" in verdict(res, 50)[0]
+    res["idle_kv_usage"]["Verifier/a"] = 0.02
+    assert any("leaked blocks" in p for p in verdict(res, 64))
+    assert "too few memory samples" in verdict({**res, "memory_mb": {}}, 64)[-1]

@@ -9,7 +9,6 @@ from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
 
-
 class GrpcBenchClient:
     def __init__(self, url: str, api_key: str | None):
         self.target = url.removeprefix("grpc://")
