@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from prometheus_client.exposition import generate_latest
 log = logging.getLogger(__name__)
 
 P = "specserve:"
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Buckets as vLLM's, so dashboards carry over.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -103,14 +101,18 @@ class FrontendMetrics:
 
 
 def process_families() -> list[Family]:
-    """This process's resident memory (Linux; nothing elsewhere): the soak test watches it for growth."""
+    """This process's resident memory by kind (Linux; nothing elsewhere): `anon` is its own heap, `shmem` the
+    pages of Ray's shared object store it has touched (bounded by the store, not the process), `file` mapped
+    files. The soak watches `anon` for growth."""
     try:
-        with open("/proc/self/statm", "rb") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, IndexError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith("Rss"))
+        kib = {kind: int(fields[f"Rss{kind.capitalize()}"].split()[0]) for kind in ("anon", "file", "shmem")}
+    except (OSError, KeyError, ValueError, IndexError):
         return []
-    return [family("process_resident_memory_bytes", "gauge", "Resident memory of this replica's process",
-                   [[P + "process_resident_memory_bytes", {}, float(pages * _PAGE_SIZE)]])]
+    return [family("process_resident_memory_bytes", "gauge", "Resident memory of this replica's process, by kind "
+                   "(anon: its own heap; shmem: Ray object store pages it touched; file: mapped files)",
+                   [[P + "process_resident_memory_bytes", {"kind": k}, float(v * 1024)] for k, v in kib.items()])]
 
 
 def verifier_families(stats: dict, model_name: str) -> list[Family]:

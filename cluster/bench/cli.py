@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from specserve.cluster.bench.http_client import BenchError
 from specserve.cluster.bench.load import Load
-from specserve.cluster.bench.report import format_table, write_json
+from specserve.cluster.bench.report import format_table, table_of, write_json
 from specserve.cluster.bench.results import parse_slo
 from specserve.cluster.bench.runner import MATRICES, BenchConfig, Target, log, run_bench
 from specserve.cluster.bench.workloads import WORKLOADS
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write all results here, and the plots next to it (PATH without .json, -NAME.png)")
     p.add_argument("--no-plots", action="store_true", help="with --json: write no PNG plots")
     p.add_argument("--plot", default=None, metavar="JSON", help="only (re)draw the plots of an earlier --json file")
+    p.add_argument("--table", default=None, metavar="JSON", help="only print the table of an earlier --json file")
+    p.add_argument("--markdown", action="store_true", help="with --table: as a Markdown table")
     p.add_argument("--api-key", default=None, help="sent as a Bearer token")
     p.add_argument("--serve", dest="items", action="append", type=lambda v: ("serve", v),
                    metavar="LABEL=KEY=VALUE[,KEY=VALUE...]",
@@ -216,7 +218,8 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def _plots(json_path: str) -> int:
+def _from_results(json_path: str, plots: bool, markdown: bool = False) -> int:
+    """Redraw the plots, or print the table, of an earlier run's results file."""
     from specserve.cluster.bench.plots import write_plots
 
     try:
@@ -225,6 +228,9 @@ def _plots(json_path: str) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {json_path}: {exc}", file=sys.stderr)
         return 2
+    if not plots:
+        print(table_of(doc, markdown))
+        return 0
     for path in write_plots(doc, json_path):
         log(f"wrote {path}")
     return 0
@@ -239,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    replot = build_parser().parse_args(argv).plot
-    if replot:
-        return _plots(replot)
+    a = build_parser().parse_args(argv)
+    if a.plot or a.table:
+        return _from_results(a.plot or a.table, plots=bool(a.plot), markdown=a.markdown)
     passes: list[dict[str, Any]] = []
     started = time.time()
     code = 0
@@ -263,5 +269,5 @@ def main(argv: list[str] | None = None) -> int:
         write_json(cfg.json_path, cfg, argv, passes, started, complete=code == 0)
         log(f"wrote {cfg.json_path}")
         if cfg.plots and passes:
-            code = _plots(cfg.json_path) or code
+            code = _from_results(cfg.json_path, plots=True) or code
     return code

@@ -98,35 +98,37 @@ def ttft_cdf(doc: dict[str, Any], path: str) -> str | None:
 
 
 def acceptance_by_position(doc: dict[str, Any], path: str) -> str | None:
-    """Per target with speculation: accepted / rounds at each draft position, over all its passes."""
-    targets, _ = _order(doc)
+    """Per target and workload with speculation: accepted / verification rounds at each draft position, over
+    all loads of that pair (weighted by their rounds)."""
+    targets, workloads = _order(doc)
     rates: dict[str, list[float]] = {}
     for t in targets:
-        acc: list[float] = []
-        drafts = 0.0
-        for p in doc["passes"]:
-            server = p["summary"].get("server") or {}
-            by_pos, n = server.get("acceptance_by_position"), server.get("spec_drafts") or 0
-            if p["target"] != t or not by_pos or not n:
-                continue
-            acc += [0.0] * (len(by_pos) - len(acc))
-            for i, a in enumerate(by_pos):
-                acc[i] += a * n
-            drafts += n
-        if drafts:
-            rates[t] = [a / drafts for a in acc]
+        for w in workloads:
+            acc: list[float] = []
+            drafts = 0.0
+            for p in doc["passes"]:
+                server = p["summary"].get("server") or {}
+                by_pos, n = server.get("acceptance_by_position"), server.get("spec_drafts") or 0
+                if p["target"] != t or p["workload"] != w or not by_pos or not n:
+                    continue
+                acc += [0.0] * (len(by_pos) - len(acc))
+                for i, a in enumerate(by_pos):
+                    acc[i] += a * n
+                drafts += n
+            if drafts:
+                rates[f"{t} {w}"] = [a / drafts for a in acc]
     if not rates:
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(rates)
-    for k, (t, r) in enumerate(rates.items()):
-        ax.bar([i + k * width for i in range(len(r))], r, width=width, label=t)
-    ax.set_xlabel("draft position (0 = first drafted token)")
+    positions = max(len(r) for r in rates.values())
+    for k, (label, r) in enumerate(rates.items()):
+        ax.bar([i - 0.4 + (k + 0.5) * width for i in range(len(r))], r, width=width, label=label)
+    ax.set_xticks(range(positions))
     ax.set_ylabel("accepted / verification rounds")
     ax.set_ylim(0, 1)
-    ax.set_title("Speculative decoding: acceptance by position", fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
+    style(ax, "Speculative decoding: acceptance by draft position", "draft position (0 = first drafted token)")
     ax.legend(fontsize=8)
     return save(plt, fig, path)
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from specserve.cluster.bench.load import Load
 from specserve.cluster.bench.runner import BenchConfig
 
 # Ratios of each target to the baseline (the first target) for the same workload and load. For throughput a
@@ -44,16 +45,26 @@ def comparisons(passes: list[dict[str, Any]], baseline: str) -> list[dict[str, A
 
 
 def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
-    labels = [t.label for t in cfg.targets]
-    workloads = cfg.workloads
-    loads = [ld.label for ld in cfg.loads]
+    return table([t.label for t in cfg.targets], cfg.workloads, [ld.label for ld in cfg.loads], cfg.slo, passes)
+
+
+def table_of(doc: dict[str, Any], markdown: bool = False) -> str:
+    """The table of a results file (--json), as printed at the end of its run, or as Markdown."""
+    c = doc["config"]
+    labels = [t["label"] for t in c["targets"]]
+    loads = [Load(ld["kind"], ld["value"]).label for ld in c["loads"]]
+    return table(labels, c["workloads"], loads, c.get("slo") or {}, doc["passes"], markdown)
+
+
+def table(labels: list[str], workloads: list[str], loads: list[str], slo: dict[str, float],
+          passes: list[dict[str, Any]], markdown: bool = False) -> str:
     rows = sorted(passes, key=lambda p: (workloads.index(p["workload"]), loads.index(p["load"]["label"]),
                                          labels.index(p["target"])))
     ratio = {(c["target"],) + (c["workload"], c["load"]): c["ratios"].get("output_tok_s")
              for c in comparisons(passes, labels[0])}
     any_s = lambda key: any(p["summary"].get(key) for p in passes)  # noqa: E731
     show_single = any_s("single_stream_tok_s")
-    show_good, show_spec, show_hits = any_s("goodput_req_s") or bool(cfg.slo), any_s("spec_rounds"), any_s(
+    show_good, show_spec, show_hits = any_s("goodput_req_s") or bool(slo), any_s("spec_rounds"), any_s(
         "prefix_hit_rate")
     show_route = any_s("router")
     headers = ["workload", "load", "target", "ok", "err", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
@@ -65,7 +76,7 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
     headers += ["prefix hit", "local", "store"] if show_hits else []
     headers += ["route p99 us"] if show_route else []
     headers += [f"vs {labels[0]}"] if len(labels) > 1 else []
-    table = [headers]
+    rows_out = [headers]
     for p in rows:
         s = p["summary"]
         row = [p["workload"], p["load"]["label"], p["target"], str(s["ok"]), str(s["errors"])]
@@ -81,11 +92,15 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
         if len(labels) > 1:
             r = ratio.get((p["target"], p["workload"], p["load"]["label"]))
             row.append("" if p["target"] == labels[0] else "-" if r is None else f"{r:.2f}x")
-        table.append(row)
-    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+        rows_out.append(row)
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in rows_out]
+        lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows_out) for i in range(len(headers))]
     text_cols = {0, 1, 2}
     lines = []
-    for j, r in enumerate(table):
+    for j, r in enumerate(rows_out):
         cells = [r[i].ljust(widths[i]) if i in text_cols else r[i].rjust(widths[i]) for i in range(len(r))]
         lines.append("  ".join(cells).rstrip())
         if j == 0:
@@ -95,7 +110,7 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
     if len(labels) > 1:
         lines.append(f"(vs {labels[0]} = output tok/s / {labels[0]}'s in the same pass; more ratios in the JSON)")
     if show_good:
-        bounds = ", ".join(f"{k} <= {v:g}" for k, v in cfg.slo.items())
+        bounds = ", ".join(f"{k} <= {v:g}" for k, v in slo.items())
         lines.append(f"(goodput = requests completed within the SLO ({bounds}) per second)")
     if show_spec:
         lines.append("(acc len = tokens committed per speculative round; accept = accepted / drafted tokens)")

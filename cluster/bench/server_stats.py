@@ -31,12 +31,12 @@ def parse(text: str) -> Samples:
     return dict(out)
 
 
-def per_replica(text: str, name: str) -> dict[str, float]:
-    """One gauge's value per replica ("deployment/replica")."""
+def per_replica(text: str, name: str, **labels: str) -> dict[str, float]:
+    """One gauge's value per replica ("deployment/replica"), of the samples carrying `labels`."""
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name == name:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 out[f"{s.labels.get('deployment', '')}/{s.labels.get('replica', '')}"] = s.value
     return out
 

@@ -437,8 +437,9 @@ def multiturn_workload(n: int, seed: int = 0, turns: int = 4) -> list[Session]:
 
 
 def long_workload(n: int, seed: int = 0, documents: int = 12) -> list[Session]:
-    """Long prompts (~1,500-2,500 tokens): `documents` passages and tenant policies in a seeded order under a
-    header of their own, then a question. No two prompts share a first block, so nothing is a prefix hit."""
+    """Long prompts (~2,800 tokens for SmolLM2's tokenizer): `documents` passages and tenant policies in a
+    seeded order under a header of their own, then a question. The header comes first, so past the chat
+    template's own preamble no two prompts share a block."""
     rng = _rng("long", seed)
     pool = [" ".join(p) for p in _PASSAGES] + [t["system"] for t in _TENANTS]
     out = []

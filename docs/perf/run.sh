@@ -8,7 +8,7 @@ SPECSERVE=${SPECSERVE:-../../.venv/bin/specserve}
 MODEL_DIR=${MODEL_DIR:-$HOME/.cache/specserve/models/smollm2-135m}
 BASE="model.dtype=bfloat16"
 PEER=()
-if curl -sf -m 5 http://127.0.0.1:8001/v1/models >/dev/null; then
+if curl -sf -m 5 http://127.0.0.1:8001/health >/dev/null; then
   PEER=(--target "transformers-serve=http://127.0.0.1:8001#$MODEL_DIR")
 fi
 

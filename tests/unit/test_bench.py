@@ -554,7 +554,7 @@ def test_server_figures_are_per_pass_differences_summed_over_replicas():
     assert f["expert_rows"] == [300, 100] and f["expert_imbalance"] == pytest.approx(300 * 2 / 400)
     assert server_stats.per_replica(after, server_stats.P + "kv_cache_usage_perc") == {
         "Verifier/r0": 0.0, "Verifier/r1": 0.25}
-    rss = server_stats.per_replica(after, server_stats.P + "process_resident_memory_bytes")
+    rss = server_stats.per_replica(after, server_stats.P + "process_resident_memory_bytes", kind="anon")
     assert set(rss) == {"Verifier/r0", "Verifier/r1"} and all(v > 10 * 2 ** 20 for v in rss.values())
     assert server_stats.pass_figures(None, after) is None
 
@@ -582,11 +582,26 @@ def test_plots_are_written_next_to_the_json(fresh, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("run-*.png")) == sorted(pngs + ["run-acceptance.png"])
 
 
+def test_table_of_a_results_file(fresh, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    assert main(["--target", f"a={fresh.url}", "--target", f"b={fresh.url}", "--concurrency", "1", "--rate", "50",
+                 "--num-requests", "3", "--warmup", "0", "--no-plots", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert main(["--table", str(out)]) == 0
+    assert capsys.readouterr().out == printed  # the same table as at the end of the run
+    assert main(["--table", str(out), "--markdown"]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| workload | load | target |") and md[1].startswith("|---|")
+    assert [line.split(" | ")[1:3] for line in md[2:]] == [["c=1", "a"], ["c=1", "b"], ["r=50/s", "a"],
+                                                            ["r=50/s", "b"]]
+    assert main(["--table", str(tmp_path / "missing.json")]) == 2
+
+
 def test_soak_judges_growth_after_warmup_and_leaked_blocks():
     from specserve.cluster.bench.soak import growth, verdict
 
     mb = 2 ** 20
-    samples = [{"t": t, "rss": {"Verifier/a": (500 + (t if t < 20 else 20)) * mb, "Ingress/b": (300 + t) * mb}}
+    samples = [{"t": t, "anon": {"Verifier/a": (500 + (t if t < 20 else 20)) * mb, "Ingress/b": (300 + t) * mb}}
                for t in range(0, 100, 5)]
     g = growth(samples, warmup_s=20)
     assert g["Verifier/a"]["growth"] == pytest.approx(0.0)  # grew only during warm-up
@@ -594,7 +609,7 @@ def test_soak_judges_growth_after_warmup_and_leaked_blocks():
     assert g["Ingress/b"]["peak"] == pytest.approx(395.0)
     res = {"memory_mb": g, "idle_kv_usage": {"Verifier/a": 0.0}, "summary": {"errors": 0, "error_kinds": {}}}
     assert verdict(res, 64) == []
-    assert "Ingress/b: memory grew 60.0 MB" in verdict(res, 50)[0]
+    assert "Ingress/b: its own memory grew 60.0 MB" in verdict(res, 50)[0]
     res["idle_kv_usage"]["Verifier/a"] = 0.02
     assert any("leaked blocks" in p for p in verdict(res, 64))
     assert "too few memory samples" in verdict({**res, "memory_mb": {}}, 64)[-1]
