@@ -134,7 +134,10 @@ def _loads(a: argparse.Namespace) -> list[Load]:
 
 def parse_config(argv: list[str]) -> BenchConfig:
     """Parse and validate; raises BenchError on bad values (argparse itself exits on unknown flags)."""
-    a = build_parser().parse_args(argv)
+    return config_of(build_parser().parse_args(argv))
+
+
+def config_of(a: argparse.Namespace) -> BenchConfig:
     base = parse_overrides(a.serve_base, "--serve-base")
     port = int(base.get("server.http_port", 8000))
     targets: list[Target] = []
@@ -239,15 +242,15 @@ def _from_results(json_path: str, plots: bool, markdown: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_config(argv)
+        a = build_parser().parse_args(argv)
+        if a.plot or a.table:
+            return _from_results(a.plot or a.table, plots=bool(a.plot), markdown=a.markdown)
+        cfg = config_of(a)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    a = build_parser().parse_args(argv)
-    if a.plot or a.table:
-        return _from_results(a.plot or a.table, plots=bool(a.plot), markdown=a.markdown)
     passes: list[dict[str, Any]] = []
     started = time.time()
     code = 0

@@ -20,6 +20,17 @@ class BenchError(Exception):
     """A problem that stops the run before any measurement (bad target, no model)."""
 
 
+# (usage section, its field, RequestResult attribute): OpenAI's cached tokens and specserve's own usage.
+USAGE_FIELDS = (
+    ("prompt_tokens_details", "cached_tokens", "cached_tokens"),
+    ("kv_store", "imported_tokens", "imported_tokens"),
+    ("routing", "predicted_cached_tokens", "predicted_cached_tokens"),
+    ("speculation", "rounds", "spec_rounds"),
+    ("speculation", "draft_tokens", "draft_tokens"),
+    ("speculation", "accepted_tokens", "accepted_tokens"),
+)
+
+
 @dataclass
 class RequestSettings:
     endpoint: str  # "chat" or "completions"
@@ -86,20 +97,10 @@ async def _stream_request(client: httpx.AsyncClient, path: str, body: dict[str, 
                 res.usage_reported = True
                 res.output_tokens = int(usage["completion_tokens"])
                 res.prompt_tokens = usage.get("prompt_tokens")
-                details = usage.get("prompt_tokens_details")
-                if isinstance(details, dict):
-                    res.cached_tokens = details.get("cached_tokens")
-                store = usage.get("kv_store")
-                if isinstance(store, dict):
-                    res.imported_tokens = store.get("imported_tokens")
-                routing = usage.get("routing")
-                if isinstance(routing, dict):
-                    res.predicted_cached_tokens = routing.get("predicted_cached_tokens")
-                spec = usage.get("speculation")
-                if isinstance(spec, dict):
-                    res.spec_rounds = spec.get("rounds")
-                    res.draft_tokens = spec.get("draft_tokens")
-                    res.accepted_tokens = spec.get("accepted_tokens")
+                for section, key, attr in USAGE_FIELDS:
+                    part = usage.get(section)
+                    if isinstance(part, dict):
+                        setattr(res, attr, part.get(key))
             text, finish = _chunk_text(chunk)
             if finish:
                 res.finish_reason = finish

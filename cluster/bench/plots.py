@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from specserve.cluster.bench.load import Load
+
 
 def pyplot():
     import matplotlib
@@ -42,7 +44,7 @@ def _order(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def _load_sorted(passes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(passes, key=lambda p: (p["load"]["kind"] != "concurrency", p["load"]["value"]))
+    return sorted(passes, key=lambda p: Load(p["load"]["kind"], p["load"]["value"]).sort_key())
 
 
 def latency_throughput(doc: dict[str, Any], path: str) -> str | None:

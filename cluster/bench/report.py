@@ -9,16 +9,13 @@ from dataclasses import asdict
 from typing import Any
 
 from specserve.cluster.bench.load import Load
+from specserve.cluster.bench.results import fmt as _fmt
 from specserve.cluster.bench.runner import BenchConfig
 
 # Ratios of each target to the baseline (the first target) for the same workload and load. For throughput a
 # ratio above 1 is better; for latency, below 1.
 RATIO_METRICS = ("output_tok_s", "req_s", "goodput_req_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50",
                  "e2e_ms_p50", "e2e_ms_p99")
-
-
-def _fmt(x: float | None, digits: int) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _pct(x: float | None) -> str:

@@ -33,6 +33,10 @@ def ms(x: float | None) -> float | None:
     return None if x is None else x * 1000.0
 
 
+def fmt(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 @dataclass
 class RequestResult:
     index: int = 0  # position in the pass's request order

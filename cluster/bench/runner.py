@@ -12,6 +12,7 @@ from specserve.cluster.bench import server_stats
 from specserve.cluster.bench.grpc_client import GrpcBenchClient
 from specserve.cluster.bench.http_client import BenchError, RequestSettings, make_client, resolve_model, run_request
 from specserve.cluster.bench.load import Load, run_pass
+from specserve.cluster.bench.results import fmt as _fmt
 from specserve.cluster.bench.results import summarize
 from specserve.cluster.bench.workloads import Session, build_workload, ideal_prefix_hit_rate, warmup_messages
 
@@ -238,8 +239,8 @@ async def _run_target(t: Target, client, cfg: BenchConfig, plan, passes: list[di
         bad = [r for r in warm if not r.ok]
         note = f", {len(bad)} failed ({bad[0].error}: {bad[0].detail})" if bad else ""
         log(f"{t.label}: model {t.model}, warmed up with {len(warm)} requests{note}")
-    metrics = await server_stats.scrape(client)
-    metrics = await _after_pass_metrics(client, cfg, metrics is not None)
+    has_metrics = await server_stats.scrape(client) is not None
+    metrics = await _after_pass_metrics(client, cfg, has_metrics)  # the warm-up's counters settled
     for w in cfg.workloads:
         for ld in cfg.loads:
             sessions = plan[(w, ld)]
@@ -250,7 +251,7 @@ async def _run_target(t: Target, client, cfg: BenchConfig, plan, passes: list[di
             summary["max_in_flight"] = max_in_flight
             summary["router"] = await router_summary(client)
             summary["ideal_prefix_hit_rate"] = ideal.get((w, ld))
-            after = await _after_pass_metrics(client, cfg, metrics is not None)
+            after = await _after_pass_metrics(client, cfg, has_metrics)
             summary["server"] = server_stats.pass_figures(metrics, after)
             metrics = after
             passes.append({
@@ -263,7 +264,3 @@ async def _run_target(t: Target, client, cfg: BenchConfig, plan, passes: list[di
             log(f"[{k}/{total}] {t.label} {w} {ld.label}: {summary['ok']}/{summary['requests']} ok, "
                 f"{_fmt(summary['output_tok_s'], 1)} out tok/s, TTFT p50 {_fmt(summary['ttft_ms_p50'], 0)} ms"
                 + (f", mean accepted length {mal:.2f}" if mal else "") + f" ({wall:.1f} s)")
-
-
-def _fmt(x: float | None, digits: int) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
