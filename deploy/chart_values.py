@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.config import AuthConfig, SpecserveConfig
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "specserve" / "values.schema.json"
 
@@ -79,15 +79,39 @@ class RedisPersistence(_Values):
     storageClassName: str = ""
 
 
+class RedisAuth(_Values):
+    enabled: bool = True
+    existingSecret: str = ""
+    existingSecretKey: str = Field("password", min_length=1)
+
+
 class Redis(_Values):
     enabled: bool = True
-    externalUrl: str = Field("", pattern=r"^(|rediss?://.+)$")
+    # No password in the URL (it would land in the RayService): a user name at most; the password comes from
+    # auth.existingSecret.
+    externalUrl: str = Field("", pattern=r"^(|rediss?://([^:@/]+@)?[^@]+)$",
+                             description="rediss?://[user@]host:port/db; no password (redis.auth.existingSecret)")
+    auth: RedisAuth = Field(default_factory=RedisAuth)
     image: RedisImage = Field(default_factory=RedisImage)
     persistence: RedisPersistence = Field(default_factory=RedisPersistence)
     maxMemory: str = "512mb"
     resources: K8sObject = Field(default_factory=dict)
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[K8sObject] = Field(default_factory=list)
+    podSecurityContext: K8sObject = Field(default_factory=dict)
+
+
+class RayAuth(_Values):
+    enabled: bool = True
+    existingSecret: str = ""
+
+
+class NetworkPolicy(_Values):
+    enabled: bool = True
+    # NetworkPolicyPeers allowed to the API ports / the metrics port; empty = anyone.
+    apiFrom: list[K8sObject] = Field(default_factory=list)
+    metricsFrom: list[K8sObject] = Field(default_factory=list)
+    kuberayOperator: K8sObject = Field(default_factory=dict)
 
 
 class Service(_Values):
@@ -141,6 +165,20 @@ class Metrics(_Values):
 class Tests(_Values):
     prompt: str = "Say hello."
     maxTokens: int = Field(8, ge=1)
+    tenant: str = Field("helm-test", min_length=1)
+
+
+class ChartAuth(AuthConfig):
+    """The chart takes API keys only through a Secret (apiKeys): inline keys would sit in the RayService's
+    serveConfigV2 for anyone who can read it."""
+
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, max_length=0,
+        description="refused in the chart: put keys in a Secret (apiKeys.keys or apiKeys.existingSecret)")
+
+
+class ChartSpecserveConfig(SpecserveConfig):
+    auth: ChartAuth = Field(default_factory=ChartAuth)
 
 
 class ChartValues(_Values):
@@ -149,7 +187,7 @@ class ChartValues(_Values):
     image: Image
     imagePullSecrets: list[K8sObject] = Field(default_factory=list)
     rayVersion: str
-    specserve: SpecserveConfig = Field(default_factory=SpecserveConfig)
+    specserve: ChartSpecserveConfig = Field(default_factory=ChartSpecserveConfig)
     head: Head = Field(default_factory=Head)
     ingress: Group = Field(default_factory=Group)
     workerGroups: list[WorkerGroup] = Field(default_factory=list)
@@ -158,6 +196,10 @@ class ChartValues(_Values):
     service: Service = Field(default_factory=Service)
     modelCache: ModelCache = Field(default_factory=ModelCache)
     apiKeys: ApiKeys = Field(default_factory=ApiKeys)
+    rayAuth: RayAuth = Field(default_factory=RayAuth)
+    networkPolicy: NetworkPolicy = Field(default_factory=NetworkPolicy)
+    podSecurityContext: K8sObject = Field(default_factory=dict)
+    containerSecurityContext: K8sObject = Field(default_factory=dict)
     podDisruptionBudget: Pdb = Field(default_factory=Pdb)
     metrics: Metrics = Field(default_factory=Metrics)
     tests: Tests = Field(default_factory=Tests)

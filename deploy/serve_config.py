@@ -46,6 +46,11 @@ def check_deployable(config: SpecserveConfig) -> None:
         raise ValueError("server.redis_url (or server.redis_sentinels) is required in a cluster deployment: the KV "
                          "store and the prefix_cost router use Redis (no embedded Redis outside `specserve serve`); "
                          "or set kv_store.enabled=false and router.policy=pow2")
+    from specserve.cluster.kv.redis_client import redact_url
+
+    if server.redis_url and redact_url(server.redis_url) != server.redis_url:
+        raise ValueError("server.redis_url carries a password, which would sit in the Serve config for anyone who "
+                         "can read it: put it in a file (a mounted Secret) named by server.redis_password_file")
 
 
 def render(config: SpecserveConfig) -> dict:

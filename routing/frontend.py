@@ -1,5 +1,6 @@
-"""The request path both front ends share (HTTP routing/openai_api.py, gRPC routing/grpc_api.py): tokenize once,
-check limits, authenticate, admit, route, stream from a verifier, measure. Protocol code only parses and formats.
+"""The request path both front ends share (HTTP routing/openai_api.py, gRPC routing/grpc_api.py): check the cheap
+bounds, admit, template and tokenize once (off the event loop, routing/prompts.py), route, stream from a verifier,
+measure. Protocol code only authenticates, parses and formats.
 
 Token ids travel from here on. Text comes back through the incremental detokenizer, which also applies stop
 strings (a stop string ends the stream, and the verifier frees the sequence when the stream is closed).
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import NamedTuple
-
-from jinja2 import TemplateError
 
 from transformers import AutoConfig, AutoTokenizer
 
@@ -29,6 +30,8 @@ from specserve.routing.auth import ApiKeys, TenantLimiter, api_key, resolve_tena
 from specserve.routing.block_hash import block_hashes
 from specserve.routing.detokenizer import IncrementalDetokenizer
 from specserve.routing.errors import APIError, api_error_of, invalid
+from specserve.routing.prompts import Prompt, PromptRenderer
+from specserve.routing.readiness import Readiness
 from specserve.routing.routing_metrics import RoutingOutcomes, take_decision
 
 log = logging.getLogger(__name__)
@@ -48,16 +51,21 @@ class Frontend:
     def __init__(self, config: SpecserveConfig, verifier):
         self.config = config
         self.verifier = verifier
+        server = config.server
         path = resolve_model_path(config.model.source, config.model.cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)  # the event loop's: incremental detokenizing only
         hf_config = AutoConfig.from_pretrained(path)
         self.max_model_len = context_window(hf_config, config.engine.max_model_len)
-        self.vocab_size = len(self.tokenizer)
+        # Ids the tokenizer knows and the model has embedding rows for (either may have more).
+        self.vocab_size = min(len(self.tokenizer), getattr(hf_config, "vocab_size", None) or len(self.tokenizer))
         # Prefix-aware routing needs the prompt's block hashes, computed once here with the verifiers' namespace.
         self.kv_namespace = (kv_namespace(config, path, hf_config).id
                              if config.router.policy == "prefix_cost" else None)
-        limit = config.server.max_prompt_tokens or self.max_model_len
+        limit = server.max_prompt_tokens or self.max_model_len
         self.max_prompt_tokens = min(limit, self.max_model_len - 1)
+        self.prompts = PromptRenderer(self.tokenizer, vocab_size=self.vocab_size,
+                                      max_prompt_tokens=self.max_prompt_tokens, max_messages=server.max_messages,
+                                      threads=server.tokenizer_threads, max_pending=server.max_pending_prompts)
         self.model_name = config.model.name
         self.created = int(time.time())
         self.keys = ApiKeys(config.auth)
@@ -65,19 +73,54 @@ class Frontend:
         self.metrics = FrontendMetrics(self.model_name)
         self.routing = RoutingOutcomes()
         self.hash_latency = LatencyStat(keep=4096)
-        self.ready = False  # a verifier has answered
+        self.readiness = Readiness()  # a verifier answers (kept current by the readiness task)
+        self.ready_listeners: list[Callable[[bool], Awaitable[None]]] = []  # told of every change
         self.draining = False
         self.in_flight = 0
+        self.last_output = 0.0  # monotonic time a verifier last streamed to this ingress
+        self._readiness: asyncio.Task | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
-    async def check_ready(self, timeout_s: float = 2.0) -> bool:
-        if not self.ready:
-            try:
-                await asyncio.wait_for(self.verifier.ping.remote(), timeout_s)
-                self.ready = True
-            except Exception:  # noqa: BLE001 - not yet: verifiers are loading or gone
-                pass
-        return self.ready
+    def start(self) -> None:
+        """Start the readiness task (call on the replica's event loop)."""
+        self._readiness = asyncio.get_running_loop().create_task(self._watch_readiness())
+
+    async def close(self) -> None:
+        if self._readiness is not None:
+            self._readiness.cancel()
+        self.prompts.close()
+
+    async def check_ready(self) -> bool:
+        """Whether a verifier answered lately. Never waits on a verifier: health checks must stay fast under any
+        load, so the probing is the readiness task's."""
+        return self.readiness.ready
+
+    async def _probe(self, timeout_s: float) -> bool:
+        """Does a verifier answer? A full queue (back-pressure) or a slow answer while outputs are streaming
+        still means alive: only a replica that is gone or silent makes an ingress unready."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            await asyncio.wait_for(self.verifier.ping.remote(), timeout_s)
+            return True
+        except BackPressureError:
+            return True
+        except asyncio.TimeoutError:
+            return self.in_flight > 0 and time.monotonic() - self.last_output < timeout_s
+        except Exception:  # noqa: BLE001 - loading, dead or unreachable replicas: not ready
+            return False
+
+    async def _watch_readiness(self) -> None:
+        period = self.config.server.readiness_period_s
+        while True:
+            answered = await self._probe(timeout_s=max(2.0, period))
+            if self.readiness.observe(answered):
+                ready = self.readiness.ready
+                log.log(logging.INFO if ready else logging.WARNING, "ingress %s", "ready: a verifier answers" if
+                        ready else f"not ready: no verifier answered {self.readiness.failures} probes in a row")
+                for listener in self.ready_listeners:
+                    await listener(ready)
+            await asyncio.sleep(period if self.readiness.ready else 0.5)
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new requests and wait up to timeout_s for in-flight ones; returns how many are left."""
@@ -93,56 +136,23 @@ class Frontend:
             raise APIError(404, f"model: '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def chat_prompt(self, messages: list[dict], param: str = "messages") -> list[int]:
-        if not messages:
-            raise invalid(param, "must hold at least one message")
-        roles = ("system", "user", "assistant", "tool", "developer")
-        for i, m in enumerate(messages):
-            if m["role"] not in roles:
-                raise invalid(f"{param}[{i}].role", f"must be one of {', '.join(roles)}")
-        if not any(m["content"] for m in messages):
-            raise invalid(param, "all message contents are empty")
-        self._check_text_size(sum(len(m["content"]) for m in messages), param)
-        if getattr(self.tokenizer, "chat_template", None):
-            try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            except TemplateError as exc:  # templates raise on what they refuse (roles out of order, ...)
-                raise invalid(param, f"the model's chat template refused them: {exc}") from exc
-        else:  # base models without a template: plain role-prefixed lines
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def _check_text_size(self, chars: int, param: str) -> None:
-        """Refuse text far beyond any allowed prompt before tokenizing it (that runs on the event loop)."""
-        limit = 64 * self.max_prompt_tokens
-        if chars > limit:
-            raise APIError(400, f"{param}: {chars} characters, more than any prompt of at most "
-                                f"{self.max_prompt_tokens} tokens", param=param, code="context_length_exceeded")
-
-    def _check_prompt_length(self, n: int, param: str) -> None:
-        if n > self.max_prompt_tokens:
-            raise APIError(400, f"{param}: {n} tokens, more than the limit of {self.max_prompt_tokens}",
-                           param=param, code="context_length_exceeded")
-
-    def text_prompt(self, text: str, param: str = "prompt") -> list[int]:
-        if not text:
-            raise invalid(param, "must not be empty")
-        self._check_text_size(len(text), param)
-        return self.tokenizer(text).input_ids
-
-    def token_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
-        if not ids:
-            raise invalid(param, "must not be empty")
-        self._check_prompt_length(len(ids), param)  # before looking at each id
-        ids = list(ids)
+    def check_stop_token_ids(self, ids, param: str) -> None:
         if any(t < 0 or t >= self.vocab_size for t in ids):
             raise invalid(param, f"token ids must be in [0, {self.vocab_size})")
-        return ids
+
+    async def tokenize(self, prompt: Prompt, tenant: str, protocol: str) -> list[int]:
+        """A prompt's token ids under the tenant's admission (the Tokenize RPC)."""
+        try:
+            self.prompts.check(prompt)
+            with self.limiter.admit(tenant):
+                return await self.prompts.render(prompt)
+        except Exception as exc:
+            raise self.record_error(exc, protocol) from exc
 
     def limits(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str = "prompt") -> int | None:
         """The request's max_tokens after the size limits (None: the engine fills the window)."""
         n = len(prompt_ids)
-        self._check_prompt_length(n, prompt_param)
+        self.prompts.check_length(n, prompt_param)
         cap = self.config.server.max_tokens
         if max_tokens is None:
             return min(cap, self.max_model_len - n) if cap else None
@@ -209,21 +219,26 @@ class Frontend:
         limits = [t for t in (client_timeout_s, self.config.server.request_timeout_s or None) if t is not None]
         return time.monotonic() + min(limits) if limits else None
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tenant: str,
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams, tenant: str,
                        protocol: str, session: str | None = None, deadline: float | None = None,
                        arrival: float | None = None) -> AsyncIterator[Event]:
-        """Events of one generation. Closing the generator cancels the verifier stream, which frees the
-        sequence. Errors are APIErrors (see routing/errors.py) and are counted by code."""
+        """Events of one generation; `params.max_tokens` is the client's (None: unset) until the prompt is
+        tokenized. The prompt's cheap bounds are checked first, then the tenant is admitted, and only then is the
+        prompt templated and tokenized (in the renderer's threads). Closing the generator cancels the verifier
+        stream, which frees the sequence. Errors are APIErrors (see routing/errors.py) and are counted by code."""
         arrival = time.monotonic() if arrival is None else arrival
-        if self.draining:
-            raise self.record_error(APIError(503, "server is draining: retry on another replica",
-                                             code="draining", retry_after_s=1.0), protocol)
         finished = False
         try:
+            if self.draining:
+                raise APIError(503, "server is draining: retry on another replica", code="draining",
+                               retry_after_s=1.0)
+            self.prompts.check(prompt)
             with self.limiter.admit(tenant):
                 self.in_flight += 1
                 self.metrics.in_flight.inc()
                 try:
+                    prompt_ids = await self.prompts.render(prompt)
+                    params = replace(params, max_tokens=self.limits(prompt_ids, params.max_tokens, prompt.param))
                     async for ev in self._generate(request_id, prompt_ids, params, tenant, session, deadline,
                                                    arrival):
                         yield ev
@@ -249,18 +264,24 @@ class Frontend:
         m = self.metrics
         prompt_tokens, cached, completion, last = len(prompt_ids), 0, 0, None
         router, decision, ended = None, None, False
+        stall_s = self.config.server.stall_timeout_s or None
         try:
             while True:
+                wait = stall_s
+                if deadline is not None:
+                    wait = min(wait or math.inf, max(0.0, deadline - time.monotonic()))
                 try:
-                    if deadline is None:
-                        chunk = await stream.__anext__()
-                    else:
-                        chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                    chunk = await asyncio.wait_for(stream.__anext__(), wait)
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
-                    raise APIError(504, f"deadline exceeded after {completion} generated tokens",
-                                   code="deadline_exceeded") from None
+                    if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
+                        raise APIError(504, f"deadline exceeded after {completion} generated tokens",
+                                       code="deadline_exceeded") from None
+                    raise APIError(504, f"no output for {stall_s:g} s after {completion} generated tokens: the "
+                                        "replica serving the request cannot make progress (server.stall_timeout_s)",
+                                   code="stalled") from None
+                self.last_output = time.monotonic()
                 if decision is None:  # routed by now (prefix_cost keeps its prediction for us)
                     router, decision = take_decision(request_id) or (None, False)
                 now = time.monotonic()

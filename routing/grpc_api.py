@@ -21,9 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha import reflection
 
-from specserve.actors.engine.sampling_params import MAX_STOP_SEQUENCES, SamplingParams
-from specserve.routing.errors import invalid
+from specserve.actors.engine.sampling_params import (MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS,
+                                                      SamplingParams)
+from specserve.cluster.config import ServerConfig
+from specserve.routing.auth import api_key
+from specserve.routing.errors import APIError, invalid
 from specserve.routing.frontend import Frontend
+from specserve.routing.prompts import Prompt
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -49,12 +53,14 @@ def sampling_params(s: pb.SamplingParams, max_tokens: int | None, speculate: boo
 
     if len(s.stop) > MAX_STOP_SEQUENCES:
         raise invalid("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
-    if any(not x for x in s.stop):
-        raise invalid("sampling.stop", "stop sequences must not be empty")
+    if any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
+        raise invalid("sampling.stop", f"stop sequences must be 1-{MAX_STOP_CHARS} characters")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
     return SamplingParams(max_tokens=max_tokens, temperature=ranged("temperature", 0.0, 2.0, 1.0),
                           top_p=ranged("top_p", 0.0, 1.0, 1.0, lo_open=True), top_k=s.top_k,
                           seed=s.seed if s.HasField("seed") else None, stop=list(s.stop),
-                          stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, speculate=speculate)
+                          stop_token_ids=frozenset(s.stop_token_ids), ignore_eos=s.ignore_eos, speculate=speculate)
 
 
 def _usage(u: dict) -> pb.Usage:
@@ -73,32 +79,34 @@ class GenerationService(pb_grpc.GenerationServicer):
     def _tenant(self, request, context) -> str:
         return self.fe.tenant(_metadata(context), getattr(request, "tenant", "") or None)
 
-    def _prompt(self, request) -> tuple[list[int], str]:
+    @staticmethod
+    def _prompt(request) -> Prompt:
         which = request.WhichOneof("input")
         if which is None:
             raise invalid("input", "set one of text, token_ids or chat")
         if which == "text":
-            return self.fe.text_prompt(request.text, "text"), "text"
+            return Prompt("text", request.text, "text")
         if which == "token_ids":
-            return self.fe.token_prompt(request.token_ids.ids, "token_ids.ids"), "token_ids.ids"
+            return Prompt("token_ids", list(request.token_ids.ids), "token_ids.ids")
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        return self.fe.chat_prompt(messages, "chat.messages"), "chat.messages"
+        return Prompt("chat", messages, "chat.messages")
 
     def _parse(self, request: pb.GenerateRequest, context):
         tenant = self._tenant(request, context)  # 401/403 before anything about the body
         self.fe.check_model(request.model)
-        prompt_ids, prompt_param = self._prompt(request)
+        prompt = self._prompt(request)
         s = request.sampling
         if s.HasField("max_tokens") and s.max_tokens < 1:
             raise invalid("sampling.max_tokens", "must be >= 1")
-        max_tokens = self.fe.limits(prompt_ids, s.max_tokens if s.HasField("max_tokens") else None, prompt_param)
         sp = request.speculation
         speculate = self.fe.speculation(sp.enabled if sp.HasField("enabled") else None, sp.draft_method)
-        params = sampling_params(s, max_tokens, speculate)
+        # max_tokens is bounded by the front end once the prompt is tokenized
+        params = sampling_params(s, s.max_tokens if s.HasField("max_tokens") else None, speculate)
+        self.fe.check_stop_token_ids(params.stop_token_ids, "sampling.stop_token_ids")
         client_id = self.fe.check_client_request_id(request.request_id)
         deadline = self.fe.deadline(context.time_remaining())
         session = _metadata(context).get(self.fe.config.router.session_header)
-        return client_id, prompt_ids, params, tenant, deadline, session
+        return client_id, prompt, params, tenant, deadline, session
 
     async def _abort(self, context, exc: BaseException):
         err = self.fe.record_error(exc, "grpc")
@@ -112,12 +120,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         """(request id to echo, event) of the generation; any error aborts the call with its status code."""
         arrival = time.monotonic()
         try:
-            client_id, prompt_ids, params, tenant, deadline, session = self._parse(request, context)
+            client_id, prompt, params, tenant, deadline, session = self._parse(request, context)
         except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
             await self._abort(context, exc)
         request_id = self.fe.new_request_id("grpc-")
         try:
-            async with aclosing(self.fe.generate(request_id, prompt_ids, params, tenant, "grpc", session=session,
+            async with aclosing(self.fe.generate(request_id, prompt, params, tenant, "grpc", session=session,
                                                  deadline=deadline, arrival=arrival)) as events:
                 async for ev in events:
                     yield client_id or request_id, ev
@@ -152,9 +160,9 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request, context):
         try:
-            self._tenant(request, context)
+            tenant = self._tenant(request, context)
             self.fe.check_model(request.model)
-            ids, _ = self._prompt(request)
+            ids = await self.fe.tokenize(self._prompt(request), tenant, "grpc")
         except Exception as exc:  # noqa: BLE001
             await self._abort(context, exc)
         return pb.TokenizeResponse(token_ids=ids, max_model_len=self.fe.max_model_len)
@@ -204,20 +212,71 @@ def generation_handlers(service: GenerationService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-class GrpcServer:
-    """The gRPC server of one ingress replica. Health is NOT_SERVING until a verifier answers and again once
-    the replica drains."""
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """With keys on, a Generation call without a valid key is UNAUTHENTICATED before its request is parsed (the
+    handler that refuses it takes the raw bytes). Health and reflection stay open for probes and tools."""
 
-    def __init__(self, frontend: Frontend, host: str, port: int):
-        self.fe, self.address = frontend, f"{host}:{port}"
+    def __init__(self, frontend: Frontend):
+        self.fe = frontend
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not self.fe.keys.enabled or not details.method.startswith(f"/{SERVICE}/"):
+            return handler
+        metadata = {k.lower(): v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        try:
+            self.fe.keys.tenant_of(api_key(metadata))
+            return handler
+        except APIError as exc:
+            err = self.fe.record_error(exc, "grpc")
+
+        async def refuse(_raw: bytes, context):
+            await context.abort(err.grpc_code, err.message)
+
+        if handler.response_streaming:
+            async def refuse_stream(raw, context):
+                await refuse(raw, context)
+                yield  # an async generator, as a streaming handler must be
+            return grpc.unary_stream_rpc_method_handler(refuse_stream)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def server_options(server: ServerConfig) -> list[tuple[str, int]]:
+    """Bounds on what one client connection may hold or cost."""
+    return [
+        ("grpc.so_reuseport", 0),  # a second app on the same port must not split another app's traffic
+        ("grpc.max_receive_message_length", server.max_request_bytes),
+        ("grpc.max_concurrent_streams", 256),  # per connection; maximum_concurrent_rpcs bounds the server
+        # Idle and old connections are closed (GOAWAY first: running calls get the grace period to finish).
+        ("grpc.max_connection_idle_ms", int(server.grpc_max_connection_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(server.grpc_max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", 300_000),
+        # Keepalive: the server pings quiet connections to find dead peers; clients may ping at most every
+        # 10 s, and one that pings more often is disconnected after two strikes.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+class GrpcServer:
+    """The gRPC server of one ingress replica. Health is NOT_SERVING until a verifier answers, whenever the
+    ingress's readiness task finds none answering, and once the replica drains."""
+
+    def __init__(self, frontend: Frontend, server: ServerConfig):
+        self.fe, self.config = frontend, server
+        self.address = f"{server.host}:{server.grpc_port}"
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._task: asyncio.Task | None = None
+        frontend.ready_listeners.append(self._readiness_changed)
 
     def _build(self) -> grpc.aio.Server:
-        # No SO_REUSEPORT: a second app on the same port must not split another app's traffic.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)])
+        server = grpc.aio.server(options=server_options(self.config), interceptors=[ApiKeyInterceptor(self.fe)],
+                                 maximum_concurrent_rpcs=self.config.grpc_max_concurrent_rpcs)
         server.add_generic_rpc_handlers((generation_handlers(GenerationService(self.fe)),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -244,10 +303,12 @@ class GrpcServer:
                 await asyncio.sleep(0.5)
         await self.server.start()
         log.info("gRPC API on %s", self.address)
-        while not await self.fe.check_ready():
-            await asyncio.sleep(0.5)
-        if not self.fe.draining:
-            await self._set(health_pb2.HealthCheckResponse.SERVING)
+        await self._readiness_changed(await self.fe.check_ready())
+
+    async def _readiness_changed(self, ready: bool) -> None:
+        serving = ready and not self.fe.draining
+        await self._set(health_pb2.HealthCheckResponse.SERVING if serving else
+                        health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set(self, status) -> None:
         for service in ("", SERVICE):

@@ -7,6 +7,7 @@ server (routing/grpc_api.py). Both parse and format only; the request path is ro
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -22,14 +23,19 @@ from specserve.cluster.metrics import app_view, render, serve_shard, start_publi
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.errors import APIError, api_error_of
 from specserve.routing.frontend import Frontend
-from specserve.routing.protocol import ChatCompletionRequest, CompletionRequest
+from specserve.routing.http_guard import RequestGuard, frontend_of
+from specserve.routing.prompts import Prompt
+from specserve.routing.protocol import ChatCompletionRequest, CompletionRequest, refuse_unserved
 from specserve.routing.routing_metrics import router_stats
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="specserve", docs_url=None, redoc_url=None)
 TENANT_HEADER = "x-specserve-tenant"
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP counterpart of a gRPC deadline
-_frontends: list[Frontend] = []  # this process's ingress (for errors FastAPI answers before our handlers run)
+_frontends: list[Frontend] = []  # this process's ingress (read by the guard, which hands it to the handlers)
+app.add_middleware(RequestGuard, frontend=lambda: _frontends[0] if _frontends else None)
+# Pydantic names the member of a union that failed ("function-after[...]", "list[TextPart]"): not a field.
+_UNION_MEMBER = re.compile(r"[^A-Za-z0-9_]|^(str|int|float|bool|list|dict|none|constrained-str)$")
 
 
 @app.exception_handler(APIError)
@@ -38,16 +44,18 @@ async def _api_error(_: Request, exc: APIError):
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError):
-    for fe in _frontends:
+async def _validation_error(raw: Request, exc: RequestValidationError):
+    fe = frontend_of(raw.scope)
+    if fe is not None:
         fe.metrics.error("INVALID_ARGUMENT", "http")
     err = exc.errors()[0] if exc.errors() else {}
     if err.get("type") == "json_invalid":
         return JSONResponse(APIError(400, "malformed JSON body: " + str(err.get("msg", ""))).body(), 400)
-    loc = [str(p) for p in err.get("loc", ())]
+    loc = [str(p) for p in err.get("loc", ()) if isinstance(p, int) or not _UNION_MEMBER.search(str(p))]
     loc = loc[1:] if loc[:1] == ["body"] else loc
     param = ".".join(loc) or None
-    msg = f"{param}: {err.get('msg', 'invalid value')}" if param else str(err.get("msg", "invalid request"))
+    text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    msg = f"{param}: {text}" if param else text
     return JSONResponse(APIError(400, msg, param=param).body(), status_code=400)
 
 
@@ -81,8 +89,9 @@ class OpenAIIngress:
         if server.grpc_port:
             from specserve.routing.grpc_api import GrpcServer
 
-            self.grpc = GrpcServer(self.fe, server.host, server.grpc_port)
+            self.grpc = GrpcServer(self.fe, server)
             self.grpc.start()  # __init__ runs on the replica's event loop
+        self.fe.start()
         self.metrics = start_publisher(self.config, "Ingress", self.fe.metrics.families)
         self._redis = self.metrics.redis if self.metrics else None
         self._metrics_max_age = 3 * server.metrics_period_s + 5  # entries older are of replicas gone
@@ -94,11 +103,12 @@ class OpenAIIngress:
     # ---- operations ----------------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        """200 once a verifier answers; 503 while loading or draining (a readiness probe)."""
+        """200 while a verifier answers; 503 while loading, draining or once no verifier answers (a readiness
+        probe). Answered from the state the readiness task keeps: never waits on a verifier."""
         if self.fe.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         if not await self.fe.check_ready():
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -130,6 +140,7 @@ class OpenAIIngress:
         await self.drain(max(1.0, self.config.ingress.graceful_shutdown_timeout_s - 5.0))
         if self.grpc is not None:
             await self.grpc.stop()
+        await self.fe.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -139,7 +150,8 @@ class OpenAIIngress:
     @app.get("/router/stats")
     async def router_stats(self):
         """Routing as this ingress replica sees it: predicted vs actual cached tokens, hit rate, and its
-        routers' decisions, decision latency, index size and per-replica load."""
+        routers' decisions, decision latency, index size and per-replica load. Needs an API key when keys are
+        on (routing/http_guard.py)."""
         return {"policy": self.config.router.policy, "outcomes": self.fe.routing.as_dict(),
                 "hash_latency": self.fe.hash_latency.as_dict(), "routers": router_stats()}
 
@@ -156,9 +168,9 @@ class OpenAIIngress:
         try:
             tenant = self._tenant(raw)
             self.fe.check_model(body.model)
-            prompt_ids = self.fe.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+            prompt = Prompt("chat", [{"role": m.role, "content": m.text()} for m in body.messages], "messages")
             max_tokens = body.max_completion_tokens or body.max_tokens
-            return await self._respond(body, prompt_ids, max_tokens, True, raw, tenant, arrival, "messages")
+            return await self._respond(body, prompt, max_tokens, True, raw, tenant, arrival)
         except APIError as exc:
             raise self.fe.record_error(exc, "http") from exc
 
@@ -173,9 +185,9 @@ class OpenAIIngress:
                 if len(prompt) != 1:
                     raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
                 prompt = prompt[0]
-            prompt_ids = (self.fe.text_prompt(prompt) if isinstance(prompt, str)
-                          else self.fe.token_prompt(prompt))
-            return await self._respond(body, prompt_ids, body.max_tokens, False, raw, tenant, arrival, "prompt")
+            prompt = Prompt("text", prompt, "prompt") if isinstance(prompt, str) else Prompt("token_ids", prompt,
+                                                                                            "prompt")
+            return await self._respond(body, prompt, body.max_tokens, False, raw, tenant, arrival)
         except APIError as exc:
             raise self.fe.record_error(exc, "http") from exc
 
@@ -183,15 +195,16 @@ class OpenAIIngress:
     def _tenant(self, raw: Request) -> str:
         return self.fe.tenant(raw.headers, raw.headers.get(TENANT_HEADER))
 
-    async def _respond(self, body, prompt_ids: list[int], max_tokens: int | None, chat: bool, raw: Request,
-                       tenant: str, arrival: float, prompt_param: str):
-        max_tokens = self.fe.limits(prompt_ids, max_tokens, prompt_param)
+    async def _respond(self, body, prompt: Prompt, max_tokens: int | None, chat: bool, raw: Request,
+                       tenant: str, arrival: float):
+        refuse_unserved(body.model_extra)
+        self.fe.check_stop_token_ids(body.stop_token_ids or (), "stop_token_ids")
         speculate = self.fe.speculation(body.speculate, body.draft_method, param="draft_method")
-        params = body.sampling_params(max_tokens, speculate)
+        params = body.sampling_params(max_tokens, speculate)  # max_tokens bounded once the prompt is tokenized
         request_id = Frontend.new_request_id("chatcmpl-" if chat else "cmpl-")
         deadline = self.fe.deadline(_client_timeout(raw))
         session = raw.headers.get(self.config.router.session_header)
-        events = self.fe.generate(request_id, prompt_ids, params, tenant, "http", session=session,
+        events = self.fe.generate(request_id, prompt, params, tenant, "http", session=session,
                                   deadline=deadline, arrival=arrival)
         if body.stream:
             # Wait for the first event before sending headers, so a rejected request gets its 4xx status.

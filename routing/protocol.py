@@ -2,32 +2,79 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from specserve.actors.engine.sampling_params import MAX_STOP_SEQUENCES, SamplingParams
+from specserve.actors.engine.sampling_params import (MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS,
+                                                      SamplingParams)
+from specserve.routing.errors import invalid
+
+
+def _utf8(s: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"): text that no tokenizer can encode."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid Unicode: a lone surrogate at character {exc.start}") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+StopText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_utf8)]
+
+# Options of OpenAI's API (and common vendor extras) that change the output and are not served yet, with the
+# values that change nothing. Any other value is refused with a 400 naming the option: a client must never get a
+# 200 whose output ignored what it asked for. Other unknown fields are harmless extras and pass.
+UNSERVED_OPTIONS: dict[str, tuple] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+    "functions": (None, []), "function_call": (None, "none", "auto"), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "min_p": (None, 0), "min_tokens": (None, 0), "best_of": (None, 1), "use_beam_search": (None, False),
+    "length_penalty": (None, 1), "prompt_logprobs": (None, 0), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,),
+    "include_stop_str_in_output": (None, False), "skip_special_tokens": (None, True),
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "truncate_prompt_tokens": (None,), "reasoning_effort": (None,),
+    "audio": (None,), "modalities": (None, ["text"]),
+}
+
+
+def refuse_unserved(extra: dict | None) -> None:
+    """400 naming the first option of `extra` (a body's unknown fields) that would change the output."""
+    for name, value in (extra or {}).items():
+        noop = UNSERVED_OPTIONS.get(name)
+        if noop is not None and value not in noop:
+            raise invalid(name, f"{_show(value)} is not supported by this server (only {_show(noop[-1])} or "
+                                "unset); the option would change the output", code="unsupported_option")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class _Request(BaseModel):
-    # Unknown fields are accepted and ignored, as clients send vendor extras.
+    # Unknown fields are accepted, as clients send vendor extras; those that would change the output are
+    # refused (refuse_unserved).
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    model: str
+    model: Text = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopText | list[StopText] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2 ** 31)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     # Extension: include the generated token ids in each choice (exactness tests, debugging).
     return_token_ids: bool = False
     # Extensions: speculation off for this request (false), and the draft method it expects (must be the
     # configured one; a mismatch is a 400 rather than a silent different method).
     speculate: bool | None = None
-    draft_method: str | None = Field(None, max_length=64)
+    draft_method: Text | None = Field(None, max_length=64)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: "StreamOptions | None" = None
@@ -48,7 +95,7 @@ class _Request(BaseModel):
             top_k=self.top_k or 0,
             seed=self.seed,
             stop=stop,
-            stop_token_ids=list(self.stop_token_ids or []),
+            stop_token_ids=frozenset(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             speculate=speculate,
         )
@@ -60,13 +107,13 @@ class StreamOptions(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -80,8 +127,7 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str]
-    echo: bool = False
+    prompt: Text | list[int] | list[Text]
 
 
 _Request.model_rebuild()

@@ -16,6 +16,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
+
 from specserve.actors.draft.model_proposer import DraftModelProposer, probs_tensor
 from specserve.actors.engine.speculation import Draft
 
@@ -57,6 +59,24 @@ class WorkerTimeout(Exception):
     pass
 
 
+def invalid_draft(tokens, probs, k: int, vocab_size: int) -> str | None:
+    """Why a drafter's reply cannot be used as a draft of at most `k` tokens, or None. A drafter is another
+    process: anything it sends is checked before it reaches the model (a token id past the embedding rows
+    would index out of bounds; probabilities feed rejection sampling)."""
+    if not isinstance(tokens, (list, tuple)) or len(tokens) > k:
+        return f"tokens must be a list of at most k={k}"
+    for t in tokens:
+        if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            return f"token {t!r} outside the vocabulary [0, {vocab_size})"
+    if probs is not None:
+        q = np.asarray(probs)
+        if q.ndim != 2 or q.shape[0] < len(tokens) or not np.issubdtype(q.dtype, np.floating):
+            return f"probs of shape {q.shape} ({q.dtype}) for {len(tokens)} tokens"
+        if not np.isfinite(q).all() or (q < 0).any():
+            return "probs not finite and non-negative"
+    return None
+
+
 @dataclass
 class Attachment:
     worker: str
@@ -81,7 +101,8 @@ class DrafterClient:
         self._resting: dict[str, float] = {}
         self._attached: dict[str, Attachment] = {}
         self._releases: dict[str, list[str]] = {}
-        self.stats = {"calls": 0, "call_s": 0.0, "failures": 0, "timeouts": 0, "stale": 0, "resyncs": 0}
+        self.stats = {"calls": 0, "call_s": 0.0, "failures": 0, "timeouts": 0, "stale": 0, "resyncs": 0,
+                      "invalid": 0}
 
     # ---- workers -------------------------------------------------------------------------------------------
     def attach_worker(self, worker_id: str, link) -> None:
@@ -158,24 +179,41 @@ class DrafterClient:
                 self._failed(worker, exc, groups[worker])
                 continue
             for (i, req), reply in zip(groups[worker], replies):
-                drafts[i] = self._accept(seqs[i], reply)
+                drafts[i] = self._accept(seqs[i], reply, req["k"])
         self.stats["calls"] += 1
         self.stats["call_s"] += time.perf_counter() - t0
         return drafts
 
-    def _accept(self, seq, reply: dict) -> Draft | None:
+    def _accept(self, seq, reply: dict, k: int) -> Draft | None:
         att = self._attached.get(seq.request_id)
         if att is None:
             return None
-        if reply["resync"]:  # the worker lost this sequence's state: send everything next time
+        try:
+            resync, epoch, base = bool(reply["resync"]), reply["epoch"], reply["base"]
+            tokens, probs = reply["tokens"], reply["probs"]
+        except (KeyError, TypeError) as exc:
+            return self._invalid(seq, att, f"malformed reply ({type(exc).__name__}: {exc})")
+        if resync:  # the worker lost this sequence's state: send everything next time
             att.synced, att.epoch = 0, att.epoch + 1
             self.stats["resyncs"] += 1
             return None
+        why = invalid_draft(tokens, probs, k, self.vocab_size)
+        if why:
+            return self._invalid(seq, att, why)
         att.synced = len(seq)
-        if reply["epoch"] != att.epoch or reply["base"] != len(seq) or not reply["tokens"]:
-            self.stats["stale"] += int(bool(reply["tokens"]))
+        if epoch != att.epoch or base != len(seq) or not tokens:
+            self.stats["stale"] += int(bool(tokens))
             return None
-        return Draft(list(reply["tokens"]), probs_tensor(reply["probs"], self.vocab_size))
+        return Draft([int(t) for t in tokens], probs_tensor(probs, self.vocab_size))
+
+    def _invalid(self, seq, att: Attachment, why: str) -> None:
+        """A reply that is no usable draft: decode without one, and resync the worker (its state for this
+        sequence cannot be trusted either)."""
+        self.stats["invalid"] += 1
+        if self.stats["invalid"] <= 10 or self.stats["invalid"] % 1000 == 0:
+            log.warning("drafter reply for %s dropped: %s", seq.request_id, why)
+        att.synced, att.epoch = 0, att.epoch + 1
+        return None
 
     def _failed(self, worker: str, exc: BaseException, items=()) -> None:
         timed_out = type(exc).__name__ in ("GetTimeoutError", "TimeoutError", "WorkerTimeout")

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,8 +24,79 @@ from specserve.actors.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class StepHealth:
+    """Whether the engine thread still serves, for Serve's health check: it is unhealthy once
+    `max_consecutive_failures` steps in a row have failed (a broken device, an expert layer that cannot be
+    reached: every request would fail), or while the engine thread has been in one step (or one round of its
+    inbox) longer than `max_step_s` (stuck: no progress while it has work)."""
+
+    def __init__(self, max_consecutive_failures: int = 3, max_step_s: float = 180.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_consecutive_failures = max_consecutive_failures
+        self.max_step_s = max_step_s
+        self._clock = clock
+        self.consecutive_failures = 0
+        self.failed_steps = 0  # all time (a metric)
+        self.last_error = ""
+        self._step_started: float | None = None
+
+    def busy(self) -> None:
+        """The engine thread starts a round of work (its inbox, then a step)."""
+        self._step_started = self._clock()
+
+    def idle(self) -> None:
+        """The engine thread waits for work: no progress is owed."""
+        self._step_started = None
+
+    step_started = busy
+
+    def step_succeeded(self) -> None:
+        self._step_started = None
+        self.consecutive_failures = 0
+
+    def step_failed(self, exc: BaseException) -> None:
+        self._step_started = None
+        self.consecutive_failures += 1
+        self.failed_steps += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def problem(self) -> str | None:
+        """Why the engine is unhealthy, or None. Read from other threads: plain attribute reads."""
+        if self.consecutive_failures >= self.max_consecutive_failures:
+            return (f"{self.consecutive_failures} engine steps failed in a row (engine.max_consecutive_step_"
+                    f"failures={self.max_consecutive_failures}); last: {self.last_error}")
+        started = self._step_started
+        if started is not None and self._clock() - started > self.max_step_s:
+            return (f"an engine step has run for {self._clock() - started:.0f}s "
+                    f"(engine.max_step_s={self.max_step_s:g})")
+        return None
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result=None,
+             error: BaseException | None = None) -> None:
+    """Settle `fut` (a caller's, on its loop) from the engine thread. Everything is bound here, per call: a
+    callback that looked `fut` up in the draining loop's variable later would settle the next call's future
+    and leave its own waiting forever (two calls drained together: Verifier.stats never returning)."""
+    def settle() -> None:
+        if fut.done():  # the caller was cancelled meanwhile
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's loop is closed: nobody is waiting
+        pass
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is no longer running: nothing sent to it will be answered."""
+
+
 class AsyncEngine:
-    def __init__(self, build_engine: Callable[[], LLMEngine], ready_timeout: float | None = None):
+    def __init__(self, build_engine: Callable[[], LLMEngine], ready_timeout: float | None = None,
+                 health: StepHealth | None = None):
         """Starts the engine thread, builds the engine there with `build_engine()`, and returns once it is
         ready; an exception raised while building is raised here."""
         self.engine: LLMEngine | None = None
@@ -39,6 +111,10 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self.health = health or StepHealth()
+        self._death: str | None = None  # why the engine thread ended, if it ended on its own
+        self._ended = False  # set (under _submit_lock) when the engine thread stops taking messages
+        self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
         self._thread.start()
         if not self._ready.wait(ready_timeout):
@@ -65,8 +141,7 @@ class AsyncEngine:
             fetched = None
             if self.prefetch is not None:
                 fetched = await loop.run_in_executor(self._io, self.prefetch, prompt_token_ids, hash_root)
-            self._inbox.put(("add", request_id, prompt_token_ids, params, fetched, hash_root))
-            self._wake.set()
+            self._submit(("add", request_id, prompt_token_ids, params, fetched, hash_root))
             while not finished:
                 item = await q.get()
                 items = [item]
@@ -99,6 +174,21 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped
 
+    def health_problem(self) -> str | None:
+        """Why this engine cannot serve (its thread ended, steps keep failing, a step is stuck), or None."""
+        if not self.is_alive():
+            return f"engine thread is not running ({self._death or 'shut down'})"
+        return self.health.problem()
+
+    def _submit(self, msg: tuple) -> None:
+        """Hand `msg` to the engine thread; raises EngineStopped once that thread has ended (under the lock
+        that its ending takes, so nothing is queued after it failed the waiting ones)."""
+        with self._submit_lock:
+            if self._ended:
+                raise EngineStopped(f"engine thread is not running ({self._death or 'shut down'})")
+            self._inbox.put(msg)
+        self._wake.set()
+
     def _drain_inbox(self) -> None:
         while True:
             try:
@@ -110,8 +200,8 @@ class AsyncEngine:
                 imported = 0
                 if fetched is not None:
                     try:
-                        self.engine.import_blocks(fetched.hashes, fetched.blocks)
-                        imported = len(fetched.hashes) * self.engine.block_manager.block_size
+                        installed = self.engine.import_blocks(fetched.hashes, fetched.blocks)  # may be cut short
+                        imported = installed * self.engine.block_manager.block_size
                     except Exception:  # noqa: BLE001 - an import that fails is a miss: the prompt is prefilled
                         log.exception("KV block import failed")
                 try:
@@ -119,26 +209,30 @@ class AsyncEngine:
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                     self._deliver(rid, exc)
             elif msg[0] == "abort":
-                self.engine.abort_request(msg[1])
+                try:
+                    self.engine.abort_request(msg[1])
+                except Exception:  # noqa: BLE001 - a failed abort must not end the engine thread
+                    log.exception("abort of request %s failed", msg[1])
             elif msg[0] == "call":  # run a function on the engine thread (block import/export, stats)
                 _, fn, loop, fut = msg
                 try:
-                    result = fn(self.engine)
-                    done = lambda r=result: fut.done() or fut.set_result(r)  # noqa: E731
+                    _resolve(loop, fut, result=fn(self.engine))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    done = lambda e=exc: fut.done() or fut.set_exception(e)  # noqa: E731
-                try:
-                    loop.call_soon_threadsafe(done)
-                except RuntimeError:  # caller's loop closed
-                    pass
+                    _resolve(loop, fut, error=exc)
 
-    async def call(self, fn):
-        """Run `fn(engine)` on the engine thread between steps and return its result."""
+    async def call(self, fn, timeout_s: float | None = None):
+        """Run `fn(engine)` on the engine thread between steps and return its result. `timeout_s`: raise
+        TimeoutError if the engine thread has not run it by then (a step that takes that long)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._inbox.put(("call", fn, loop, fut))
-        self._wake.set()
-        return await fut
+        self._submit(("call", fn, loop, fut))
+        if timeout_s is None:
+            return await fut
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the engine thread did not get to the call within {timeout_s:g}s "
+                               f"(a step running that long)") from None
 
     def _run(self) -> None:
         try:
@@ -148,19 +242,52 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - reported by health_problem; callers are told below
+            log.exception("engine thread ended")
+            self._death = f"{type(exc).__name__}: {exc}"
+        finally:
+            if not self._stopped:
+                self._death = self._death or "ended"
+            self._fail_everything_waiting(EngineStopped(f"engine thread is not running ({self._death or 'shut down'})"))
+
+    def _serve(self) -> None:
         while not self._stopped:
+            self.health.busy()
             self._drain_inbox()
             if not self.engine.has_unfinished():
+                self.health.idle()
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
+            self.health.step_started()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the replica
                 log.exception("engine step failed")
+                self.health.step_failed(exc)
                 for rid in list(self.engine.seqs):
-                    self.engine.abort_request(rid)
+                    try:
+                        self.engine.abort_request(rid)
+                    except Exception:  # noqa: BLE001 - the request is told either way
+                        log.exception("abort of request %s failed", rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
                 continue
+            self.health.step_succeeded()
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+    def _fail_everything_waiting(self, exc: BaseException) -> None:
+        """The engine thread is ending: every stream and call still waiting gets `exc` rather than a hang."""
+        with self._submit_lock:
+            self._ended = True
+        for rid in list(self._streams):
+            self._deliver(rid, exc)
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "call":
+                _resolve(msg[2], msg[3], error=exc)

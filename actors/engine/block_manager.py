@@ -7,6 +7,7 @@ Pure Python: it decides which block holds which token; the model runner owns the
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 from specserve.actors.engine.sequence import Sequence
 from specserve.routing.block_hash import block_hashes, root_hash
@@ -14,6 +15,14 @@ from specserve.routing.block_hash import block_hashes, root_hash
 
 class NoFreeBlocksError(RuntimeError):
     pass
+
+
+@dataclass
+class BlockImport:
+    """An import in progress (BlockManager.begin_import): the blocks it pins, and the new ones to fill."""
+
+    pinned: list[int] = field(default_factory=list)  # every block of the run, in hash order
+    new: list[tuple[int, int, bytes]] = field(default_factory=list)  # (position in the hashes, block, hash)
 
 
 class BlockManager:
@@ -136,9 +145,9 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
-    def register_computed_blocks(self, seq: Sequence) -> list[tuple[int, bytes]]:
+    def register_computed_blocks(self, seq: Sequence) -> list[tuple[int, bytes, bytes | None]]:
         """Register the full, computed blocks of `seq` in the prefix cache (after a forward step). Returns the
-        (block, hash) pairs that are new to the cache."""
+        (block, hash, the sequence's hash root) of the blocks new to the cache."""
         if not self.enable_prefix_caching:
             return []
         num_full = seq.num_computed_tokens // self.block_size
@@ -154,9 +163,9 @@ class BlockManager:
             if h not in self.hash_to_block:
                 self.hash_to_block[h] = block
                 self.block_hash[block] = h
-                added.append((block, h))
+                added.append((block, h, seq.hash_root))
         if self.events is not None:
-            self.events.extend((True, h) for _, h in added)
+            self.events.extend((True, h) for _, h, _ in added)
         return added
 
     def missing_prefix(self, token_ids: list[int], root: bytes | None = None) -> tuple[int, list[bytes]]:
@@ -175,33 +184,45 @@ class BlockManager:
     def cached_block(self, h: bytes) -> int | None:
         return self.hash_to_block.get(h)
 
-    def take_block_for_import(self, h: bytes) -> int | None:
-        """A free block registered under `h`, left unreferenced (evictable) for the caller to fill.
-        Returns None when `h` is already cached or no block can be had."""
-        if h in self.hash_to_block:
-            return None
-        try:
-            block = self._take_block()
-        except NoFreeBlocksError:
-            return None
-        self.block_hash[block] = h
-        self.hash_to_block[h] = block
-        self._unref(block)
-        if self.events is not None:
-            self.events.append((True, h))
-        return block
+    def begin_import(self, hashes: list[bytes]) -> "BlockImport":
+        """Blocks for the longest leading run of `hashes` (a prompt's chained block hashes) this pool can hold.
 
-    def drop_cached(self, block: int) -> None:
-        """Forget an unreferenced cached block (e.g. an import that failed half-way)."""
-        assert self.ref_counts[block] == 0
-        h = self.block_hash[block]
-        if h is not None and self.hash_to_block.get(h) == block:
-            del self.hash_to_block[h]
-            if self.events is not None:
-                self.events.append((False, h))
-        self.block_hash[block] = None
-        self.evictable.pop(block, None)
-        self.free_blocks.append(block)
+        Every block of the run, those cached here already and the new ones, stays referenced (pinned) until
+        end_import: taking a block for a later hash may evict other cached blocks (LRU) but never one of this
+        import, which would put two hashes' KV in one block. The run ends at the first hash no block can be had
+        for (or a repeated hash, which no chain has): a partial import is a shorter prefix hit, never a wrong one.
+        """
+        imp = BlockImport()
+        new_hashes: set[bytes] = set()
+        for i, h in enumerate(hashes):
+            block = self.hash_to_block.get(h)
+            if block is not None:
+                self._ref(block)
+            elif h in new_hashes:
+                break
+            else:
+                try:
+                    block = self._take_block()
+                except NoFreeBlocksError:
+                    break
+                imp.new.append((i, block, h))
+                new_hashes.add(h)
+            imp.pinned.append(block)
+        return imp
+
+    def end_import(self, imp: "BlockImport", written: bool) -> int:
+        """Finish an import: register the new blocks under their hashes if their KV was `written`, then unpin
+        the run (its head last, so the LRU evicts a prefix's tail first). Returns how many blocks were added."""
+        if written:
+            for _, block, h in imp.new:
+                self.block_hash[block] = h
+                self.hash_to_block[h] = block
+                if self.events is not None:
+                    self.events.append((True, h))
+        for block in reversed(imp.pinned):
+            self._unref(block)
+        imp.pinned = []
+        return len(imp.new) if written else 0
 
     def drain_events(self) -> list[tuple[bool, bytes]]:
         """The (stored?, hash) events since the last drain, oldest first."""

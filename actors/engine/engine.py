@@ -72,7 +72,7 @@ class LLMEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, max_model_len: int = 0,
                  enable_prefix_caching: bool = True, eos_token_ids: list[int] | None = None, namespace: str = "",
                  proposer: Proposer | None = None, controller: SpeculationController | None = None,
-                 kv_sink: Callable[[list[bytes], torch.Tensor], object] | None = None,
+                 kv_sink: Callable[[list[bytes], torch.Tensor, bytes | None], object] | None = None,
                  kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None):
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, namespace,
@@ -85,7 +85,8 @@ class LLMEngine:
         # Speculation: drafts come from `proposer`; `controller` picks k per sequence and holds the aggregate stats.
         self.proposer = proposer
         self.controller = controller or (SpeculationController(4) if proposer else None)
-        # Receives (hashes, [n, *block shape] KV copy) of blocks newly computed here: the KV store's export.
+        # Receives (hashes, [n, *block shape] KV copy, their tenant's hash root or None) of blocks newly computed
+        # here, one call per tenant: the KV store's export.
         self.kv_sink = kv_sink
         # Receives the prefix cache's (stored?, hash) events after each step: the routers' view of this replica.
         self.kv_event_sink = kv_event_sink
@@ -235,7 +236,7 @@ class LLMEngine:
         argmax = logits.argmax(dim=-1).tolist() if observe else None
 
         outputs: list[RequestOutput] = []
-        new_blocks: list[tuple[int, bytes]] = []
+        new_blocks: list[tuple[int, bytes, bytes | None]] = []
         for i, item in enumerate(sched.scheduled):
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -310,26 +311,26 @@ class LLMEngine:
     # ---- KV blocks shared with other replicas ------------------------------------------------------------------------
     def import_blocks(self, hashes: list[bytes], blocks: list[torch.Tensor]) -> int:
         """Install blocks computed elsewhere under their chained hashes (a prompt's missing prefix, fetched from
-        the store); the next admission of that prompt hits them. Returns how many were installed."""
-        ids, kvs = [], []
-        for h, kv in zip(hashes, blocks):
-            block = self.block_manager.take_block_for_import(h)
-            if block is None:  # cached meanwhile, or no room
-                continue
-            ids.append(block)
-            kvs.append(kv)
-        if not ids:
-            return 0
+        the store); the next admission of that prompt hits them. Returns how many were installed: those cached
+        meanwhile are skipped, and the run is cut where the pool cannot hold more (see BlockManager.begin_import)."""
+        imp = self.block_manager.begin_import(hashes[:len(blocks)])
+        written = False
         try:
-            self.runner.write_blocks(ids, torch.stack(kvs))
-        except Exception:
-            for block in ids:
-                self.block_manager.drop_cached(block)
-            raise
-        return len(ids)
+            if imp.new:
+                self.runner.write_blocks([b for _, b, _ in imp.new], torch.stack([blocks[i] for i, _, _ in imp.new]))
+            written = True
+        finally:
+            installed = self.block_manager.end_import(imp, written)
+        return installed
 
-    def _export_new_blocks(self, new_blocks: list[tuple[int, bytes]]) -> None:
+    def _export_new_blocks(self, new_blocks: list[tuple[int, bytes, bytes | None]]) -> None:
         """Hand blocks that just entered the prefix cache to the KV sink: one copy here, the rest is the sink's
-        (it only queues). Only committed tokens are ever registered, so no draft token leaves the engine."""
-        if new_blocks and self.kv_sink is not None:
-            self.kv_sink([h for _, h in new_blocks], self.runner.read_blocks([b for b, _ in new_blocks]))
+        (it only queues). Only committed tokens are ever registered, so no draft token leaves the engine.
+        One hand-over per tenant (hash root): each tenant's blocks use its own share of the store."""
+        if not new_blocks or self.kv_sink is None:
+            return
+        by_root: dict[bytes | None, list[tuple[int, bytes]]] = {}
+        for block, h, root in new_blocks:
+            by_root.setdefault(root, []).append((block, h))
+        for root, blocks in by_root.items():
+            self.kv_sink([h for _, h in blocks], self.runner.read_blocks([b for b, _ in blocks]), root)

@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 # probabilities (a fuzzed 1e-170 failed the whole engine step). vLLM uses the same bound.
 GREEDY_BELOW = 1e-5
 MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+# The detokenizer holds back up to the longest stop string's length of text, and checks every stop string per
+# token: both bounds keep that work per token small.
+MAX_STOP_CHARS = 256
+# The engine checks each sampled token against the set: bounded so a request cannot make the params huge.
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass
@@ -18,7 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # applied on text by the detokenizer
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     speculate: bool = True  # False: this request decodes without drafts (output is the same either way)
 
@@ -31,6 +36,11 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if len(self.stop) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop strings of at most {MAX_STOP_CHARS} characters")
+        self.stop_token_ids = frozenset(self.stop_token_ids)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids")
 
     @property
     def greedy(self) -> bool:

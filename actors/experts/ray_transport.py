@@ -29,7 +29,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from specserve.actors.experts.channel import ChannelServer, connect, recv_frame, send_frame
+from specserve.actors.experts.channel import (DEFAULT_MAX_PAYLOAD_BYTES, ChannelKey, ChannelServer, connect,
+                                               frame_cap, recv_frame, send_frame)
 from specserve.actors.experts.dispatch import ExpertRows, owner_message, scatter_outputs, split_by_owner
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class ExpertActor:
     keeps slot changes and token counts consistent with the computation."""
 
     def __init__(self, model_path: str, slots: list[Slot], hidden_act: str, dtype: str = "float32",
-                 torch_threads: int = 1, ffn_shards: int = 0):
-        """`ffn_shards` > 0: the slots are (layer, i) slices of a dense model's MLPs, split that many ways."""
+                 torch_threads: int = 1, ffn_shards: int = 0, channel_key: ChannelKey | None = None):
+        """`ffn_shards` > 0: the slots are (layer, i) slices of a dense model's MLPs, split that many ways.
+        `channel_key`: what a connection to this actor's channel must prove (see channel.py)."""
         from transformers.activations import ACT2FN
 
         from specserve.actors.experts.expert_shard import ExpertShard
@@ -54,7 +56,9 @@ class ExpertActor:
         self._path, self._dtype, self._ffn_shards = model_path, resolve_dtype(dtype), ffn_shards
         self._lock = threading.Lock()
         self.shard = ExpertShard(self._load({tuple(s) for s in slots}), ACT2FN[hidden_act])
-        self._channel = ChannelServer(self._on_message, host=ray.util.get_node_ip_address())
+        # Without a key (a caller that only uses the "ray" link) the channel takes no connection at all.
+        self._channel = ChannelServer(self._on_message, channel_key or ChannelKey.generate(),
+                                      host=ray.util.get_node_ip_address())
 
     def _load(self, slots: set[Slot]) -> dict:
         from specserve.actors.experts.checkpoint import load_experts, load_ffn_shards
@@ -125,6 +129,9 @@ class ActorSpec:
     ffn_shards: int = 0
     # Custom Ray resources each actor asks for (pins the actors to the nodes that offer them).
     resources: dict[str, float] = field(default_factory=dict)
+    # The channel's shared secret and frame cap, made here (by whoever starts the actors), given to every actor
+    # and to the transport that connects to them; never logged (its repr hides the token).
+    channel_key: ChannelKey = field(default_factory=ChannelKey.generate, repr=False)
 
     def bundle(self) -> dict[str, float]:
         """One actor's placement-group bundle."""
@@ -137,16 +144,18 @@ class ActorSpec:
             resources=dict(self.resources), max_restarts=-1, max_task_retries=0, max_concurrency=4,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
         ).remote(self.model_path, [list(s) for s in sorted(slots)], self.hidden_act, self.dtype, self.torch_threads,
-                 self.ffn_shards)
+                 self.ffn_shards, self.channel_key)
 
 
 def actor_spec(model_path: str, hidden_act: str, dtype: str = "float32", num_cpus: float = 0.25,
                ffn_shards: int = 0, torch_threads: int | None = None,
-               resources: dict[str, float] | None = None) -> ActorSpec:
+               resources: dict[str, float] | None = None,
+               max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> ActorSpec:
     """The actors use the caller's torch thread count unless told otherwise: CPU matmul kernels split work by
-    thread count, and on some CPUs the bits then differ from the same model run in the caller."""
+    thread count, and on some CPUs the bits then differ from the same model run in the caller. A new channel
+    key (secret) for every spec; `max_payload_bytes`: its frame cap (see channel.frame_cap)."""
     return ActorSpec(model_path, hidden_act, dtype, num_cpus, torch_threads or torch.get_num_threads(), ffn_shards,
-                     dict(resources or {}))
+                     dict(resources or {}), ChannelKey.generate(max_payload_bytes))
 
 
 def start_actors(spec: ActorSpec, owners: dict[Slot, list[int]], num_actors: int,
@@ -173,10 +182,15 @@ class ActorUnavailable(Exception):
     """The actor died, timed out, or failed the request: send its rows elsewhere or wait for its restart."""
 
 
-class RayLink:
-    """Per-layer messages as plain actor calls."""
+class ExpertsUnavailable(RuntimeError):
+    """A layer's experts stayed unreachable for the transport's restart_wait_s: the engine step fails (its
+    requests get an error) instead of waiting on."""
 
-    def __init__(self, actor):
+
+class RayLink:
+    """Per-layer messages as plain actor calls (Ray's own connections: no channel key)."""
+
+    def __init__(self, actor, key: ChannelKey | None = None):
         self.actor = actor
         self._ref = None
 
@@ -199,8 +213,11 @@ class RayLink:
 class ChannelLink:
     """Per-layer messages over the actor's TCP channel; the address comes from Ray on (re)connect."""
 
-    def __init__(self, actor):
+    def __init__(self, actor, key: ChannelKey | None = None):
+        if key is None:
+            raise ValueError("the channel link needs the actors' channel key (ActorSpec.channel_key)")
         self.actor = actor
+        self.key = key
         self.sock: socket.socket | None = None
         self._send_error: Exception | None = None
 
@@ -208,13 +225,14 @@ class ChannelLink:
         if self.sock is None:
             try:
                 address = ray.get(self.actor.channel_address.remote(), timeout=timeout_s)
-                self.sock = connect(address, timeout_s)
+                self.sock = connect(address, self.key, timeout_s)
             except (RayActorError, GetTimeoutError, OSError) as exc:
                 raise ActorUnavailable(type(exc).__name__) from exc
 
     def send(self, layer: int, experts: list[int], counts: list[int], rows: torch.Tensor) -> None:
         try:
-            send_frame(self.sock, {"layer": layer, "experts": experts, "counts": counts}, rows)
+            send_frame(self.sock, {"layer": layer, "experts": experts, "counts": counts}, rows,
+                       self.key.max_payload_bytes)
         except OSError as exc:  # reported by receive, so a send failure takes the same path as a lost reply
             self._send_error = exc
 
@@ -223,7 +241,7 @@ class ChannelLink:
             if self._send_error is not None:
                 raise self._send_error
             self.sock.settimeout(timeout_s)
-            header, out = recv_frame(self.sock)
+            header, out = recv_frame(self.sock, self.key.max_payload_bytes)
         except (OSError, ConnectionError) as exc:
             self.close()
             raise ActorUnavailable(type(exc).__name__) from exc
@@ -252,6 +270,7 @@ class PendingLayer:
     counts: list[int]
     step: int
     offsets: list[int]
+    deadline: float = float("inf")  # monotonic time by which the layer must be done (restart_wait_s)
     groups: dict[int, list[int]] = field(default_factory=dict)  # actor -> plan positions sent to it
 
 
@@ -271,15 +290,19 @@ def _dispose(links: list, handles: list, groups: list) -> None:
 
 class ActorTransport:
     def __init__(self, actors: list, replicas: dict[Slot, list[int]], *, link: str = "channel",
-                 timeout_s: float = 30.0, restart_wait_s: float = 300.0, spec: ActorSpec | None = None):
+                 timeout_s: float = 30.0, restart_wait_s: float = 90.0, spec: ActorSpec | None = None,
+                 channel_key: ChannelKey | None = None):
         """`replicas`: (layer, expert) -> indices of the actors holding it (first is preferred). `spec`: how to
-        start more actors (add_actors; None: the actor count is fixed)."""
+        start more actors (add_actors; None: the actor count is fixed). A layer that cannot be completed within
+        `restart_wait_s` (re-sends, waiting for a restart) raises ExpertsUnavailable. `channel_key`: the actors'
+        (default: the spec's), which the "channel" link needs."""
         if link not in LINKS:
             raise ValueError(f"experts.transport must be one of {sorted(LINKS)}, not {link!r}")
         self.actors = list(actors)
         self.link = link
         self.spec = spec
-        self.links = [LINKS[link](a) for a in actors]
+        self.channel_key = channel_key or (spec.channel_key if spec is not None else None)
+        self.links = [LINKS[link](a, self.channel_key) for a in actors]
         self.replicas = replicas
         self.first_layer = min(layer for layer, _ in replicas)
         self.last_layer = max(layer for layer, _ in replicas)
@@ -352,7 +375,7 @@ class ActorTransport:
         return options[(step + expert) % len(options)] if options else None
 
     def _send(self, pending: PendingLayer, positions: list[int]) -> None:
-        pending.groups = {}
+        groups: dict[int, list[int]] = {}  # becomes pending.groups once every owner is known (may raise)
         for p in positions:
             owner = self._owner(pending.layer, pending.plan[p].expert, pending.step)
             if owner is None:  # every replica is down: wait for this step's choice to come back
@@ -360,9 +383,10 @@ class ActorTransport:
                 replicas = self.replicas[(pending.layer, expert)]
                 owner = replicas[(pending.step + expert) % len(replicas)]
                 self.waited_for_restart += 1
-                self._reopen(owner)
-            pending.groups.setdefault(owner, []).append(p)
-        for actor, group in pending.groups.items():
+                self._reopen(owner, pending.deadline)
+            groups.setdefault(owner, []).append(p)
+        pending.groups = groups
+        for actor, group in groups.items():
             experts, n, part = owner_message(pending.plan, pending.rows, pending.counts, group,
                                              [pending.offsets[p] for p in group])
             self.links[actor].send(pending.layer, experts, n, part)
@@ -373,32 +397,64 @@ class ActorTransport:
         if layer == self.first_layer:
             self._step_boundary()
         pending = PendingLayer(layer, plan, rows, counts, self._step,
-                               list(itertools.accumulate([0] + counts[:-1])))
-        self._send(pending, list(range(len(plan))))
+                               list(itertools.accumulate([0] + counts[:-1])),
+                               deadline=time.monotonic() + self.restart_wait_s)
+        try:
+            self._send(pending, list(range(len(plan))))
+        except BaseException:
+            self._abandon(pending, set())  # nothing was sent unless pending.groups is set
+            raise
         return pending
 
     def finish(self, pending: PendingLayer) -> list[torch.Tensor]:
         outputs: list[torch.Tensor | None] = [None] * len(pending.plan)
-        while True:
-            failed: list[int] = []
-            for actor, positions in pending.groups.items():
-                try:
-                    out = self.links[actor].receive(self.timeout_s)
-                except ActorUnavailable as exc:
-                    log.warning("expert actor %d failed on layer %d (%s); re-sending its rows", actor,
-                                pending.layer, exc)
-                    self._mark_down(actor)
-                    failed += positions
-                    continue
-                scatter_outputs(outputs, positions, pending.counts, out.to(pending.rows.device))
-            if not failed:
-                if pending.layer == self.last_layer:
-                    with self._lock:
-                        self._in_step = False
-                return outputs
-            if all(self._owner(pending.layer, pending.plan[p].expert, pending.step) is not None for p in failed):
-                self.resent_to_replica += 1
-            self._send(pending, failed)
+        answered: set[int] = set()  # actors of the current round whose reply has been read (or lost)
+        try:
+            while True:
+                failed: list[int] = []
+                answered = set()
+                for actor, positions in pending.groups.items():
+                    try:
+                        out = self.links[actor].receive(self._receive_timeout(pending))
+                    except ActorUnavailable as exc:
+                        answered.add(actor)
+                        log.warning("expert actor %d failed on layer %d (%s); re-sending its rows", actor,
+                                    pending.layer, exc)
+                        self._mark_down(actor)
+                        failed += positions
+                        continue
+                    answered.add(actor)
+                    scatter_outputs(outputs, positions, pending.counts, out.to(pending.rows.device))
+                if not failed:
+                    if pending.layer == self.last_layer:
+                        with self._lock:
+                            self._in_step = False
+                    return outputs
+                if time.monotonic() >= pending.deadline:
+                    actors = sorted({a for a, ps in pending.groups.items() if set(ps) & set(failed)})
+                    raise ExpertsUnavailable(f"layer {pending.layer}: expert actors {actors} did not answer within "
+                                             f"{self.restart_wait_s:g}s (experts.restart_wait_s)")
+                if all(self._owner(pending.layer, pending.plan[p].expert, pending.step) is not None
+                       for p in failed):
+                    self.resent_to_replica += 1
+                answered = set(pending.groups)  # _send below starts a new round (it raises before sending)
+                self._send(pending, failed)
+        except BaseException:
+            self._abandon(pending, answered)
+            raise
+
+    def _receive_timeout(self, pending: PendingLayer) -> float:
+        """A reply is waited for timeout_s, or what is left of the layer's budget if less (at least a moment)."""
+        return max(0.05, min(self.timeout_s, pending.deadline - time.monotonic()))
+
+    def _abandon(self, pending: PendingLayer, answered: set[int]) -> None:
+        """The layer failed (the step does too): a connection with a reply still on its way would hand that
+        reply to the next step, so it is closed and reopened; the step is over for the replica map."""
+        for actor in set(pending.groups) - answered:
+            self._mark_down(actor)
+        with self._lock:
+            self._in_step = False
+            self._switch()
 
     def run(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         return self.finish(self.start(layer, plan, rows, counts))
@@ -420,11 +476,17 @@ class ActorTransport:
         except RuntimeError as exc:  # shut down, or gone for restart_wait_s: a step that needs it will say so
             log.warning("expert actor %d not reopened: %s", actor, exc)
 
-    def _reopen(self, actor: int) -> None:
+    def _reopen(self, actor: int, deadline: float | None = None) -> None:
         """Wait until the actor answers again (Ray restarts it), make it hold its current slots (its constructor
-        reloaded the ones it started with), and reconnect. Raises if it stays away restart_wait_s."""
-        deadline = time.monotonic() + self.restart_wait_s
-        with self._reopening[actor]:
+        reloaded the ones it started with), and reconnect. Raises ExpertsUnavailable if it is still away at
+        `deadline` (default: restart_wait_s from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.restart_wait_s
+        gone = f"expert actor {actor} unavailable for {self.restart_wait_s:g}s (experts.restart_wait_s)"
+        # Another thread may be reopening it already (waiting its own deadline): wait for it only until ours.
+        if not self._reopening[actor].acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ExpertsUnavailable(gone)
+        try:
             while True:
                 with self._lock:  # remove_actors takes removed actors out of _down (and the lists) under it
                     if actor not in self._down:
@@ -432,19 +494,21 @@ class ActorTransport:
                     handle, link = self.actors[actor], self.links[actor]
                 if self._closed.is_set() or not ray.is_initialized():
                     raise RuntimeError("expert transport shut down")
+                wait = max(0.05, min(self.timeout_s, deadline - time.monotonic()))
                 try:
-                    ray.get(handle.hold_slots.remote(self.slots_of(actor)), timeout=self.timeout_s)
-                    link.open(self.timeout_s)
+                    ray.get(handle.hold_slots.remote(self.slots_of(actor)), timeout=wait)
+                    link.open(wait)
                     with self._lock:
                         self._down.discard(actor)
                 except (RayActorError, GetTimeoutError, ActorUnavailable) as exc:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"expert actor {actor} unavailable for "
-                                           f"{self.restart_wait_s:.0f}s") from exc
+                        raise ExpertsUnavailable(gone) from exc
                     time.sleep(0.2)
+        finally:
+            self._reopening[actor].release()
 
     def token_counts(self) -> list[dict[Slot, int]]:
-        return ray.get([a.token_counts.remote() for a in self.actors])
+        return ray.get([a.token_counts.remote() for a in self.actors], timeout=self.timeout_s)
 
     # -- resizing (one resizer at a time: the balancer thread). Growing appends actors no map names yet; the
     # balancer then proposes a map that uses them. Shrinking removes actors once the map in use names none. The
@@ -469,7 +533,7 @@ class ActorTransport:
                                else self.spec.start(held, pg, 0))
             ray.get([h.ready.remote() for h in handles], timeout=ready_timeout_s)
             for h in handles:
-                links.append(LINKS[self.link](h))
+                links.append(LINKS[self.link](h, self.channel_key))
                 links[-1].open(self.timeout_s)
         except Exception:
             _dispose(links, handles, owned)
@@ -553,8 +617,9 @@ class CompiledGraphTransport:
 
 
 def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,
-                         link: str = "channel", timeout_s: float = 30.0, shard_dense_ffn: bool = False,
-                         resources: dict[str, float] | None = None) -> ActorTransport | None:
+                         link: str = "channel", timeout_s: float = 30.0, restart_wait_s: float = 90.0,
+                         shard_dense_ffn: bool = False, resources: dict[str, float] | None = None,
+                         max_tokens_per_step: int | None = None) -> ActorTransport | None:
     """Move `model`'s experts into `num_actors` new expert actors (owned by the caller; expert e of every layer on
     actor e % num_actors) and route its MoE layers through them. A dense model's MLPs instead, split into
     `num_actors` slices, if `shard_dense_ffn`. None if there is nothing to move."""
@@ -572,11 +637,16 @@ def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: in
         dtype = next(iter(layers.values())).down_proj.weight.dtype
     else:
         return None
-    hidden_act = model.config.get_text_config().hidden_act
-    spec = actor_spec(model_path, hidden_act, dtype=str(dtype).removeprefix("torch."), num_cpus=num_cpus,
-                      ffn_shards=ffn, resources=resources)
+    text = model.config.get_text_config()
+    cap = DEFAULT_MAX_PAYLOAD_BYTES
+    if max_tokens_per_step:  # a token's rows: one per chosen expert (MoE), one per shard's slice (dense)
+        rows = ffn or getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_topk", None) or 8
+        cap = frame_cap(max_tokens_per_step, int(rows), text.hidden_size, dtype.itemsize)
+    spec = actor_spec(model_path, text.hidden_act, dtype=str(dtype).removeprefix("torch."), num_cpus=num_cpus,
+                      ffn_shards=ffn, resources=resources, max_payload_bytes=cap)
     actors, pg = start_actors(spec, owners, num_actors)
-    transport = ActorTransport(actors, owners, link=link, timeout_s=timeout_s, spec=None if ffn else spec)
+    transport = ActorTransport(actors, owners, link=link, timeout_s=timeout_s, restart_wait_s=restart_wait_s,
+                               spec=None if ffn else spec, channel_key=spec.channel_key)
     transport.placement_group = pg
     transport.ffn_shards = ffn
     if ffn:

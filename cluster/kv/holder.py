@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from specserve.cluster.kv.fairness import FairShareLRU
 
 log = logging.getLogger(__name__)
 
@@ -26,36 +27,43 @@ HOLDER_NAMESPACE = "specserve"
 class _Segment:
     ref: object  # ObjectRef of the batch's bytes (or any payload, in tests)
     nbytes: int
+    tenant: str  # whose blocks these are: a segment is one export batch of one tenant
     live: set = field(default_factory=set)  # block ids still held in this segment
 
 
 class SegmentLRU:
-    """Which block lives where, which is coldest, and how many bytes are held. Pure bookkeeping."""
+    """Which block lives where, which is to go next, and how many bytes are held. Pure bookkeeping.
+
+    Tenants share the capacity fairly (fairness.FairShareLRU): over capacity, the coldest block of the tenant
+    whose segments hold the most bytes goes, so one tenant's flood evicts its own blocks, not everybody's."""
 
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
-        self.blocks: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # block id -> (segment, offset, size)
+        self.blocks: dict[str, tuple[int, int, int]] = {}  # block id -> (segment, offset, size)
+        self.order = FairShareLRU()  # block ids by tenant and recency; tenants charged their segments' bytes
         self.segments: dict[int, _Segment] = {}
         self.held_bytes = 0
         self._next = 0
 
-    def add(self, block_ids: list[str], sizes: list[int], ref: object) -> list[str]:
-        """Record one segment holding `block_ids` back to back; returns the blocks evicted to make room
-        (never the new ones: a batch larger than the capacity is still kept until the next add)."""
+    def add(self, block_ids: list[str], sizes: list[int], ref: object, tenant: str = "") -> list[str]:
+        """Record one segment holding `tenant`'s `block_ids` back to back; returns the blocks evicted to make
+        room (never the new ones: a batch larger than the capacity is still kept until the next add)."""
         seg_id, self._next = self._next, self._next + 1
-        seg = _Segment(ref, sum(sizes))
+        seg = _Segment(ref, sum(sizes), tenant)
         self.segments[seg_id] = seg
         self.held_bytes += seg.nbytes
+        self.order.charge(tenant, seg.nbytes)
         offset = 0
         for bid, size in zip(block_ids, sizes):
             self._drop(bid)
             self.blocks[bid] = (seg_id, offset, size)
+            self.order.add(tenant, bid)
             seg.live.add(bid)
             offset += size
         evicted = []
-        while self.held_bytes > self.capacity_bytes and len(self.blocks) > len(block_ids):
-            victim = next(iter(self.blocks))
-            if victim in seg.live:
+        while self.held_bytes > self.capacity_bytes:
+            victim = self.order.victim(exclude=seg.live)
+            if victim is None:
                 break
             self._drop(victim)
             evicted.append(victim)
@@ -66,7 +74,7 @@ class SegmentLRU:
         loc = self.blocks.get(block_id)
         if loc is None:
             return None
-        self.blocks.move_to_end(block_id)
+        self.order.touch(block_id)
         seg_id, offset, size = loc
         return self.segments[seg_id].ref, offset, size
 
@@ -74,15 +82,21 @@ class SegmentLRU:
         loc = self.blocks.pop(block_id, None)
         if loc is None:
             return
+        self.order.discard(block_id)
         seg = self.segments[loc[0]]
         seg.live.discard(block_id)
         if not seg.live:  # the object is freed once no block in it is held
             del self.segments[loc[0]]
             self.held_bytes -= seg.nbytes
+            self.order.charge(seg.tenant, -seg.nbytes)
 
     def drop(self, block_ids: list[str]) -> None:
         for bid in block_ids:
             self._drop(bid)
+
+    def tenant_bytes(self) -> dict[str, int]:
+        """Bytes held per tenant (its segments)."""
+        return dict(self.order.held)
 
 
 class KVHolder:
@@ -111,13 +125,13 @@ class KVHolder:
             self.stats_["redis_errors"] += 1
             log.warning("KV holder %s: cannot register in Redis: %s", self.name, exc)
 
-    def put(self, block_ids: list[str], sizes: list[int], data) -> str:
-        """Keep `data` (the blocks' bytes back to back) as one object; returns this instance's epoch, which the
-        writer's commit must name. Re-registers the epoch, so a Redis that restarted learns it again."""
+    def put(self, block_ids: list[str], sizes: list[int], data, tenant: str = "") -> str:
+        """Keep `data` (`tenant`'s blocks' bytes back to back) as one object; returns this instance's epoch,
+        which the writer's commit must name. Re-registers the epoch, so a Redis that restarted learns it again."""
         import ray
 
         ref = ray.put(data)
-        evicted = self.lru.add(block_ids, sizes, ref)
+        evicted = self.lru.add(block_ids, sizes, ref, tenant)
         self.stats_["puts"] += 1
         self.stats_["put_blocks"] += len(block_ids)
         self.stats_["put_bytes"] += sum(sizes)
@@ -156,7 +170,8 @@ class KVHolder:
 
     def stats(self) -> dict:
         return dict(self.stats_, name=self.name, epoch=self.epoch, held_bytes=self.lru.held_bytes,
-                    held_blocks=len(self.lru.blocks), capacity_bytes=self.lru.capacity_bytes)
+                    held_blocks=len(self.lru.blocks), capacity_bytes=self.lru.capacity_bytes,
+                    tenant_bytes=self.lru.tenant_bytes())
 
     def shutdown(self) -> None:
         from specserve.cluster.kv.index import unregister_holder
@@ -214,13 +229,13 @@ class HolderPayloads:
         self.holder, self.local = local_holder_factory()
         self._handles = {self.holder: self.local}
 
-    def put(self, index, hashes: list[bytes], data) -> str:
+    def put(self, index, hashes: list[bytes], data, tenant: str = "") -> str:
         import ray
         from ray.exceptions import RayActorError
 
         keys = [index.entry_key(h) for h in hashes]
         try:
-            return ray.get(self.local.put.remote(keys, [data.shape[1]] * len(keys), data), timeout=60)
+            return ray.get(self.local.put.remote(keys, [data.shape[1]] * len(keys), data, tenant), timeout=60)
         except RayActorError:  # killed for good: start a new one for the next export
             self.holder, self.local = self._factory()
             self._handles[self.holder] = self.local

@@ -10,12 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Files whose bytes decide the KV a model computes. Tokenizer files do not (blocks are keyed by token ids).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-_REVISION_CACHE = ".specserve-weights-revision.json"
+_DIGEST_CACHE = ".specserve-weights-digests.json"
+# The byte layout of a block payload (cluster/kv/payload.py: K then V, [2, layers, block_size, kv_heads,
+# head_dim], in the engine's dtype). Bump it when that layout changes: every namespace id changes with it, so no
+# replica ever reads a block written in another layout.
+KV_FORMAT_VERSION = 1
+# A file changed this recently may still be changing within the same timestamp tick: its digest is not
+# remembered (git's "racily clean" rule), so the next call hashes it again.
+_SETTLE_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class KVNamespace:
     head_dim: int
     sharding: str = "none"
     tenant: str = "default"
+    kv_format: int = KV_FORMAT_VERSION
 
     @property
     def id(self) -> str:
@@ -37,39 +46,65 @@ class KVNamespace:
 
 
 def weights_revision(model_dir: str | os.PathLike) -> str:
-    """sha256 over config.json and every weights file (name and bytes), in name order.
+    """sha256 over config.json and every weights file (name and content digest), in name order.
 
-    Reading 540 MB takes about 0.7 s here, so the digest is remembered in the directory, keyed by each file's
-    size and mtime; a directory we cannot write to is simply hashed every time.
+    Reading 540 MB takes about 0.7 s here, so each file's content digest is remembered, keyed by its inode, size,
+    mtime and ctime. Size and mtime alone can be kept by a replaced file (`rsync -t`, `touch -r`); ctime cannot
+    be set by a user (os.utime sets it to now) and a file replaced by a rename has another inode, so a changed
+    file is always hashed again. The digests are kept in the directory, or in the user's cache when the
+    directory is read-only; with neither writable every file is hashed every time.
     """
-    root = Path(model_dir)
+    root = Path(model_dir).resolve()
     files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
     if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
         raise FileNotFoundError(f"no weights files in {root}")
-    stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-    cache = root / _REVISION_CACHE
+    caches = [root / _DIGEST_CACHE]
     try:
-        cached = json.loads(cache.read_text())
-        if cached.get("files") == stamp:
-            return cached["revision"]
-    except (OSError, ValueError, KeyError):
+        user_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        name = hashlib.sha256(bytes(root)).hexdigest()[:32]  # one file per model directory
+        caches.append(user_dir / "specserve" / "weights-digests" / f"{name}.json")
+    except RuntimeError:  # no home directory: the model directory or nothing
         pass
+    known: list[dict] = []
+    for cache in caches:
+        try:
+            entries = json.loads(cache.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            entries = None
+        known.append(entries if isinstance(entries, dict) else {})
+    digests: dict[str, dict] = {}
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0")
-        fh = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 23):
-                fh.update(chunk)
-        h.update(fh.digest())
-    revision = h.hexdigest()[:32]
-    try:
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"files": stamp, "revision": revision}))
-        os.replace(tmp, cache)
-    except OSError:
-        pass
-    return revision
+        st = p.stat()
+        stamp = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        digest = next((e["sha256"] for e in (k.get(p.name) for k in known)
+                       if isinstance(e, dict) and e.get("stamp") == stamp and isinstance(e.get("sha256"), str)), None)
+        if digest is None:
+            started = time.time_ns()
+            fh = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 23):
+                    fh.update(chunk)
+            digest = fh.hexdigest()
+            after = p.stat()
+            if [after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns] != stamp or (
+                    started - max(st.st_mtime_ns, st.st_ctime_ns) < _SETTLE_NS):
+                stamp = None  # changed while (or just before) it was read: do not remember this digest
+        h.update(p.name.encode() + b"\0" + bytes.fromhex(digest))
+        if stamp is not None:
+            digests[p.name] = {"stamp": stamp, "sha256": digest}
+    for cache, cached in zip(caches, known):  # the directory first; the user's cache if it is read-only
+        if digests == cached:
+            break
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"files": digests}))
+            os.replace(tmp, cache)
+            break
+        except OSError:
+            continue
+    return h.hexdigest()[:32]
 
 
 def kv_namespace(config, model_path: str | os.PathLike, hf_config) -> KVNamespace:

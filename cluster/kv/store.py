@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from specserve.cluster.kv.index import REDIS_HOLDER, Entry, KVIndex
+from specserve.cluster.kv.index import DEFAULT_TENANT, REDIS_HOLDER, Entry, KVIndex
 from specserve.cluster.latency import LatencyStat
 from specserve.cluster.kv.payload import BlockLayout, blocks_to_bytes, bytes_to_block, checksum
 
@@ -44,8 +44,9 @@ class PayloadTransport(Protocol):
 
     holder: str  # the holder name this writer's blocks are recorded under
 
-    def put(self, index: KVIndex, hashes: list[bytes], data: np.ndarray) -> str:
-        """Store `data` ([n, nbytes] uint8, one row per block); returns the holder epoch to commit with."""
+    def put(self, index: KVIndex, hashes: list[bytes], data: np.ndarray, tenant: str) -> str:
+        """Store `data` ([n, nbytes] uint8, one row per block, all `tenant`'s); returns the holder epoch to commit
+        with."""
 
     def get(self, index: KVIndex, entries: list[Entry], timeout_s: float) -> tuple[list, str | None]:
         """Buffers of the longest fetchable run of `entries`, and why it stopped (a miss reason) or None."""
@@ -56,8 +57,8 @@ class RedisPayloads:
 
     holder = REDIS_HOLDER
 
-    def put(self, index: KVIndex, hashes: list[bytes], data: np.ndarray) -> str:
-        index.put_payloads(hashes, list(data))
+    def put(self, index: KVIndex, hashes: list[bytes], data: np.ndarray, tenant: str = DEFAULT_TENANT) -> str:
+        index.put_payloads(hashes, list(data))  # bounded with their entries, per tenant
         return "0"
 
     def get(self, index: KVIndex, entries: list[Entry], timeout_s: float) -> tuple[list, str | None]:
@@ -67,6 +68,12 @@ class RedisPayloads:
                 return bufs, "evicted"
             bufs.append(buf)
         return bufs, None
+
+
+def tenant_label(hash_root: bytes | None) -> str:
+    """The tenant a block counts for in the store's bounds (index entries, holder bytes): the default tenant, or
+    the root of the tenant's block hashes (so a tenant's name never reaches Redis)."""
+    return DEFAULT_TENANT if hash_root is None else hash_root.hex()[:32]
 
 
 @dataclass
@@ -204,8 +211,9 @@ class KVStoreClient:
             pass
 
     # ---- export -----------------------------------------------------------------------------------------------
-    def export(self, hashes: list[bytes], kv: torch.Tensor) -> bool:
-        """Queue computed blocks ([n, *block shape], a copy the caller will not touch) for export."""
+    def export(self, hashes: list[bytes], kv: torch.Tensor, hash_root: bytes | None = None) -> bool:
+        """Queue computed blocks ([n, *block shape], a copy the caller will not touch) for export. `hash_root`:
+        the root of their tenant's block hashes (None: the default tenant), whose share of the store they use."""
         nbytes = len(hashes) * self.layout.nbytes
         if not hashes or self._closed:
             return False
@@ -214,7 +222,7 @@ class KVStoreClient:
             return False
         with self._lock:
             self._pending_bytes += nbytes
-        self._exports.put((hashes, kv, time.perf_counter()))
+        self._exports.put((hashes, kv, tenant_label(hash_root), time.perf_counter()))
         return True
 
     def _export_loop(self) -> None:
@@ -222,9 +230,9 @@ class KVStoreClient:
             item = self._exports.get()
             if item is None:
                 return
-            hashes, kv, t_queued = item
+            hashes, kv, tenant, t_queued = item
             try:
-                self._export(hashes, kv)
+                self._export(hashes, kv, tenant)
                 self.export_latency.add(time.perf_counter() - t_queued)
             except Exception as exc:  # noqa: BLE001 - an export that fails is just not stored
                 self._failure(exc, "export")
@@ -233,7 +241,7 @@ class KVStoreClient:
                 with self._lock:
                     self._pending_bytes -= len(hashes) * self.layout.nbytes
 
-    def _export(self, hashes: list[bytes], kv: torch.Tensor) -> None:
+    def _export(self, hashes: list[bytes], kv: torch.Tensor, tenant: str) -> None:
         if not self.available():
             self._count("export_dropped_blocks", len(hashes))
             return
@@ -247,10 +255,10 @@ class KVStoreClient:
         data = blocks_to_bytes(kv if len(mine) == len(hashes) else kv[mine])
         mine_hashes = [hashes[i] for i in mine]
         try:
-            epoch = self.transport.put(self.index, mine_hashes, data)
+            epoch = self.transport.put(self.index, mine_hashes, data, tenant)
             crcs = [checksum(row) for row in data]
             done = self.index.commit(mine_hashes, self.writer, self.transport.holder, epoch,
-                                     [self.layout.nbytes] * len(mine), crcs, self.layout)
+                                     [self.layout.nbytes] * len(mine), crcs, self.layout, tenant)
         except BaseException:
             try:
                 self.index.release_claims(mine_hashes, self.writer)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specserve.actors.experts.hook import experts_modules, install_dispatch
-from specserve.actors.experts.ray_transport import ActorTransport, actor_spec, start_actors
+from specserve.actors.experts.ray_transport import ActorTransport, ExpertsUnavailable, actor_spec, start_actors
 from tiny_models import MOE_ARCHS, make_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -25,14 +25,16 @@ def _load(path):
     return model.eval()
 
 
-def _with_actors(path, replicated: bool, link: str = "channel"):
+def _with_actors(path, replicated: bool, link: str = "channel", **transport_args):
     """The model with its experts in two actors: expert e of each layer on actor e % 2, or on both."""
     model = _load(path)
     layers = experts_modules(model)
     n = next(iter(layers.values())).num_experts
     owners = {(layer, e): ([e % 2, 1 - e % 2] if replicated else [e % 2]) for layer in layers for e in range(n)}
-    actors, pg = start_actors(actor_spec(str(path), model.config.hidden_act, num_cpus=0.1), owners, 2)
-    transport = ActorTransport(actors, owners, link=link, timeout_s=10)
+    spec = actor_spec(str(path), model.config.hidden_act, num_cpus=0.1)
+    actors, pg = start_actors(spec, owners, 2)
+    transport = ActorTransport(actors, owners, link=link, channel_key=spec.channel_key,
+                               **{"timeout_s": 10, **transport_args})
     transport.placement_group = pg
     install_dispatch(model, transport)
     return model, transport, actors
@@ -85,6 +87,26 @@ def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated, 
             assert transport.resent_to_replica >= 1 and transport.waited_for_restart == 0
         else:
             assert transport.waited_for_restart >= 1
+    finally:
+        transport.shutdown()
+
+
+def test_expert_actor_that_cannot_restart_fails_the_forward_in_bounded_time(ray_cluster, tmp_path):
+    """An actor that never comes back must not hold requests for minutes: each layer waits at most
+    restart_wait_s (re-sends, a restart), then the forward (the engine step) fails with an error naming it."""
+    path = make_tiny_model(tmp_path / "m", arch="qwen2_moe", seed=22, num_layers=3)
+    model, transport, actors = _with_actors(path, replicated=False, timeout_s=2, restart_wait_s=4)
+    try:
+        ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            model(ids)  # served by both actors
+            ray.kill(actors[1], no_restart=True)
+            for _ in range(2):  # and again: nothing piles up behind the first wait
+                t0 = time.monotonic()
+                with pytest.raises(ExpertsUnavailable, match=r"expert actor.*experts\.restart_wait_s"):
+                    model(ids)
+                # The bound is restart_wait_s per layer (4 s here); the margin is for a loaded machine.
+                assert time.monotonic() - t0 < 60
     finally:
         transport.shutdown()
 

@@ -59,8 +59,14 @@ def test_size_limits_from_config(app):
 
 
 # ---- HTTP -------------------------------------------------------------------------------------------------------
+# Text with lone surrogates too: valid JSON ("\\ud800"), but no tokenizer can encode it.
+any_text = st.text(max_size=40) | st.text(alphabet=st.characters(categories=["Cs", "Ll"]), min_size=1, max_size=8)
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
-                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40))
+                      st.floats(allow_nan=False, allow_infinity=False), any_text)
+# Lists and strings far beyond every bound (up to about the body size limit): refused, never a 5xx.
+huge_ids = st.integers(65, 300_000).map(lambda n: list(range(n)))
+huge_text = st.integers(257, 1_500_000).map(lambda n: "x" * n)
+huge_messages = st.integers(2049, 40_000).map(lambda n: [{"role": "user", "content": "hi"}] * n)
 json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) |
                           st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
 number = st.one_of(st.integers(-10, 10 ** 6), st.floats(allow_nan=False, allow_infinity=False), st.just(2 ** 65))
@@ -76,7 +82,7 @@ def bodies(required: dict, optional: dict):
 
 
 role = (st.sampled_from(["user", "system", "assistant"]), st.sampled_from(["robot", ""]) | json_leaf)
-message = bodies({"role": role, "content": (st.text(max_size=60), json_value)}, {})
+message = bodies({"role": role, "content": (st.text(max_size=60), json_value | huge_text)}, {})
 sampling_fields = {  # field: (valid values, anything else)
     "max_tokens": (st.integers(1, 8), number | json_leaf),
     "temperature": (st.floats(0, 2), number | json_leaf),
@@ -86,8 +92,8 @@ sampling_fields = {  # field: (valid values, anything else)
     "n": (st.just(1), number),
     "stream": (st.booleans(), json_leaf),
     "stop": (st.lists(st.text(min_size=1, max_size=5), max_size=4), st.lists(st.text(max_size=5), max_size=6)
-             | json_leaf),
-    "stop_token_ids": (st.lists(st.integers(0, 300), max_size=3), st.lists(number, max_size=3)),
+             | json_leaf | huge_text | st.lists(huge_text, max_size=2)),
+    "stop_token_ids": (st.lists(st.integers(0, 300), max_size=3), st.lists(number, max_size=3) | huge_ids),
     "ignore_eos": (st.booleans(), json_leaf),
     "stream_options": (st.fixed_dictionaries({"include_usage": st.booleans()}), json_value),
     "speculate": (st.booleans(), json_leaf), "draft_method": (st.just("ngram"), json_leaf),
@@ -95,13 +101,14 @@ sampling_fields = {  # field: (valid values, anything else)
     "return_token_ids": (st.booleans(), json_leaf),
 }
 model = (st.just(NAME), st.text(max_size=8) | json_leaf)
-chat_body = bodies({"model": model, "messages": (st.lists(message, min_size=1, max_size=3), json_value)},
+chat_body = bodies({"model": model, "messages": (st.lists(message, min_size=1, max_size=3),
+                                                 json_value | huge_messages)},
                    sampling_fields | {"max_completion_tokens": (st.integers(1, 8), number)})
 completion_body = bodies(
     {"model": model,
      "prompt": (st.text(min_size=1, max_size=80) | st.lists(st.integers(0, 300), min_size=1, max_size=30),
                 st.lists(st.integers(-5, 70000), max_size=30) | st.lists(st.text(max_size=20), max_size=3)
-                | json_value)},
+                | json_value | huge_ids | huge_text)},
     sampling_fields | {"echo": (st.booleans(), json_leaf)})
 raw_body = st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
                      json_value.map(lambda v: json.dumps(v).encode()))
@@ -162,7 +169,7 @@ def generate_requests(fuzzy: bool):
         pick(st.floats(0.0625, 1, width=32), st.floats(width=32).map(f32), fuzzy),
         pick(st.integers(0, 100), u32, fuzzy), st.integers(0, 2 ** 64 - 1), pick(st.integers(1, 8), u32, fuzzy),
         pick(st.lists(texts.filter(bool), max_size=4), st.lists(texts, max_size=6), fuzzy),
-        pick(st.lists(st.integers(0, 300), max_size=3), st.lists(u32, max_size=3), fuzzy), st.booleans(),
+        pick(st.lists(st.integers(0, 300), max_size=3), st.lists(u32, max_size=3) | huge_ids, fuzzy), st.booleans(),
         st.sets(st.sampled_from(["temperature", "top_p", "top_k", "seed", "max_tokens"])))
     role = pick(st.sampled_from(["user", "system", "assistant"]), st.sampled_from(["robot", ""]), fuzzy)
     chat = st.lists(st.builds(pb.ChatMessage, role=role, content=texts), min_size=0 if fuzzy else 1, max_size=3)

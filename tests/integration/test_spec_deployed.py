@@ -57,7 +57,9 @@ def verifier_stats(name):
     return serve.get_deployment_handle("Verifier", name).stats.remote().result(timeout_s=60)
 
 
-def wait_for_drafter(name, timeout=90):
+def wait_for_drafter(name, timeout=240):
+    """A drafter replica loads its model (the int8 one quantizes it) and, after a kill, Serve first has to find
+    the replica unhealthy and replace it: on a loaded machine either can take minutes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         client = verifier_stats(name)["drafter_client"]

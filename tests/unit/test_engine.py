@@ -102,7 +102,7 @@ def test_exported_blocks_import_into_another_engine(tmp_path_factory):
     ref, ours = load_pair(tmp_path_factory, "llama")
     _, ours2 = load_pair(tmp_path_factory, "llama")
     exported: dict[bytes, torch.Tensor] = {}
-    a = LLMEngine(ours, block_size=4, num_blocks=64, kv_sink=lambda hs, kv: exported.update(zip(hs, kv)))
+    a = LLMEngine(ours, block_size=4, num_blocks=64, kv_sink=lambda hs, kv, root: exported.update(zip(hs, kv)))
     b = LLMEngine(ours2, block_size=4, num_blocks=64)
     p = prompts(ref.config.vocab_size, [22], seed=5)[0]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -130,7 +130,7 @@ def test_only_committed_tokens_are_exported_under_speculation(tmp_path_factory):
 
     spec = LLMEngine(ours, block_size=4, num_blocks=128, proposer=NgramProposer(1, 3),
                      controller=SpeculationController(3, adaptive=False),
-                     kv_sink=lambda hs, kv: exported.update(zip(hs, kv)))
+                     kv_sink=lambda hs, kv, root: exported.update(zip(hs, kv)))
     base = prompts(ref.config.vocab_size, [12], seed=3)[0]
     p = base * 3  # repetitive: the n-gram drafter proposes, and some drafts are rejected
     out = spec.generate([p], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]

@@ -2,6 +2,9 @@
 fencing, bounds and admission; the holder's LRU bookkeeping; the store client with payloads in Redis, including
 a corrupt payload, an incompatible layout, and Redis going away and coming back."""
 
+import hashlib
+import json
+import os
 import time
 
 import pytest
@@ -10,7 +13,8 @@ import torch
 
 from specserve.cluster.kv.holder import SegmentLRU
 from specserve.cluster.kv.index import KVIndex, register_holder
-from specserve.cluster.kv.namespace import KVNamespace, weights_revision
+from specserve.cluster.kv import namespace
+from specserve.cluster.kv.namespace import KV_FORMAT_VERSION, KVNamespace, weights_revision
 from specserve.cluster.kv.payload import BlockLayout, blocks_to_bytes, bytes_to_block
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.redis_server import EmbeddedRedis
@@ -49,22 +53,99 @@ def test_namespace_id_changes_with_every_field():
                 KVNamespace("m", "rev", "bfloat16", 16, 29, 3, 64), KVNamespace("m", "rev", "bfloat16", 16, 30, 4, 64),
                 KVNamespace("m", "rev", "bfloat16", 16, 30, 3, 32),
                 KVNamespace("m", "rev", "bfloat16", 16, 30, 3, 64, sharding="tp2"),
-                KVNamespace("m", "rev", "bfloat16", 16, 30, 3, 64, tenant="acme")]
+                KVNamespace("m", "rev", "bfloat16", 16, 30, 3, 64, tenant="acme"),
+                KVNamespace("m", "rev", "bfloat16", 16, 30, 3, 64, kv_format=KV_FORMAT_VERSION + 1)]
+    assert base.kv_format == KV_FORMAT_VERSION  # a change of the payload layout changes every namespace id
     ids = {base.id} | {v.id for v in variants}
     assert len(ids) == 1 + len(variants)
     assert KVNamespace("m", "rev", "bfloat16", 16, 30, 3, 64).id == base.id  # stable
 
 
-def test_weights_revision_follows_the_weights(tmp_path):
+def test_weights_revision_follows_the_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"a" * 1000)
     (tmp_path / "tokenizer.json").write_text("x")
     first = weights_revision(tmp_path)
-    assert weights_revision(tmp_path) == first  # from the remembered digest
+    assert weights_revision(tmp_path) == first
     (tmp_path / "tokenizer.json").write_text("y")  # not a weights file
     assert weights_revision(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"b" * 1000)
     assert weights_revision(tmp_path) != first
+
+
+def _model_dir(path, monkeypatch):
+    """A model directory whose files count as settled (their digests are remembered at once)."""
+    monkeypatch.setattr(namespace, "_SETTLE_NS", 0)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(path / "user-cache"))
+    model = path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"a" * 1000)
+    return model
+
+
+def _cached_digests(cache_file) -> dict:
+    return json.loads(cache_file.read_text())["files"]
+
+
+def test_weights_revision_remembers_digests_and_uses_them(tmp_path, monkeypatch):
+    model = _model_dir(tmp_path, monkeypatch)
+    first = weights_revision(model)
+    cache = model / namespace._DIGEST_CACHE
+    digests = _cached_digests(cache)
+    st = (model / "model.safetensors").stat()
+    assert digests["model.safetensors"] == {"stamp": [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns],
+                                            "sha256": hashlib.sha256(b"a" * 1000).hexdigest()}
+    assert weights_revision(model) == first
+    # An unchanged file is not read again: a (planted) remembered digest is what the revision is made of.
+    digests["model.safetensors"]["sha256"] = "00" * 32
+    cache.write_text(json.dumps({"files": digests}))
+    assert weights_revision(model) != first
+
+
+def _replace_keeping_size_and_mtime(path, data, in_place):
+    st = path.stat()
+    if in_place:  # rsync --inplace -t: same inode, new bytes
+        with open(path, "r+b") as f:
+            f.write(data)
+    else:  # rsync -t: a new file renamed over the old one
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_weights_revision_sees_a_file_replaced_with_the_same_size_and_mtime(tmp_path, monkeypatch, in_place):
+    model = _model_dir(tmp_path, monkeypatch)
+    weights = model / "model.safetensors"
+    first = weights_revision(model)
+    assert "model.safetensors" in _cached_digests(model / namespace._DIGEST_CACHE)
+    if in_place:
+        # The write must land on a later timestamp tick than the one remembered (file timestamps come from a
+        # coarse clock): wait for the clock to pass it.
+        ctime = weights.stat().st_ctime_ns
+        while time.time_ns() < ctime + 50_000_000:
+            time.sleep(0.01)
+    _replace_keeping_size_and_mtime(weights, b"b" * 1000, in_place)
+    second = weights_revision(model)
+    assert second != first
+    assert weights_revision(model) == second
+
+
+def test_weights_revision_falls_back_to_the_user_cache_when_the_directory_is_not_writable(tmp_path, monkeypatch):
+    model = _model_dir(tmp_path, monkeypatch)
+    (model / namespace._DIGEST_CACHE).mkdir()  # neither readable nor replaceable as a file (we run as root)
+    first = weights_revision(model)
+    user = list((tmp_path / "user-cache" / "specserve" / "weights-digests").iterdir())
+    assert len(user) == 1 and "model.safetensors" in _cached_digests(user[0])
+    assert weights_revision(model) == first
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "unwritable"))
+    (tmp_path / "unwritable").write_text("a file, not a directory")
+    assert weights_revision(model) == first  # no cache anywhere: hashed every time
 
 
 # ---- index -----------------------------------------------------------------------------------------------------
@@ -277,7 +358,7 @@ def test_sentinel_config_reaches_the_master(tmp_path):
         register_holder(client, "h", "e1")
         ready(index, hashes(2))
         direct = redis.Redis.from_url(master.url)
-        assert direct.zcard(index.lru_key) == 2  # written to the master the sentinel named
+        assert int(direct.get(index.count_key)) == 2  # written to the master the sentinel named
     finally:
         proc.terminate()
         proc.wait(timeout=5)

@@ -38,6 +38,13 @@ whole new RayCluster, which a chart upgrade alone must not do. */}}
 {{- define "specserve.podLabels" -}}
 {{ include "specserve.selectorLabels" . }}
 app.kubernetes.io/part-of: specserve
+{{ include "specserve.rayNodeLabel" . }}
+{{- end }}
+
+{{/* Marks this release's Ray pods (head and every worker group): the NetworkPolicy admits Ray's own traffic,
+and Redis clients, from these pods only. */}}
+{{- define "specserve.rayNodeLabel" -}}
+specserve.io/ray-node: "true"
 {{- end }}
 
 {{- define "specserve.image" -}}
@@ -49,6 +56,42 @@ app.kubernetes.io/part-of: specserve
 {{- printf "redis://%s-redis:6379/0" (include "specserve.fullname" .) }}
 {{- else }}
 {{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl }}
+{{- end }}
+{{- end }}
+
+{{/* Redis AUTH: the Secret holding the password (the chart's, or redis.auth.existingSecret) and where the
+specserve pods mount it (server.redis_password_file: only the path goes into the Serve config). */}}
+{{- define "specserve.redisAuth" -}}
+{{- if .Values.redis.auth.enabled }}
+{{- if or .Values.redis.enabled .Values.redis.auth.existingSecret }}true
+{{- else if .Values.redis.externalUrl }}
+{{- fail "redis.auth.existingSecret is required with redis.externalUrl (a Secret with the external Redis's password), or set redis.auth.enabled=false" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- define "specserve.redisSecret" -}}
+{{- default (printf "%s-redis" (include "specserve.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+{{- define "specserve.redisSecretKey" -}}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretKey }}{{ else }}password{{ end }}
+{{- end }}
+{{- define "specserve.redisPasswordFile" -}}/etc/specserve/redis/password{{- end }}
+
+{{/* Ray token authentication: KubeRay puts the token of this Secret (key auth_token) into every Ray container. */}}
+{{- define "specserve.rayAuthSecret" -}}
+{{- default (printf "%s-ray-auth" (include "specserve.fullname" .)) .Values.rayAuth.existingSecret }}
+{{- end }}
+
+{{/* A random secret value generated once and then kept: on upgrades the live Secret's value (lookup), else a
+fresh one. (`helm template` and dry runs see no live objects and show a fresh value.)
+Args: ctx (the root context), name (the Secret), key, length, prefix. */}}
+{{- define "specserve.keptRandom" -}}
+{{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
+{{- $data := (get ($live | default dict) "data") | default dict }}
+{{- if hasKey $data .key }}
+{{- index $data .key | b64dec }}
+{{- else }}
+{{- printf "%s%s" (.prefix | default "") (randAlphaNum (.length | int)) }}
 {{- end }}
 {{- end }}
 
@@ -78,6 +121,9 @@ app from these alone (specserve.deploy.serve_config:app validates them with the 
 */}}
 {{- define "specserve.args" -}}
 {{- $server := dict "host" "0.0.0.0" "redis_url" (include "specserve.redisUrl" .) "metrics_port" (include "specserve.metricsPort" . | int) }}
+{{- if include "specserve.redisAuth" . }}
+{{- $_ := set $server "redis_password_file" (include "specserve.redisPasswordFile" .) }}
+{{- end }}
 {{- $chart := dict "server" $server "model" (dict "cache_dir" .Values.modelCache.mountPath) }}
 {{- if .Values.apiKeys.enabled }}
 {{- $_ := set $chart "auth" (dict "api_keys_file" (include "specserve.apiKeysFile" .)) }}
@@ -98,14 +144,38 @@ applications:
     args: {{ include "specserve.args" . }}
 {{- end }}
 
-{{/* Volumes and mounts every Ray container gets: the model cache. */}}
-{{- define "specserve.modelCacheVolume" -}}
+{{/* Volumes every Ray pod gets: the model cache, a writable /tmp (Ray's session directory /tmp/ray; the root
+filesystem is read-only) and the Redis password. */}}
+{{- define "specserve.rayVolumes" -}}
 - name: model-cache
 {{- if .Values.modelCache.persistence.enabled }}
   persistentVolumeClaim:
     claimName: {{ default (printf "%s-model-cache" (include "specserve.fullname" .)) .Values.modelCache.persistence.existingClaim }}
 {{- else }}
   emptyDir: {}
+{{- end }}
+- name: tmp
+  emptyDir: {}
+{{- if include "specserve.redisAuth" . }}
+- name: redis-password
+  secret:
+    secretName: {{ include "specserve.redisSecret" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ include "specserve.redisSecretKey" . }}
+        path: {{ base (include "specserve.redisPasswordFile" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "specserve.rayVolumeMounts" -}}
+- name: model-cache
+  mountPath: {{ .Values.modelCache.mountPath }}
+- name: tmp
+  mountPath: /tmp
+{{- if include "specserve.redisAuth" . }}
+- name: redis-password
+  mountPath: {{ dir (include "specserve.redisPasswordFile" .) }}
+  readOnly: true
 {{- end }}
 {{- end }}
 
@@ -114,6 +184,18 @@ applications:
   value: {{ .Values.modelCache.mountPath | quote }}
 - name: TOKENIZERS_PARALLELISM
   value: "false"
+# Caches (Hugging Face, torch) under the writable /tmp: the root filesystem is read-only.
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+{{- end }}
+
+{{/* Security settings of every pod and container the chart makes (values podSecurityContext and
+containerSecurityContext; Redis overrides the user). */}}
+{{- define "specserve.podSecurityContext" -}}
+{{- toYaml (mustMergeOverwrite (deepCopy .Values.podSecurityContext) (.override | default dict)) }}
+{{- end }}
+{{- define "specserve.containerSecurityContext" -}}
+{{- toYaml .Values.containerSecurityContext }}
 {{- end }}
 
 {{/* An init container that fetches the model (and the draft model) into the cache before Ray starts on the pod:
@@ -129,9 +211,13 @@ initContainers:
     command: ["specserve", "models", "pull"{{ range $sources }}, {{ . | quote }}{{ end }}]
     env:
       {{- include "specserve.rayEnv" . | nindent 6 }}
+    securityContext:
+      {{- include "specserve.containerSecurityContext" . | nindent 6 }}
     volumeMounts:
       - name: model-cache
         mountPath: {{ .Values.modelCache.mountPath }}
+      - name: tmp
+        mountPath: /tmp
 {{- end }}
 {{- end }}
 

@@ -1,0 +1,98 @@
+"""A drafter is another process: its replies are checked before anything reaches the model. Token ids outside
+the vocabulary, too many tokens, bad probabilities or a malformed reply are dropped (the sequence decodes without
+a draft that round); greedy output stays token-identical."""
+
+import numpy as np
+import pytest
+import torch
+
+from specserve.actors.draft.client import DrafterClient, LocalLink, invalid_draft
+from specserve.actors.draft.draft_models import build_draft_model
+from specserve.actors.draft.model_proposer import DraftModelProposer
+from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
+from specserve.actors.engine.engine import LLMEngine
+from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.speculation import SpeculationController
+from specserve.cluster.config import ModelConfig, SpeculativeConfig
+from transformers import AutoModelForCausalLM
+from tiny_models import make_tiny_model
+
+VOCAB = 384
+
+
+def test_invalid_draft_names_each_problem():
+    ok = np.full((2, VOCAB), 1 / VOCAB, dtype=np.float16)
+    assert invalid_draft([1, 383], None, 4, VOCAB) is None
+    assert invalid_draft([1, 383], ok, 4, VOCAB) is None
+    assert invalid_draft([np.int64(5)], None, 4, VOCAB) is None
+    assert "outside the vocabulary [0, 384)" in invalid_draft([1, 384], None, 4, VOCAB)
+    assert "outside the vocabulary" in invalid_draft([-1], None, 4, VOCAB)
+    assert "outside the vocabulary" in invalid_draft([10 ** 12], None, 4, VOCAB)
+    assert "outside the vocabulary" in invalid_draft([1.0], None, 4, VOCAB)
+    assert "outside the vocabulary" in invalid_draft([True], None, 4, VOCAB)
+    assert "at most k=2" in invalid_draft([1, 2, 3], None, 2, VOCAB)
+    assert "at most k=2" in invalid_draft("ab", None, 2, VOCAB)
+    assert "probs of shape (1, 384)" in invalid_draft([1, 2], ok[:1], 4, VOCAB)
+    assert "probs of shape (384,)" in invalid_draft([1], ok[0], 4, VOCAB)
+    bad = ok.copy()
+    bad[0, 3] = np.nan
+    assert "not finite" in invalid_draft([1, 2], bad, 4, VOCAB)
+    bad[0, 3] = -0.5
+    assert "non-negative" in invalid_draft([1, 2], bad, 4, VOCAB)
+
+
+class HostileLink(LocalLink):
+    """A real draft model whose replies are then corrupted, in turn, in every way the client must catch."""
+
+    CORRUPTIONS = [
+        lambda r: {**r, "tokens": [VOCAB + 5] + list(r["tokens"][1:])},
+        lambda r: {**r, "tokens": [-3] + list(r["tokens"][1:])},
+        lambda r: {**r, "tokens": list(r["tokens"]) * 10},
+        lambda r: {k: v for k, v in r.items() if k != "epoch"},
+        lambda r: r,  # some replies pass untouched: speculation still runs
+    ]
+
+    def __init__(self, proposer):
+        super().__init__(proposer)
+        self.n = 0
+
+    def submit(self, client, requests, releases):
+        replies = super().submit(client, requests, releases)
+        out = []
+        for r in replies:
+            if r["tokens"]:
+                r = self.CORRUPTIONS[self.n % len(self.CORRUPTIONS)](r)
+                self.n += 1
+            out.append(r)
+        return out
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("target"), arch="llama", seed=1, num_layers=4)
+
+
+def test_hostile_drafter_replies_are_dropped_and_greedy_output_is_unchanged(target_dir):
+    def engine(proposer):
+        model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32,
+                                                     attn_implementation=ATTN_IMPLEMENTATION).eval()
+        return LLMEngine(model, block_size=4, num_blocks=300, max_num_seqs=8, max_num_batched_tokens=64,
+                         proposer=proposer,
+                         controller=SpeculationController(4, adaptive=False) if proposer else None)
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = engine(None).generate(prompts, params)
+
+    spec = SpeculativeConfig(method="layer_skip", layer_skip_fraction=0.5)
+    loaded = build_draft_model("layer_skip", ModelConfig(source=str(target_dir), dtype="float32", device="cpu"),
+                               spec)
+    client = DrafterClient(VOCAB)
+    link = HostileLink(DraftModelProposer(loaded.model, block_size=4, num_blocks=300))
+    client.attach_worker("hostile", link)
+    eng = engine(client)
+    assert eng.generate(prompts, params) == expected
+    assert client.stats["invalid"] >= 4 and link.n >= 5
+    assert eng.spec_stats.rounds > 0  # the untouched replies were still used
+    eng.block_manager.check_invariants()
