@@ -6,7 +6,6 @@ import random
 import time
 
 import pytest
-import redis
 import torch
 
 from specserve.cluster.kv.fairness import FairShareLRU
@@ -14,7 +13,6 @@ from specserve.cluster.kv.holder import SegmentLRU
 from specserve.cluster.kv.index import DEFAULT_TENANT, KVIndex, register_holder
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads, tenant_label
-from specserve.cluster.redis_server import EmbeddedRedis
 from specserve.routing.block_hash import block_hashes, root_hash
 
 LAYOUT = BlockLayout("float32", (2, 1, 4, 1, 4))
@@ -97,19 +95,6 @@ def test_holder_tenant_over_its_share_gives_way_to_a_newcomer():
 
 
 # ---- the Redis index ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def redis_server():
-    with EmbeddedRedis() as server:
-        yield server
-
-
-@pytest.fixture
-def r(redis_server):
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=1)
-    client.flushall()
-    return client
-
-
 def hashes(n: int, seed: int) -> list[bytes]:
     return block_hashes(list(range(seed, seed + 4 * n)), 4, namespace="t")
 

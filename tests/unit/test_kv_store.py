@@ -23,19 +23,6 @@ from specserve.routing.block_hash import block_hashes
 LAYOUT = BlockLayout("float32", (2, 2, 4, 2, 8))
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    with EmbeddedRedis() as server:
-        yield server
-
-
-@pytest.fixture
-def r(redis_server):
-    client = redis.Redis.from_url(redis_server.url, socket_timeout=1)
-    client.flushall()
-    return client
-
-
 def hashes(n: int, seed: int = 0) -> list[bytes]:
     return block_hashes(list(range(seed, seed + 4 * n)), 4, namespace="t")
 
