@@ -10,7 +10,7 @@ import httpx
 import pytest
 import ray
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 from tiny_models import make_tiny_model

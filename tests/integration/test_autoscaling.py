@@ -8,7 +8,7 @@ import httpx
 import pytest
 from ray import serve
 
-from conftest import start_app
+from served_apps import start_app
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.actors.model_loader import pull_model
 from specserve.cluster.bench import main as bench
 from specserve.cluster.bench import soak

@@ -6,7 +6,7 @@ returns a wrong token; the app heals on its own."""
 import pytest
 import torch
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.cluster.chaos import FAULTS, SteadyLoad, format_table, prompts_for, reference, run_chaos
 from test_expert_actors import _load
 from tiny_models import make_tiny_model

@@ -170,7 +170,7 @@ def test_bench_experts_smoke(ray_cluster, tmp_path, capsys):
 def test_served_moe_with_expert_actors_matches_hf_generate(ray_cluster, tmp_path):
     import httpx
 
-    from conftest import start_app
+    from served_apps import start_app
 
     path = make_tiny_model(tmp_path / "served", arch="mixtral", seed=23, num_layers=2)
     server = start_app(ray_cluster, str(path), "moe-actors", **{"experts.num_actors": 2,

@@ -18,7 +18,7 @@ from specserve.actors.experts.eplb import static_owners
 from specserve.actors.experts.hook import experts_modules, install_dispatch
 from specserve.actors.experts.ray_transport import ActorTransport, actor_spec, start_actors
 from specserve.actors.experts.scaling import ActorScaler
-from conftest import NODE_B
+from served_apps import NODE_B
 from test_expert_actors import GEN, _load
 from tiny_models import make_tiny_model
 

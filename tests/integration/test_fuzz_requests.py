@@ -11,7 +11,7 @@ import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.v1 import generation_pb2 as pb
 from tiny_models import make_tiny_model
 

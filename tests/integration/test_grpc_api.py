@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from ray import serve
 from transformers import AutoTokenizer
 
-from conftest import listen_port, start_app
+from served_apps import listen_port, start_app
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 from tiny_models import make_tiny_model

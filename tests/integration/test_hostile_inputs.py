@@ -13,7 +13,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.actors.model_loader import pull_model
 from specserve.cluster.config import default_cache_dir
 from specserve.v1 import generation_pb2 as pb

@@ -13,7 +13,7 @@ import torch
 from ray import serve
 from transformers import AutoModelForCausalLM
 
-from conftest import NODE_A, NODE_B, start_app
+from served_apps import NODE_A, NODE_B, start_app
 from specserve.cluster.kv.holder import HOLDER_NAMESPACE
 from specserve.cluster.redis_server import EmbeddedRedis
 from tiny_models import make_tiny_model

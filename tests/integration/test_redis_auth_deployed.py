@@ -9,7 +9,7 @@ import redis
 import torch
 from ray import serve
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.cluster.kv.redis_client import connect, read_password, redis_config
 from tiny_models import make_tiny_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ray import serve
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.cluster.app import build_app
 from tiny_models import make_tiny_model
 

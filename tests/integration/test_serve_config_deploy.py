@@ -11,7 +11,7 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import listen_port
+from served_apps import listen_port
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.holder import kill_holders
 from specserve.cluster.redis_server import EmbeddedRedis

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import start_app
+from served_apps import start_app
 from specserve.actors.model_loader import pull_model
 from specserve.cluster.config import default_cache_dir
 

@@ -13,7 +13,7 @@ import torch
 from ray import serve
 from transformers import AutoModelForCausalLM
 
-from conftest import start_app
+from served_apps import start_app
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.integration
