@@ -30,7 +30,7 @@ WORKER_CALL_TIMEOUT_S = 10.0
 
 
 class DraftWorker:
-    """Plain Ray actor (see cluster/app.py for its resources). A sync actor: every call, and so every torch op,
+    """Plain Ray actor (see deploy/app.py for its resources). A sync actor: every call, and so every torch op,
     runs on one thread."""
 
     def __init__(self, config: dict):

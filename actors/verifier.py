@@ -1,6 +1,6 @@
 """Verifier deployment: one engine per replica, running the target model.
 
-Plain class; the app builder (cluster/app.py) turns it into a Serve deployment with options from config.
+Plain class; the app builder (deploy/app.py) turns it into a Serve deployment with options from config.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from ray import serve
 from specserve.actors.draft.client import DrafterClient, RayLink
 from specserve.actors.draft.ngram import NgramProposer
 from specserve.actors.engine.async_engine import AsyncEngine, StepHealth
+from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
+from specserve.actors.engine.block_hash import root_hash
 from specserve.actors.engine.engine import LLMEngine
+from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.model_loader import load_model
-from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.kv.events import STORE, KVEventPublisher, stream_key
 from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name
 from specserve.cluster.kv.index import KVIndex
 from specserve.cluster.kv.namespace import KVNamespace, kv_namespace, tenant_namespace
@@ -30,9 +33,7 @@ from specserve.cluster.kv.redis_client import connect, redis_config
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.metrics import start_publisher, verifier_families
 from specserve.cluster.priority import use_default_priority
-from specserve.routing.kv_events import KVEventPublisher, stream_key
-from specserve.routing.block_hash import root_hash
-from specserve.routing.prefix_index import STORE
+
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Verifier:
                                                       redundant_slots=ex.redundant_slots, scaler=scaler)
                 self.expert_balancer.run_every(ex.rebalance_period_s, self._stop)
         ec = self.config.engine
-        self.namespace = kv_namespace(self.config, loaded.path, loaded.config)
+        self.namespace = kv_namespace(self.config, loaded.path, kv_geometry(loaded.config))
         ns = self.namespace
         layout = BlockLayout(ns.dtype, (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
         self.kv_store = build_kv_store(self.config, self.namespace, layout)

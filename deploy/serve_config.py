@@ -2,7 +2,7 @@
 
 `serve deploy`/`serve run` and KubeRay's RayService (serveConfigV2) take it. The application is built by `app`
 (this module's import path) from `args`, which is the whole SpecserveConfig; the `deployments` section repeats
-cluster/app.py's options so operators see (and Serve's schema checks) replicas, autoscaling and resources.
+deploy/app.py's options so operators see (and Serve's schema checks) replicas, autoscaling and resources.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ IMPORT_PATH = "specserve.deploy.serve_config:app"
 
 def app(args: dict):
     """Serve's application builder: `args` is a SpecserveConfig as plain data."""
-    from specserve.cluster.app import build_app
+    from specserve.deploy.app import build_app
 
     return build_app(SpecserveConfig.model_validate(args))
 
@@ -55,7 +55,7 @@ def check_deployable(config: SpecserveConfig) -> None:
 
 def render(config: SpecserveConfig) -> dict:
     """The Serve config (a dict that ray.serve.schema.ServeDeploySchema accepts)."""
-    from specserve.cluster.app import deployment_options
+    from specserve.deploy.app import deployment_options
 
     check_deployable(config)
     server = config.server
@@ -95,7 +95,7 @@ def to_yaml(serve_config: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from specserve.cluster.launcher import add_config_arguments, config_from_args
+    from specserve.deploy.launcher import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="specserve deploy", description="Deployment artifacts from the config.")
     sub = parser.add_subparsers(dest="action", required=True)

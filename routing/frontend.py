@@ -20,6 +20,7 @@ from typing import NamedTuple
 from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.engine.engine import context_window
+from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.model_loader import resolve_model_path
 from specserve.cluster.config import SpecserveConfig
@@ -27,7 +28,7 @@ from specserve.cluster.kv.namespace import kv_namespace, tenant_namespace
 from specserve.cluster.latency import LatencyStat
 from specserve.cluster.metrics import FrontendMetrics
 from specserve.routing.auth import ApiKeys, TenantLimiter, api_key, resolve_tenant
-from specserve.routing.block_hash import block_hashes
+from specserve.actors.engine.block_hash import block_hashes
 from specserve.routing.detokenizer import IncrementalDetokenizer
 from specserve.routing.errors import APIError, api_error_of, invalid
 from specserve.routing.prompts import Prompt, PromptRenderer
@@ -59,7 +60,7 @@ class Frontend:
         # Ids the tokenizer knows and the model has embedding rows for (either may have more).
         self.vocab_size = min(len(self.tokenizer), getattr(hf_config, "vocab_size", None) or len(self.tokenizer))
         # Prefix-aware routing needs the prompt's block hashes, computed once here with the verifiers' namespace.
-        self.kv_namespace = (kv_namespace(config, path, hf_config).id
+        self.kv_namespace = (kv_namespace(config, path, kv_geometry(hf_config)).id
                              if config.router.policy == "prefix_cost" else None)
         limit = server.max_prompt_tokens or self.max_model_len
         self.max_prompt_tokens = min(limit, self.max_model_len - 1)

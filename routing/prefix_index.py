@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-STORE = "__kv_store__"  # the holder name of blocks in the cluster's KV store
+from specserve.cluster.kv.events import STORE
 
 
 class PrefixIndex:

@@ -18,7 +18,8 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-from specserve.routing.prefix_index import STORE, PrefixIndex
+from specserve.cluster.kv.events import STORE
+from specserve.routing.prefix_index import PrefixIndex
 
 
 @dataclass

@@ -18,7 +18,8 @@ from dataclasses import asdict
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from specserve.cluster.latency import LatencyStat
-from specserve.routing.prefix_index import STORE, PrefixIndex
+from specserve.cluster.kv.events import STORE
+from specserve.routing.prefix_index import PrefixIndex
 from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
         self.subscriber = None
         if redis and stream:
             from specserve.cluster.kv.redis_client import connect
-            from specserve.routing.kv_events import KVEventSubscriber
+            from specserve.cluster.kv.events import KVEventSubscriber
 
             # Its own connection: XREAD blocks it for up to half a second at a time.
             self.subscriber = KVEventSubscriber(connect(**dict(redis, timeout_s=5.0)), stream, self.index).start()

@@ -3,7 +3,7 @@
 import os
 
 from specserve.cluster.config import SpecserveConfig
-from specserve.cluster.launcher import LocalServer
+from specserve.deploy.launcher import LocalServer
 
 
 # Two simulated nodes (each its own raylet and object store); tests pin replicas with these resources.

@@ -10,7 +10,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from specserve.actors.engine.sequence import Sequence
-from specserve.routing.block_hash import block_hashes, root_hash
+from specserve.actors.engine.block_hash import block_hashes, root_hash
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specserve.actors.experts.channel import (DEFAULT_MAX_PAYLOAD_BYTES, ChannelKey, ChannelServer, connect,
                                                frame_cap, recv_frame, send_frame)
-from specserve.actors.experts.dispatch import ExpertRows, owner_message, scatter_outputs, split_by_owner
+from specserve.actors.experts.dispatch import ExpertRows, owner_message, scatter_outputs
 
 log = logging.getLogger(__name__)
 
@@ -582,38 +582,6 @@ class ActorTransport:
                 remove_placement_group(pg)
         self.placement_group = None
         self.own_groups = [None] * len(self.own_groups)
-
-
-class CompiledGraphTransport:
-    """One Ray Compiled Graph over the actors: each layer's messages go out and come back through channels set
-    up once, instead of a task submission per call. Every actor gets a message every layer (None if it has no
-    rows). No failover: a dead actor breaks the graph; bench-experts measures it against the other links."""
-
-    def __init__(self, actors: list, replicas: dict[Slot, list[int]]):
-        from ray.dag import InputNode, MultiOutputNode
-
-        self.actors = actors
-        self.replicas = replicas
-        with InputNode() as inp:
-            dag = MultiOutputNode([a.run_message.bind(inp[i]) for i, a in enumerate(actors)])
-        self.graph = dag.experimental_compile()
-        self.calls = 0
-
-    def run(self, layer: int, plan: list[ExpertRows], rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor | None] = [None] * len(plan)
-        groups = split_by_owner(plan, counts, lambda e: self.replicas[(layer, e)][0])
-        messages: list[tuple | None] = [None] * len(self.actors)
-        for actor, (positions, offsets) in groups.items():
-            experts, n, part = owner_message(plan, rows, counts, positions, offsets)
-            messages[actor] = (layer, experts, n, part.cpu())
-        replies = ray.get(self.graph.execute(*messages))
-        self.calls += 1
-        for actor, (positions, _) in groups.items():
-            scatter_outputs(outputs, positions, counts, replies[actor].to(rows.device))
-        return outputs
-
-    def teardown(self) -> None:
-        self.graph.teardown()
 
 
 def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,

@@ -149,8 +149,7 @@ class KVHolder:
         except Exception:  # noqa: BLE001 - the entries then point at blocks we lack: readers see a miss
             self.stats_["redis_errors"] += 1
         if self.events_stream:
-            from specserve.routing.kv_events import publish_ops
-            from specserve.routing.prefix_index import STORE
+            from specserve.cluster.kv.events import STORE, publish_ops
 
             hashes = [bytes.fromhex(b.rsplit(":", 1)[1]) for b in block_ids]  # block ids are index entry keys
             publish_ops(self.redis, self.events_stream, STORE, [(False, h) for h in hashes])

@@ -2,7 +2,7 @@
 
 Two blocks with the same tokens are the same bytes only if the model, its weights, the KV dtype, the block size
 and the attention geometry all match; a tenant must never hit (or time) another tenant's prefixes. The namespace
-id roots every block hash (routing/block_hash.py), so blocks of different namespaces can never share a key.
+id roots every block hash (actors/engine/block_hash.py), so blocks of different namespaces can never share a key.
 """
 
 from __future__ import annotations
@@ -107,12 +107,11 @@ def weights_revision(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:32]
 
 
-def kv_namespace(config, model_path: str | os.PathLike, hf_config) -> KVNamespace:
-    """The namespace of a deployment (a SpecserveConfig serving the model at `model_path`): what the verifiers
-    key their blocks with and what the router hashes prompts with."""
-    from specserve.actors.engine.model_runner import kv_geometry
-
-    layers, kv_heads, head_dim = kv_geometry(hf_config)
+def kv_namespace(config, model_path: str | os.PathLike, geometry: tuple[int, int, int]) -> KVNamespace:
+    """The namespace of a deployment (a SpecserveConfig serving the model at `model_path`, whose KV cache has
+    `geometry` = (layers, KV heads, head dim), see model_runner.kv_geometry): what the verifiers key their blocks
+    with and what the router hashes prompts with."""
+    layers, kv_heads, head_dim = geometry
     return KVNamespace(model=config.model.name, weights_revision=weights_revision(model_path),
                        dtype=config.model.dtype, block_size=config.engine.block_size, num_layers=layers,
                        num_kv_heads=kv_heads, head_dim=head_dim, tenant=config.kv_store.tenant)

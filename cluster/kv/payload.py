@@ -14,10 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specserve.actors.model_loader import resolve_dtype
 
-class ChecksumError(ValueError):
-    pass
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A layout's dtype name ("bfloat16", as str(tensor.dtype) without "torch.") -> the torch dtype."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"block layout: unknown dtype '{name}'")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class BlockLayout:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * resolve_dtype(self.dtype).itemsize
+        return int(np.prod(self.shape)) * torch_dtype(self.dtype).itemsize
 
     @property
     def shape_str(self) -> str:
@@ -57,4 +61,4 @@ def bytes_to_block(buf, layout: BlockLayout) -> torch.Tensor:
         raw = torch.frombuffer(memoryview(buf).cast("B"), dtype=torch.uint8)
     if raw.numel() != layout.nbytes:
         raise ValueError(f"block payload has {raw.numel()} bytes, layout {layout} needs {layout.nbytes}")
-    return raw.view(resolve_dtype(layout.dtype)).view(layout.shape)
+    return raw.view(torch_dtype(layout.dtype)).view(layout.shape)

@@ -10,8 +10,8 @@ import pytest
 
 from served_apps import start_app
 from specserve.actors.model_loader import pull_model
-from specserve.cluster.bench import main as bench
-from specserve.cluster.bench import soak
+from specserve.tools.bench import main as bench
+from specserve.tools.bench import soak
 from specserve.cluster.config import default_cache_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.smollm2]

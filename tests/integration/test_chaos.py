@@ -1,4 +1,4 @@
-"""Fault injection under load (cluster/chaos.py) on one app with every part that can fail: a verifier replica,
+"""Fault injection under load (tools/chaos.py) on one app with every part that can fail: a verifier replica,
 a drafter's worker, an expert actor, the Redis server and a KV holder are killed in turn while clients send
 greedy requests. Every request completes with the right tokens or fails with a retriable status; none hangs or
 returns a wrong token; the app heals on its own."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from served_apps import start_app
-from specserve.cluster.chaos import FAULTS, SteadyLoad, format_table, prompts_for, reference, run_chaos
+from specserve.tools.chaos import FAULTS, SteadyLoad, format_table, prompts_for, reference, run_chaos
 from test_expert_actors import _load
 from tiny_models import make_tiny_model
 

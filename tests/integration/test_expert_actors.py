@@ -123,7 +123,7 @@ def _skewed_trace(layers, num_experts, hidden, steps=6, tokens=32):
 def test_live_rebalance_mid_generation_keeps_tokens_and_balances(ray_cluster, tmp_path):
     from specserve.actors.experts.balancer import ExpertBalancer
     from specserve.actors.experts.eplb import balance_ratio
-    from specserve.cluster.bench_experts import replay_trace
+    from specserve.tools.bench_experts import replay_trace
 
     path = make_tiny_model(tmp_path / "m", arch="olmoe", seed=24, num_layers=2)
     ref = _load(path)
@@ -154,7 +154,7 @@ def test_live_rebalance_mid_generation_keeps_tokens_and_balances(ray_cluster, tm
 
 
 def test_bench_experts_smoke(ray_cluster, tmp_path, capsys):
-    from specserve.cluster import bench_experts
+    from specserve.tools import bench_experts
 
     out = tmp_path / "experts.json"
     assert bench_experts.main(["--part", "dispatch,balance", "--hidden", "64", "--intermediate", "64",

@@ -297,7 +297,7 @@ def test_bench_drives_http_and_grpc_targets_of_one_server(app, tmp_path):
     """`specserve bench --target http=... --target grpc=grpc://...`: both front ends, same workload, same run."""
     import json
 
-    from specserve.cluster.bench import main as bench
+    from specserve.tools.bench import main as bench
 
     server, _ = app
     out = tmp_path / "bench.json"

@@ -99,7 +99,7 @@ def test_blocks_move_between_replicas_on_two_nodes_and_failures_are_misses(ray_c
         cold2 = complete(a.url, p2)
         wait_exported("kv-a", 24)
         r = redis_server_client(redis_server)
-        from specserve.routing.block_hash import block_hashes
+        from specserve.actors.engine.block_hash import block_hashes
         ns = stats("kv-a")["kv_namespace"]
         h3 = block_hashes(p2, BLOCK, namespace=ns)[3]
         key = f"specserve:kv:{{{ns}}}:e:{h3.hex()}"
@@ -179,7 +179,7 @@ def redis_server_client(server):
 
 def test_bench_kv_micro_runs_on_a_tiny_model(ray_cluster, model_dir):
     """The shipped benchmark's micro part, small: every block imported, first token unchanged, figures present."""
-    from specserve.cluster.bench_kv import format_micro, run_micro
+    from specserve.tools.bench_kv import format_micro, run_micro
 
     res = run_micro(str(model_dir), "float32", 64, 1, ["holder", "redis"], None)
     for payload in ("holder", "redis"):

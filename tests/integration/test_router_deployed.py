@@ -10,7 +10,7 @@ import torch
 from ray import serve
 
 from served_apps import start_app
-from specserve.cluster.app import build_app
+from specserve.deploy.app import build_app
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.integration

@@ -6,7 +6,7 @@ from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from specserve.cluster.app import deployment_options
+from specserve.deploy.app import deployment_options
 from specserve.cluster.autoscaling import ACTIVE_VERIFIERS, POLICY_PATH, DrafterPolicy, drafters_needed
 from specserve.cluster.config import SpecserveConfig
 

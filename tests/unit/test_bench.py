@@ -15,11 +15,11 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from specserve.cluster.bench import cli, main, runner  # noqa: E402
-from specserve.cluster.bench import workloads as wl  # noqa: E402
-from specserve.cluster.bench.http_client import BenchError  # noqa: E402
-from specserve.cluster.bench.load import Load  # noqa: E402
-from specserve.cluster.bench.results import RequestResult, percentile, summarize  # noqa: E402
+from specserve.tools.bench import cli, main, runner  # noqa: E402
+from specserve.tools.bench import workloads as wl  # noqa: E402
+from specserve.tools.bench.http_client import BenchError  # noqa: E402
+from specserve.tools.bench.load import Load  # noqa: E402
+from specserve.tools.bench.results import RequestResult, percentile, summarize  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Workloads
@@ -455,7 +455,7 @@ def test_speculation_summary_and_serve_targets():
 
 
 def test_poisson_arrivals_are_seeded_and_at_the_rate():
-    from specserve.cluster.bench.load import poisson_arrivals
+    from specserve.tools.bench.load import poisson_arrivals
 
     a = poisson_arrivals(2000, 4.0, seed=1)
     assert a == poisson_arrivals(2000, 4.0, seed=1) and a != poisson_arrivals(2000, 4.0, seed=2)
@@ -464,7 +464,7 @@ def test_poisson_arrivals_are_seeded_and_at_the_rate():
 
 
 def test_rate_pass_sends_at_the_arrival_times(fresh, tmp_path):
-    from specserve.cluster.bench.load import poisson_arrivals
+    from specserve.tools.bench.load import poisson_arrivals
 
     out = tmp_path / "rate.json"
     assert main(["--url", fresh.url, "--rate", "25", "--num-requests", "10", "--warmup", "0", "--no-plots",
@@ -506,7 +506,7 @@ def test_failed_turn_ends_its_conversation():
 
 
 def test_goodput_counts_requests_within_every_bound():
-    from specserve.cluster.bench.results import parse_slo
+    from specserve.tools.bench.results import parse_slo
 
     fast = RequestResult(ok=True, ttft_s=0.1, e2e_s=0.5, output_tokens=5)  # TPOT 100 ms
     slow_first = RequestResult(ok=True, ttft_s=0.9, e2e_s=1.3, output_tokens=5)
@@ -535,7 +535,7 @@ def _verifier_metrics(queries, hits, drafts, at, lookups, store_hits, rows, kv=0
 
 
 def test_server_figures_are_per_pass_differences_summed_over_replicas():
-    from specserve.cluster.bench import server_stats
+    from specserve.tools.bench import server_stats
     from specserve.cluster.metrics import render, verifier_families
 
     def text(*replicas):
@@ -598,7 +598,7 @@ def test_table_of_a_results_file(fresh, tmp_path, capsys):
 
 
 def test_soak_judges_growth_after_warmup_and_leaked_blocks():
-    from specserve.cluster.bench.soak import growth, verdict
+    from specserve.tools.bench.soak import growth, verdict
 
     mb = 2 ** 20
     samples = [{"t": t, "anon": {"Verifier/a": (500 + (t if t < 20 else 20)) * mb, "Ingress/b": (300 + t) * mb}}

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from specserve.routing.block_hash import block_hashes, chain_hash, root_hash
+from specserve.actors.engine.block_hash import block_hashes, chain_hash, root_hash
 
 
 def test_chained_hashes_depend_on_every_previous_block():
@@ -29,7 +29,7 @@ def test_resume_from_parent_matches_full_computation():
 
 
 def test_stable_across_processes():
-    code = ("from specserve.routing.block_hash import block_hashes;"
+    code = ("from specserve.actors.engine.block_hash import block_hashes;"
             "print(block_hashes(list(range(64)), 16, namespace='x')[-1].hex())")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}

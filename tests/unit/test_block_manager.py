@@ -76,7 +76,7 @@ def test_can_allocate_counts_evictable_hits_correctly():
 
 
 def _chain(tokens, bm, root=None):
-    from specserve.routing.block_hash import block_hashes
+    from specserve.actors.engine.block_hash import block_hashes
     return block_hashes(tokens, bm.block_size, parent=root or bm.root)
 
 
@@ -194,7 +194,7 @@ def test_readmission_after_preemption_does_not_inflate_cache_figures():
 
 
 def test_kv_events_follow_the_prefix_cache_in_order():
-    from specserve.routing.block_hash import block_hashes
+    from specserve.actors.engine.block_hash import block_hashes
 
     bm = BlockManager(num_blocks=3, block_size=4, record_events=True)
     a = Sequence("a", list(range(9)), SamplingParams())
@@ -242,7 +242,7 @@ def test_engine_hands_each_tenants_new_blocks_to_the_kv_sink_with_its_hash_root(
     from transformers import AutoModelForCausalLM
 
     from specserve.actors.engine.engine import LLMEngine
-    from specserve.routing.block_hash import root_hash
+    from specserve.actors.engine.block_hash import root_hash
     from tiny_models import make_tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path, seed=1), dtype=torch.float32).eval()

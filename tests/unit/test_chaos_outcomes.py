@@ -1,7 +1,7 @@
-"""The chaos run's judgement (cluster/chaos.py): what counts as completed, retriable, wrong, failed or lost, and
+"""The chaos run's judgement (tools/chaos.py): what counts as completed, retriable, wrong, failed or lost, and
 when a fault's result is acceptable."""
 
-from specserve.cluster.chaos import FAULTS, FaultResult, classify, format_table
+from specserve.tools.chaos import FAULTS, FaultResult, classify, format_table
 
 
 def test_classify_each_answer():

@@ -122,7 +122,7 @@ def test_only_committed_tokens_are_exported_under_speculation(tmp_path_factory):
     """With n-gram speculation (draft tokens written into the cache and rolled back), every exported block is a
     block of the final committed sequence and its KV equals a plain prefill of that sequence."""
     from specserve.actors.draft.ngram import NgramProposer
-    from specserve.routing.block_hash import block_hashes
+    from specserve.actors.engine.block_hash import block_hashes
 
     ref, ours = load_pair(tmp_path_factory, "llama")
     exported: dict[bytes, torch.Tensor] = {}

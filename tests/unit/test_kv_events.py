@@ -10,8 +10,8 @@ from specserve.cluster.kv.index import KVIndex
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.redis_server import EmbeddedRedis
-from specserve.routing.block_hash import block_hashes
-from specserve.routing.kv_events import KVEventPublisher, KVEventSubscriber, pack_ops, unpack_ops
+from specserve.actors.engine.block_hash import block_hashes
+from specserve.cluster.kv.events import KVEventPublisher, KVEventSubscriber, pack_ops, unpack_ops
 from specserve.routing.prefix_index import STORE, PrefixIndex
 
 

@@ -13,7 +13,7 @@ from specserve.cluster.kv.holder import SegmentLRU
 from specserve.cluster.kv.index import DEFAULT_TENANT, KVIndex, register_holder
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads, tenant_label
-from specserve.routing.block_hash import block_hashes, root_hash
+from specserve.actors.engine.block_hash import block_hashes, root_hash
 
 LAYOUT = BlockLayout("float32", (2, 1, 4, 1, 4))
 

@@ -18,7 +18,7 @@ from specserve.cluster.kv.namespace import KV_FORMAT_VERSION, KVNamespace, weigh
 from specserve.cluster.kv.payload import BlockLayout, blocks_to_bytes, bytes_to_block
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.redis_server import EmbeddedRedis
-from specserve.routing.block_hash import block_hashes
+from specserve.actors.engine.block_hash import block_hashes
 
 LAYOUT = BlockLayout("float32", (2, 2, 4, 2, 8))
 

@@ -9,7 +9,7 @@ import redis
 
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.redis_client import connect, read_password, redact_url, redis_config
-from specserve.cluster.launcher import LocalServer, kv_index_line
+from specserve.deploy.launcher import LocalServer, kv_index_line
 from specserve.cluster.redis_server import EmbeddedRedis
 
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from specserve.routing.block_hash import block_hashes
+from specserve.actors.engine.block_hash import block_hashes
 from specserve.routing.prefix_index import STORE, PrefixIndex
 from specserve.routing.router_policy import ConsistentHashRing, PrefixCostPolicy, ReplicaState
 from specserve.routing.routing_metrics import RoutingOutcomes
@@ -185,7 +185,7 @@ def test_session_key_pins_a_conversation():
 
 
 def test_bench_router_smoke():
-    from specserve.cluster.bench_router import run
+    from specserve.tools.bench_router import run
 
     r = run(total_blocks=640, replicas=2, prompt_blocks=8, decisions=50)
     assert r["indexed_blocks"] == 640 and r["decisions"] == 50 and 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]

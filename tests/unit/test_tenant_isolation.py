@@ -12,7 +12,7 @@ from specserve.actors.engine.sampler import sample
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.sequence import Sequence
 from specserve.cluster.kv.namespace import tenant_namespace
-from specserve.routing.block_hash import block_hashes, root_hash
+from specserve.actors.engine.block_hash import block_hashes, root_hash
 from specserve.routing.errors import APIError, api_error_of
 
 

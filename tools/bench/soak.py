@@ -20,13 +20,13 @@ import sys
 import time
 from typing import Any
 
-from specserve.cluster.bench import server_stats
-from specserve.cluster.bench.cli import normalize_url, parse_overrides, start_ray_if_needed, stop_ray
-from specserve.cluster.bench.http_client import BenchError, RequestSettings, make_client, resolve_model
-from specserve.cluster.bench.load import InFlight, run_session
-from specserve.cluster.bench.results import summarize
-from specserve.cluster.bench.runner import ServedTarget, Target, log
-from specserve.cluster.bench.workloads import WORKLOADS, build_workload
+from specserve.tools.bench import server_stats
+from specserve.tools.bench.cli import normalize_url, parse_overrides, start_ray_if_needed, stop_ray
+from specserve.tools.bench.http_client import BenchError, RequestSettings, make_client, resolve_model
+from specserve.tools.bench.load import InFlight, run_session
+from specserve.tools.bench.results import summarize
+from specserve.tools.bench.runner import ServedTarget, Target, log
+from specserve.tools.bench.workloads import WORKLOADS, build_workload
 
 RSS = server_stats.P + "process_resident_memory_bytes"
 MEMORY_KINDS = ("anon", "shmem", "file")
@@ -122,7 +122,7 @@ def verdict(res: dict[str, Any], max_growth_mb: float) -> list[str]:
 
 
 def plot(res: dict[str, Any], path: str) -> str:
-    from specserve.cluster.bench.plots import pyplot, save, style
+    from specserve.tools.bench.plots import pyplot, save, style
 
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))

@@ -339,7 +339,7 @@ def run_chaos(server, faults: list[str], *, clients: int = 3, max_tokens: int = 
 
 
 def main(argv: list[str]) -> int:
-    from specserve.cluster.launcher import LocalServer, add_config_arguments, config_from_args
+    from specserve.deploy.launcher import LocalServer, add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="specserve chaos", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)

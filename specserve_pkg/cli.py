@@ -29,16 +29,16 @@ def _models(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "serve": lambda a: __import__("specserve.cluster.launcher", fromlist=["main"]).main(a),
-        "generate": lambda a: __import__("specserve.cluster.generate", fromlist=["main"]).main(a),
+        "serve": lambda a: __import__("specserve.deploy.launcher", fromlist=["main"]).main(a),
+        "generate": lambda a: __import__("specserve.tools.generate", fromlist=["main"]).main(a),
         "models": _models,
-        "bench": lambda a: __import__("specserve.cluster.bench", fromlist=["main"]).main(a),
-        "bench-kv": lambda a: __import__("specserve.cluster.bench_kv", fromlist=["main"]).main(a),
-        "bench-router": lambda a: __import__("specserve.cluster.bench_router", fromlist=["main"]).main(a),
-        "bench-experts": lambda a: __import__("specserve.cluster.bench_experts", fromlist=["main"]).main(a),
+        "bench": lambda a: __import__("specserve.tools.bench", fromlist=["main"]).main(a),
+        "bench-kv": lambda a: __import__("specserve.tools.bench_kv", fromlist=["main"]).main(a),
+        "bench-router": lambda a: __import__("specserve.tools.bench_router", fromlist=["main"]).main(a),
+        "bench-experts": lambda a: __import__("specserve.tools.bench_experts", fromlist=["main"]).main(a),
         "deploy": lambda a: __import__("specserve.deploy.serve_config", fromlist=["main"]).main(a),
-        "chaos": lambda a: __import__("specserve.cluster.chaos", fromlist=["main"]).main(a),
-        "soak": lambda a: __import__("specserve.cluster.bench.soak", fromlist=["main"]).main(a),
+        "chaos": lambda a: __import__("specserve.tools.chaos", fromlist=["main"]).main(a),
+        "soak": lambda a: __import__("specserve.tools.bench.soak", fromlist=["main"]).main(a),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: specserve {serve,generate,models,bench,bench-kv,bench-router,bench-experts,deploy,chaos,soak} "

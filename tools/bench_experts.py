@@ -71,6 +71,42 @@ def _actors_for(path, model, owners, num_actors, link="channel"):
     return transport
 
 
+class CompiledGraphTransport:
+    """One Ray Compiled Graph over the actors: each layer's messages go out and come back through channels set
+    up once, instead of a task submission per call. Every actor gets a message every layer (None if it has no
+    rows). No failover: a dead actor breaks the graph; bench-experts measures it against the other links."""
+
+    def __init__(self, actors: list, replicas: dict):
+        from ray.dag import InputNode, MultiOutputNode
+
+        self.actors = actors
+        self.replicas = replicas
+        with InputNode() as inp:
+            dag = MultiOutputNode([a.run_message.bind(inp[i]) for i, a in enumerate(actors)])
+        self.graph = dag.experimental_compile()
+        self.calls = 0
+
+    def run(self, layer: int, plan: list, rows, counts: list[int]) -> list:
+        import ray
+
+        from specserve.actors.experts.dispatch import owner_message, scatter_outputs, split_by_owner
+
+        outputs: list = [None] * len(plan)
+        groups = split_by_owner(plan, counts, lambda e: self.replicas[(layer, e)][0])
+        messages: list[tuple | None] = [None] * len(self.actors)
+        for actor, (positions, offsets) in groups.items():
+            experts, n, part = owner_message(plan, rows, counts, positions, offsets)
+            messages[actor] = (layer, experts, n, part.cpu())
+        replies = ray.get(self.graph.execute(*messages))
+        self.calls += 1
+        for actor, (positions, _) in groups.items():
+            scatter_outputs(outputs, positions, counts, replies[actor].to(rows.device))
+        return outputs
+
+    def teardown(self) -> None:
+        self.graph.teardown()
+
+
 def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
     import torch
     from transformers.activations import ACT2FN
@@ -79,7 +115,7 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
     from specserve.actors.experts.dispatch import combine, gather_rows, plan_dispatch
     from specserve.actors.experts.expert_shard import ExpertShard
     from specserve.actors.experts.hook import experts_modules
-    from specserve.actors.experts.ray_transport import ActorTransport, CompiledGraphTransport
+    from specserve.actors.experts.ray_transport import ActorTransport
     from specserve.actors.experts.transport import LocalTransport
 
     model = _load(path)
@@ -224,7 +260,7 @@ def bench_served(tmp: Path, args, concurrency: list[int]) -> list[dict]:
     from transformers import AutoTokenizer
 
     from specserve.actors.model_loader import resolve_model_path
-    from specserve.cluster import bench
+    from specserve.tools import bench
     from specserve.cluster.config import ModelConfig
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m", ModelConfig().cache_dir))

@@ -37,7 +37,7 @@ def _request_router(config: SpecserveConfig) -> dict:
         return {"request_router_config": {
             "request_router_class": "specserve.routing.serve_router.RoundRobinRouter"}}
     from specserve.cluster.kv.redis_client import redis_config
-    from specserve.routing.kv_events import stream_key
+    from specserve.cluster.kv.events import stream_key
 
     redis = redis_config(config.server, config.kv_store.timeout_s)
     return {"request_router_config": {

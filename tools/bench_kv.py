@@ -54,7 +54,7 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
     from specserve.cluster.kv.payload import BlockLayout
     from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
     from specserve.cluster.redis_server import EmbeddedRedis
-    from specserve.routing.block_hash import block_hashes
+    from specserve.actors.engine.block_hash import block_hashes
 
     mc = ModelConfig(source=model_source, dtype=dtype, **({"cache_dir": cache_dir} if cache_dir else {}))
     mc.source = str(resolve_model_path(mc.source, mc.cache_dir, progress=True))
@@ -195,7 +195,7 @@ async def _conversations(urls: list[str], model: str, convs, max_tokens: int) ->
     that order, so with an odd number of conversations each turn lands on another replica than the turn before."""
     import httpx
 
-    from specserve.cluster.bench.http_client import RequestSettings, run_request
+    from specserve.tools.bench.http_client import RequestSettings, run_request
 
     settings = RequestSettings("chat", max_tokens, 0.0, 300.0)
     clients = [httpx.AsyncClient(base_url=u, timeout=300) for u in urls]
@@ -240,9 +240,9 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
                   overrides: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    from specserve.cluster.bench.workloads import Session, multiturn_workload
+    from specserve.tools.bench.workloads import Session, multiturn_workload
     from specserve.cluster.config import SpecserveConfig
-    from specserve.cluster.launcher import LocalServer
+    from specserve.deploy.launcher import LocalServer
     from specserve.cluster.redis_server import EmbeddedRedis, free_port
 
     if conversations % 2 == 0:
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prefix_tokens % 16 or args.prefix_tokens < 16:
         parser.error("--prefix-tokens must be a positive multiple of 16")
-    from specserve.cluster.bench import _parse_overrides, _typed
+    from specserve.tools.bench import _parse_overrides, _typed
 
     overrides = _typed(_parse_overrides(args.serve, "--serve")) if args.serve else {}
     out: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:], "started": time.time()}

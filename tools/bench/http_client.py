@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from specserve.cluster.bench.grpc_client import GrpcBenchClient
-from specserve.cluster.bench.results import RequestResult
-from specserve.cluster.bench.workloads import Messages
+from specserve.tools.bench.grpc_client import GrpcBenchClient
+from specserve.tools.bench.results import RequestResult
+from specserve.tools.bench.workloads import Messages
 
 
 class BenchError(Exception):

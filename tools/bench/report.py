@@ -8,9 +8,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from specserve.cluster.bench.load import Load
-from specserve.cluster.bench.results import fmt as _fmt
-from specserve.cluster.bench.runner import BenchConfig
+from specserve.tools.bench.load import Load
+from specserve.tools.bench.results import fmt as _fmt
+from specserve.tools.bench.runner import BenchConfig
 
 # Ratios of each target to the baseline (the first target) for the same workload and load. For throughput a
 # ratio above 1 is better; for latency, below 1.

@@ -10,12 +10,12 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from specserve.cluster.bench.http_client import BenchError
-from specserve.cluster.bench.load import Load
-from specserve.cluster.bench.report import format_table, table_of, write_json
-from specserve.cluster.bench.results import parse_slo
-from specserve.cluster.bench.runner import MATRICES, BenchConfig, Target, log, run_bench
-from specserve.cluster.bench.workloads import WORKLOADS
+from specserve.tools.bench.http_client import BenchError
+from specserve.tools.bench.load import Load
+from specserve.tools.bench.report import format_table, table_of, write_json
+from specserve.tools.bench.results import parse_slo
+from specserve.tools.bench.runner import MATRICES, BenchConfig, Target, log, run_bench
+from specserve.tools.bench.workloads import WORKLOADS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -223,7 +223,7 @@ def stop_ray() -> None:
 
 def _from_results(json_path: str, plots: bool, markdown: bool = False) -> int:
     """Redraw the plots, or print the table, of an earlier run's results file."""
-    from specserve.cluster.bench.plots import write_plots
+    from specserve.tools.bench.plots import write_plots
 
     try:
         with open(json_path, encoding="utf-8") as f:

@@ -9,9 +9,9 @@ import random
 import time
 from dataclasses import dataclass
 
-from specserve.cluster.bench.http_client import RequestSettings, run_request
-from specserve.cluster.bench.results import RequestResult
-from specserve.cluster.bench.workloads import Session
+from specserve.tools.bench.http_client import RequestSettings, run_request
+from specserve.tools.bench.results import RequestResult
+from specserve.tools.bench.workloads import Session
 
 
 @dataclass(frozen=True)

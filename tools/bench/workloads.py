@@ -470,7 +470,7 @@ def build_workload(name: str, n: int, seed: int = 0) -> list[Session]:
 def ideal_prefix_hit_rate(prompts: list[list[int]], block_size: int) -> float | None:
     """The prefix hit rate of one cache that never evicts, seeing `prompts` (token ids) in order: the ceiling
     for any routing over any number of replicas. Full blocks only, never a prompt's last token (as the engine)."""
-    from specserve.routing.block_hash import block_hashes
+    from specserve.actors.engine.block_hash import block_hashes
 
     seen: set[bytes] = set()
     hit = total = 0

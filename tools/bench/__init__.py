@@ -9,6 +9,6 @@ runner.py      targets, --serve / --matrix servers, the run;  report.py table, r
 soak.py        a long steady run that watches replica memory and KV pool usage for growth
 """
 
-from specserve.cluster.bench.cli import main
+from specserve.tools.bench.cli import main
 
 __all__ = ["main"]

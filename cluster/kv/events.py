@@ -6,9 +6,10 @@ Subscribers (one per router) read the stream from its start (it is capped, so th
 background thread and apply it to their PrefixIndex, so the routing decision itself never waits on Redis.
 A lost event only makes the router's view stale: a worse guess, never a wrong answer.
 
-Record: {replica, ops} where ops is 17 bytes per event: b"+" or b"-" then the 16-byte block hash; or
-{replica, reset: 1}. The KV store's blocks travel as the pseudo-replica STORE: verifiers announce the blocks they
-commit to it, KV holders the blocks they evict (never reset: many processes write for it).
+Record: {replica, ops} where ops is a msgpack list of [stored, block hash] pairs; or {replica, reset: 1}. The KV
+store's blocks travel as the pseudo-replica STORE: verifiers announce the blocks they commit to it, KV holders the
+blocks they evict (never reset: many processes write for it). Subscribers apply records to anything with
+PrefixIndex's add/remove/purge (routing/prefix_index.py), the router's view.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import threading
 import time
 from collections.abc import Iterable
 
-from specserve.routing.block_hash import DIGEST_SIZE
-from specserve.routing.prefix_index import PrefixIndex
+import msgpack
 
 log = logging.getLogger(__name__)
 
-_STEP = 1 + DIGEST_SIZE
+STORE = "__kv_store__"  # the holder name of blocks in the cluster's KV store
 
 
 def stream_key(app_name: str) -> str:
@@ -31,11 +31,11 @@ def stream_key(app_name: str) -> str:
 
 
 def pack_ops(events: Iterable[tuple[bool, bytes]]) -> bytes:
-    return b"".join((b"+" if stored else b"-") + h for stored, h in events)
+    return msgpack.packb([[stored, h] for stored, h in events])
 
 
 def unpack_ops(ops: bytes) -> list[tuple[bool, bytes]]:
-    return [(ops[i:i + 1] == b"+", ops[i + 1:i + _STEP]) for i in range(0, len(ops), _STEP)]
+    return [(bool(stored), bytes(h)) for stored, h in msgpack.unpackb(ops)]
 
 
 def publish_ops(client, stream: str, holder: str, events: list[tuple[bool, bytes]], maxlen: int = 200_000) -> bool:
@@ -98,7 +98,7 @@ class KVEventPublisher:
 
 
 class KVEventSubscriber:
-    def __init__(self, client, stream: str, index: PrefixIndex):
+    def __init__(self, client, stream: str, index):
         self.r = client
         self.stream = stream
         self.index = index
@@ -121,7 +121,8 @@ class KVEventSubscriber:
                     self.index.purge(replica)
                     continue
                 stored: list[bytes] = []
-                for is_stored, h in unpack_ops(fields[b"ops"]):
+                ops = unpack_ops(fields[b"ops"])
+                for is_stored, h in ops:
                     if is_stored:
                         stored.append(h)
                         continue
@@ -131,7 +132,7 @@ class KVEventSubscriber:
                     self.index.remove(replica, [h])
                 if stored:
                     self.index.add(replica, stored)
-                self.applied_events += len(fields[b"ops"]) // _STEP
+                self.applied_events += len(ops)
         return n
 
     def start(self) -> "KVEventSubscriber":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from specserve.cluster.bench.load import Load
+from specserve.tools.bench.load import Load
 
 
 def pyplot():

@@ -8,13 +8,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from specserve.cluster.bench import server_stats
-from specserve.cluster.bench.grpc_client import GrpcBenchClient
-from specserve.cluster.bench.http_client import BenchError, RequestSettings, make_client, resolve_model, run_request
-from specserve.cluster.bench.load import Load, run_pass
-from specserve.cluster.bench.results import fmt as _fmt
-from specserve.cluster.bench.results import summarize
-from specserve.cluster.bench.workloads import Session, build_workload, ideal_prefix_hit_rate, warmup_messages
+from specserve.tools.bench import server_stats
+from specserve.tools.bench.grpc_client import GrpcBenchClient
+from specserve.tools.bench.http_client import BenchError, RequestSettings, make_client, resolve_model, run_request
+from specserve.tools.bench.load import Load, run_pass
+from specserve.tools.bench.results import fmt as _fmt
+from specserve.tools.bench.results import summarize
+from specserve.tools.bench.workloads import Session, build_workload, ideal_prefix_hit_rate, warmup_messages
 
 # --matrix NAME: one --serve server per row, in this order; the first is the baseline of the ratios.
 MATRICES: dict[str, dict[str, dict[str, str]]] = {
@@ -70,7 +70,7 @@ class ServedTarget:
         self.server = None
 
     def start(self) -> str:
-        from specserve.cluster.launcher import LocalServer
+        from specserve.deploy.launcher import LocalServer
 
         self.server = LocalServer(self.config).start(progress=True)
         return self.server.url

@@ -71,7 +71,7 @@ class LocalServer:
         from ray import serve
 
         from specserve.actors.model_loader import resolve_model_path
-        from specserve.cluster.app import build_app
+        from specserve.deploy.app import build_app
 
         cfg = self.config
         # Pull/convert once here, so replicas only load from the cache.

@@ -14,7 +14,7 @@ import time
 
 
 def run(total_blocks: int, replicas: int, prompt_blocks: int, decisions: int, block_size: int = 16) -> dict:
-    from specserve.routing.block_hash import block_hashes
+    from specserve.actors.engine.block_hash import block_hashes
     from specserve.routing.prefix_index import PrefixIndex
     from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState
 
