@@ -29,7 +29,7 @@ test: install
 test-unit: install
 	$(PY) -m pytest tests/unit -m "not smollm2" $(ARGS)
 
-# The README's performance figures and plots (docs/perf/): the benchmark suite, then a 10-minute soak. Needs a
+# docs/performance.md's figures and plots (docs/perf/): the benchmark suite, then a 10-minute soak. Needs a
 # quiet machine (about an hour on 2 cores); the peer, if running on 127.0.0.1:8001, joins the comparisons.
 perf: install
 	$(VENV)/bin/specserve models pull smollm2-135m

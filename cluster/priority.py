@@ -1,8 +1,8 @@
 """Scheduling priority of serving processes.
 
 Ray starts worker processes at niceness 15, below its own control-plane daemons. On a small node the engine's
-matmul threads and the ingress then wait behind them: measured here, a SmolLM2 decode step took 72 ms in a
-replica at niceness 15 and 53 ms at 0. Linux keeps niceness per thread, so every thread is reset.
+matmul threads and the ingress then wait behind them, and decode steps slow down (docs/measurements.md). Linux
+keeps niceness per thread, so every thread is reset.
 """
 
 from __future__ import annotations

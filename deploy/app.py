@@ -42,10 +42,8 @@ def _request_router(config: SpecserveConfig) -> dict:
     redis = redis_config(config.server, config.kv_store.timeout_s)
     return {"request_router_config": {
         "request_router_class": "specserve.routing.serve_router.PrefixCostRouter",
-        "request_router_kwargs": {"block_size": config.engine.block_size, "redis": redis,
-                                  "stream": stream_key(config.server.app_name), "hot_factor": rc.hot_factor,
-                                  "hot_slack": rc.hot_slack, "max_index_blocks": rc.max_index_blocks,
-                                  "switch_margin": rc.switch_margin},
+        "request_router_kwargs": {"block_size": config.engine.block_size, "router": rc.model_dump(mode="json"),
+                                  "redis": redis, "stream": stream_key(config.server.app_name)},
         "request_routing_stats_period_s": rc.stats_period_s}}
 
 

@@ -145,15 +145,13 @@ class Pdb(_Values):
     maxUnavailable: int | str = 1
 
 
-class ServiceMonitor(_Values):
-    enabled: bool = False
-    interval: str = "30s"
-    labels: dict[str, str] = Field(default_factory=dict)
-
-
 class Toggle(_Values):
     enabled: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ServiceMonitor(Toggle):
+    interval: str = "30s"
 
 
 class Metrics(_Values):

@@ -66,7 +66,7 @@ class LocalServer:
         self._secrets_dir: str | None = None
         self._started_ray = False
 
-    def start(self, progress: bool = True) -> "LocalServer":
+    def start(self, *, progress: bool = True) -> "LocalServer":
         import ray
         from ray import serve
 
@@ -140,7 +140,7 @@ class LocalServer:
                 shutil.rmtree(self._secrets_dir, ignore_errors=True)
 
 
-def kv_index_line(config: SpecserveConfig, embedded: bool) -> str:
+def kv_index_line(config: SpecserveConfig, *, embedded: bool) -> str:
     """Where the KV index lives, as `specserve serve` prints it: never a password (one in the URL is masked)."""
     from specserve.cluster.kv.redis_client import redact_url
 

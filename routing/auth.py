@@ -59,7 +59,7 @@ class ApiKeys:
             raise ValueError("expected a mapping of key: tenant")
         return {_digest(str(k)): check_tenant_name(str(t), "auth.api_keys_file") for k, t in data.items()}
 
-    def _reload(self, force: bool = False) -> None:
+    def _reload(self, *, force: bool = False) -> None:
         """Startup (force): a bad file is a config error. Later: a missing, half-written or bad file keeps the
         last good keys (a Secret being swapped), logged once per change; checked at most once a second."""
         now = time.monotonic()

@@ -1,6 +1,7 @@
-"""The request path both front ends share (HTTP routing/openai_api.py, gRPC routing/grpc_api.py): check the cheap
-bounds, admit, template and tokenize once (off the event loop, routing/prompts.py), route, stream from a verifier,
-measure. Protocol code only authenticates, parses and formats.
+"""The request path both front ends share (HTTP routing/openai_api.py, gRPC routing/grpc_api.py): check what
+both protocols share (prepare: RequestFields -> PreparedRequest, routing/request.py), check the prompt's cheap
+bounds, admit, template and tokenize once (off the event loop, routing/prompts.py), route, stream from a
+verifier, measure. Protocol code only authenticates, parses and formats.
 
 Token ids travel from here on. Text comes back through the incremental detokenizer, which also applies stop
 strings (a stop string ends the stream, and the verifier frees the sequence when the stream is closed).
@@ -20,6 +21,7 @@ from typing import NamedTuple
 from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.engine.engine import context_window
+from specserve.actors.engine.messages import GenerateRequest, RequestOutput, RoutingHints, RoutingUsage, Usage
 from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.model_loader import resolve_model_path
@@ -32,8 +34,9 @@ from specserve.actors.engine.block_hash import block_hashes
 from specserve.routing.detokenizer import IncrementalDetokenizer
 from specserve.routing.errors import APIError, api_error_of, invalid
 from specserve.routing.prompts import Prompt, PromptRenderer
+from specserve.routing.request import PreparedRequest, RequestFields
 from specserve.routing.readiness import Readiness
-from specserve.routing.routing_metrics import RoutingOutcomes, take_decision
+from specserve.routing.feedback import Placement, RouteOutcome, router_feedback
 
 log = logging.getLogger(__name__)
 # How early a cancel may come and still count as the deadline (gRPC's clock and ours read the same timeout).
@@ -45,7 +48,7 @@ class Event(NamedTuple):
     text: str  # text delta
     token_ids: list[int]  # new token ids (cut at a stop string)
     finish_reason: str | None
-    usage: dict  # OpenAI-style usage so far (see _usage)
+    usage: Usage  # so far (see _usage); each protocol renders it
 
 
 class Frontend:
@@ -72,10 +75,10 @@ class Frontend:
         self.keys = ApiKeys(config.auth)
         self.limiter = TenantLimiter(config.auth.tenant_limits, config.auth.tenants)
         self.metrics = FrontendMetrics(self.model_name)
-        self.routing = RoutingOutcomes()
+        self.router_feedback = router_feedback()  # decisions of this process's routers in, outcomes out
         self.hash_latency = LatencyStat(keep=4096)
         self.readiness = Readiness()  # a verifier answers (kept current by the readiness task)
-        self.ready_listeners: list[Callable[[bool], Awaitable[None]]] = []  # told of every change
+        self.ready_listeners: list[Callable[[], Awaitable[None]]] = []  # told of every change (read readiness)
         self.draining = False
         self.in_flight = 0
         self.last_output = 0.0  # monotonic time a verifier last streamed to this ingress
@@ -115,12 +118,12 @@ class Frontend:
         period = self.config.server.readiness_period_s
         while True:
             answered = await self._probe(timeout_s=max(2.0, period))
-            if self.readiness.observe(answered):
+            if self.readiness.observe(answered=answered):
                 ready = self.readiness.ready
                 log.log(logging.INFO if ready else logging.WARNING, "ingress %s", "ready: a verifier answers" if
                         ready else f"not ready: no verifier answered {self.readiness.failures} probes in a row")
                 for listener in self.ready_listeners:
-                    await listener(ready)
+                    await listener()
             await asyncio.sleep(period if self.readiness.ready else 0.5)
 
     async def drain(self, timeout_s: float) -> int:
@@ -136,10 +139,6 @@ class Frontend:
         if model != self.model_name:
             raise APIError(404, f"model: '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
-
-    def check_stop_token_ids(self, ids, param: str) -> None:
-        if any(t < 0 or t >= self.vocab_size for t in ids):
-            raise invalid(param, f"token ids must be in [0, {self.vocab_size})")
 
     async def tokenize(self, prompt: Prompt, tenant: str, protocol: str) -> list[int]:
         """A prompt's token ids under the tenant's admission (the Tokenize RPC)."""
@@ -164,28 +163,37 @@ class Frontend:
                                         f"{self.max_model_len} tokens", code="context_length_exceeded")
         return max_tokens
 
-    def speculation(self, enabled: bool | None, draft_method: str | None, param: str = "speculation") -> bool:
-        method = self.config.speculative.method
-        if draft_method and draft_method != method:
-            available = "none (speculation is off)" if method == "none" else f"'{method}'"
-            raise invalid(f"{param}.draft_method", f"'{draft_method}' is not served here; available: {available}")
-        return enabled is not False
-
     def tenant(self, credentials: Mapping[str, str], requested: str | None) -> str:
         """The tenant of a request from its HTTP headers / gRPC metadata (lower-case names) and the tenant it
         names (401 without a valid key when keys are on, 403 for another tenant's name)."""
         return resolve_tenant(self.keys, api_key(credentials), requested, self.config.kv_store.tenant)
 
-    @staticmethod
-    def new_request_id(prefix: str) -> str:
-        """Internal ids are always ours: client ids are only echoed (two clients may send the same one)."""
-        return prefix + uuid.uuid4().hex
+    def prepare(self, fields: RequestFields, *, tenant: str, arrival: float) -> PreparedRequest:
+        """The checks both protocols share, on a request its front end authenticated (`tenant`) and parsed:
+        the model, the stop token ids against the vocabulary, the draft method, the client's request id. Errors
+        are APIErrors naming the field as the protocol spells it (`fields.names`). The prompt is checked and
+        tokenized by generate, once the tenant is admitted."""
+        names = fields.names
+        self.check_model(fields.model)
+        if any(t < 0 or t >= self.vocab_size for t in fields.sampling.stop_token_ids):
+            raise invalid(names.stop_token_ids, f"token ids must be in [0, {self.vocab_size})")
+        method = self.config.speculative.method
+        if fields.draft_method and fields.draft_method != method:
+            available = "none (speculation is off)" if method == "none" else f"'{method}'"
+            raise invalid(names.draft_method, f"'{fields.draft_method}' is not served here; available: {available}")
+        client_id = fields.client_request_id
+        if len(client_id) > 128 or not client_id.isprintable():
+            raise invalid(names.request_id, "at most 128 printable characters")
+        # Our ids are always ours: a client's is only echoed (two clients may send the same one).
+        return PreparedRequest(request_id=fields.id_prefix + uuid.uuid4().hex, client_request_id=client_id,
+                               protocol=fields.protocol, tenant=tenant, prompt=fields.prompt,
+                               params=replace(fields.sampling, speculate=fields.speculate is not False),
+                               session=fields.session, deadline=self._deadline(fields.timeout_s), arrival=arrival)
 
-    @staticmethod
-    def check_client_request_id(given: str) -> str:
-        if len(given) > 128 or not given.isprintable():
-            raise invalid("request_id", "at most 128 printable characters")
-        return given
+    def _deadline(self, client_timeout_s: float | None) -> float | None:
+        """Monotonic deadline from the client's timeout and server.request_timeout_s (the shorter)."""
+        limits = [t for t in (client_timeout_s, self.config.server.request_timeout_s or None) if t is not None]
+        return time.monotonic() + min(limits) if limits else None
 
     def record_error(self, exc: BaseException, protocol: str) -> APIError:
         """The client-facing error of `exc`, counted once (it may pass several handlers on its way out)."""
@@ -199,49 +207,44 @@ class Frontend:
         return err
 
     # ---- generation --------------------------------------------------------------------------------------------
-    def _routing_fields(self, prompt_ids: list[int], tenant: str, session: str | None) -> dict:
+    def _routing_hints(self, prompt_ids: list[int], tenant: str, session: str | None) -> RoutingHints | None:
         """What the prefix_cost router reads: the prompt's block hashes (computed once, here, with the
-        verifiers' namespace for this tenant), the key to hash when nothing matches, the session key if any."""
+        verifiers' namespace for this tenant), the key to hash when nothing matches, the session key if any.
+        None under another router policy."""
         if self.kv_namespace is None:
-            return {}
+            return None
         t0 = time.perf_counter()
         bs = self.config.engine.block_size
         usable = (len(prompt_ids) - 1) // bs * bs  # the blocks a replica's cache could hold for it
         ns = tenant_namespace(self.kv_namespace, tenant, self.config.kv_store.tenant)
         hashes = block_hashes(prompt_ids[:usable], bs, namespace=ns)
-        fields = {"block_hashes": hashes, "route_key": hashes[0] if usable else bytes(str(prompt_ids[:bs]), "ascii")}
-        if session:
-            fields["session_key"] = session
+        hints = RoutingHints(block_hashes=hashes,
+                             route_key=hashes[0] if usable else bytes(str(prompt_ids[:bs]), "ascii"),
+                             session_key=session or None)
         self.hash_latency.add(time.perf_counter() - t0)
-        return fields
+        return hints
 
-    def deadline(self, client_timeout_s: float | None) -> float | None:
-        """Monotonic deadline from the client's timeout and server.request_timeout_s (the shorter)."""
-        limits = [t for t in (client_timeout_s, self.config.server.request_timeout_s or None) if t is not None]
-        return time.monotonic() + min(limits) if limits else None
-
-    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams, tenant: str,
-                       protocol: str, session: str | None = None, deadline: float | None = None,
-                       arrival: float | None = None) -> AsyncIterator[Event]:
-        """Events of one generation; `params.max_tokens` is the client's (None: unset) until the prompt is
-        tokenized. The prompt's cheap bounds are checked first, then the tenant is admitted, and only then is the
-        prompt templated and tokenized (in the renderer's threads). Closing the generator cancels the verifier
-        stream, which frees the sequence. Errors are APIErrors (see routing/errors.py) and are counted by code."""
-        arrival = time.monotonic() if arrival is None else arrival
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[Event]:
+        """Events of one request (see prepare). The prompt's cheap bounds are checked first, then the tenant is
+        admitted, and only then is the prompt templated and tokenized (in the renderer's threads). Closing the
+        generator cancels the verifier stream, which frees the sequence. Errors are APIErrors (see
+        routing/errors.py) and are counted by code."""
+        prompt, deadline, protocol = request.prompt, request.deadline, request.protocol
         finished = False
         try:
             if self.draining:
                 raise APIError(503, "server is draining: retry on another replica", code="draining",
                                retry_after_s=1.0)
             self.prompts.check(prompt)
-            with self.limiter.admit(tenant):
+            with self.limiter.admit(request.tenant):
                 self.in_flight += 1
                 self.metrics.in_flight.inc()
                 try:
                     prompt_ids = await self.prompts.render(prompt)
-                    params = replace(params, max_tokens=self.limits(prompt_ids, params.max_tokens, prompt.param))
-                    async for ev in self._generate(request_id, prompt_ids, params, tenant, session, deadline,
-                                                   arrival):
+                    max_tokens = self.limits(prompt_ids, request.params.max_tokens, prompt.param)
+                    params = replace(request.params, max_tokens=max_tokens)
+                    async for ev in self._generate(request.request_id, prompt_ids, params, request.tenant,
+                                                   request.session, deadline, request.arrival):
                         yield ev
                     finished = True
                 finally:
@@ -257,14 +260,16 @@ class Frontend:
         except Exception as exc:
             raise self.record_error(exc, protocol) from exc
 
-    async def _generate(self, request_id, prompt_ids, params, tenant, session, deadline, arrival):
+    async def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tenant: str,
+                        session: str | None, deadline: float | None, arrival: float) -> AsyncIterator[Event]:
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        request = {"request_id": request_id, "prompt_token_ids": prompt_ids, "sampling": params.__dict__,
-                   "tenant": tenant, **self._routing_fields(prompt_ids, tenant, session)}
+        request = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=params, tenant=tenant,
+                                  routing=self._routing_hints(prompt_ids, tenant, session))
         stream = self.verifier.options(stream=True).generate.remote(request)
         m = self.metrics
         prompt_tokens, cached, completion, last = len(prompt_ids), 0, 0, None
-        router, decision, ended = None, None, False
+        placement: Placement | None = None
+        first_output, ended = True, False
         stall_s = self.config.server.stall_timeout_s or None
         try:
             while True:
@@ -272,7 +277,7 @@ class Frontend:
                 if deadline is not None:
                     wait = min(wait or math.inf, max(0.0, deadline - time.monotonic()))
                 try:
-                    chunk = await asyncio.wait_for(stream.__anext__(), wait)
+                    out: RequestOutput = await asyncio.wait_for(stream.__anext__(), wait)
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
@@ -283,31 +288,31 @@ class Frontend:
                                         "replica serving the request cannot make progress (server.stall_timeout_s)",
                                    code="stalled") from None
                 self.last_output = time.monotonic()
-                if decision is None:  # routed by now (prefix_cost keeps its prediction for us)
-                    router, decision = take_decision(request_id) or (None, False)
+                if first_output:  # routed by now: a prefix_cost router has published its decision
+                    placement, first_output = self.router_feedback.take(request_id), False
                 now = time.monotonic()
-                ids = chunk["token_ids"]
+                ids = out.new_token_ids
                 before = len(detok.token_ids)
                 delta = detok.push(ids)
-                cached = chunk["cached_tokens"]
-                completion = chunk["completion_tokens"]
-                reason = chunk["finish_reason"]
+                cached = out.num_cached_tokens
+                completion = out.num_output_tokens
+                reason = out.finish_reason
                 if detok.stopped:
                     ids = ids[:detok.num_tokens_at_stop - before]
                     completion = detok.num_tokens_at_stop
                     reason = "stop"
-                elif chunk["finished"]:
+                elif out.finished:
                     delta += detok.flush()
                 if ids:
                     if last is None:
                         m.ttft.observe(now - arrival)
-                        m.queue.observe(chunk.get("queue_s", 0.0))
+                        m.queue.observe(out.queue_time_s)
                     else:
                         for _ in ids:
                             m.itl.observe((now - last) / len(ids))
                     last = now
-                ended = detok.stopped or chunk["finished"]
-                yield Event(delta, ids, reason, self._usage(chunk, prompt_tokens, completion, cached, decision))
+                ended = detok.stopped or out.finished
+                yield Event(delta, ids, reason, self._usage(out, prompt_tokens, completion, cached, placement))
                 if ended:
                     m.e2e.observe(time.monotonic() - arrival)
                     m.prompt_tokens.inc(prompt_tokens)
@@ -317,30 +322,21 @@ class Frontend:
         finally:
             stream.cancel()
             if ended:
-                self.routing.record(prompt_tokens, cached, decision.predicted_cached_tokens if decision else None,
-                                    decision.reason if decision else None)
-                if decision:
+                self.router_feedback.report(RouteOutcome(prompt_tokens=prompt_tokens, cached_tokens=cached,
+                                                         placement=placement))
+                if placement is not None:
+                    decision = placement.decision
                     m.routed(decision.reason, decision.predicted_cached_tokens, cached)
-                if decision and decision.predicted_imported_tokens:  # teaches the router how far to trust the store
-                    local = decision.predicted_cached_tokens - decision.predicted_imported_tokens
-                    router.policy.observe_import(decision.predicted_imported_tokens, max(0, cached - local))
 
     @staticmethod
-    def _usage(chunk: dict, prompt_tokens: int, completion: int, cached: int, decision) -> dict:
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": prompt_tokens + completion,
-                 "prompt_tokens_details": {"cached_tokens": cached},
-                 # OpenAI's predicted-output counters mean the same for drafts: drafted tokens the target
-                 # accepted / rejected. `speculation` adds the rounds (mean accepted length).
-                 "completion_tokens_details": {
-                     "accepted_prediction_tokens": chunk["accepted_tokens"],
-                     "rejected_prediction_tokens": chunk["draft_tokens"] - chunk["accepted_tokens"]},
-                 "speculation": {"rounds": chunk["spec_rounds"], "draft_tokens": chunk["draft_tokens"],
-                                 "accepted_tokens": chunk["accepted_tokens"]},
-                 # of the cached prompt tokens, those whose KV blocks came from the cluster's KV store
-                 "kv_store": {"imported_tokens": chunk["imported_tokens"]}}
-        if decision:
-            usage["routing"] = {"reason": decision.reason,
-                                "predicted_cached_tokens": decision.predicted_cached_tokens,
-                                "predicted_imported_tokens": decision.predicted_imported_tokens}
-        return usage
+    def _usage(out: RequestOutput, prompt_tokens: int, completion: int, cached: int,
+               placement: Placement | None) -> Usage:
+        """The usage an event reports: `completion` and `cached` as the front end counts them (a stop string
+        cuts the completion short), the speculation and KV store counters as the engine reported them."""
+        decision = placement.decision if placement is not None else None
+        routing = None if decision is None else RoutingUsage(
+            reason=decision.reason, predicted_cached_tokens=decision.predicted_cached_tokens,
+            predicted_imported_tokens=decision.predicted_imported_tokens)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, cached_tokens=cached,
+                     imported_tokens=out.num_imported_tokens, spec_rounds=out.num_spec_rounds,
+                     draft_tokens=out.num_draft_tokens, accepted_tokens=out.num_accepted_tokens, routing=routing)

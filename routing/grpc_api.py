@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Mapping
 from contextlib import aclosing
 
 import grpc
@@ -21,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha import reflection
 
+from specserve.actors.engine.messages import Usage
 from specserve.actors.engine.sampling_params import (MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS,
                                                       SamplingParams)
 from specserve.cluster.config import ServerConfig
@@ -28,22 +30,26 @@ from specserve.routing.auth import api_key
 from specserve.routing.errors import APIError, invalid
 from specserve.routing.frontend import Frontend
 from specserve.routing.prompts import Prompt
+from specserve.routing.request import FieldNames, RequestFields
 from specserve.v1 import generation_pb2 as pb
 from specserve.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+GRPC_FIELD_NAMES = FieldNames(stop_token_ids="sampling.stop_token_ids", draft_method="speculation.draft_method")
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
-def _metadata(context) -> dict[str, str]:
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+def _metadata(pairs) -> dict[str, str]:
+    """A call's text metadata by lower-case name (binary "-bin" values are left out)."""
+    return {k.lower(): v for k, v in (pairs or ()) if isinstance(v, str)}
 
 
-def sampling_params(s: pb.SamplingParams, max_tokens: int | None, speculate: bool) -> SamplingParams:
-    """Checked conversion; each bad field is INVALID_ARGUMENT naming it."""
-    def ranged(name: str, lo: float, hi: float, default: float, lo_open: bool = False) -> float:
+def sampling_params(s: pb.SamplingParams) -> SamplingParams:
+    """Checked conversion; each bad field is INVALID_ARGUMENT naming it. max_tokens is the client's (None: unset)
+    and speculation is the front end's (Frontend.prepare)."""
+    def ranged(name: str, lo: float, hi: float, default: float, *, lo_open: bool = False) -> float:
         if not s.HasField(name):
             return default
         v = getattr(s, name)
@@ -51,24 +57,49 @@ def sampling_params(s: pb.SamplingParams, max_tokens: int | None, speculate: boo
             raise invalid(f"sampling.{name}", f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
         return float(v)
 
+    if s.HasField("max_tokens") and s.max_tokens < 1:
+        raise invalid("sampling.max_tokens", "must be >= 1")
     if len(s.stop) > MAX_STOP_SEQUENCES:
         raise invalid("sampling.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
     if any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
         raise invalid("sampling.stop", f"stop sequences must be 1-{MAX_STOP_CHARS} characters")
     if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise invalid("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids")
-    return SamplingParams(max_tokens=max_tokens, temperature=ranged("temperature", 0.0, 2.0, 1.0),
+    return SamplingParams(max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+                          temperature=ranged("temperature", 0.0, 2.0, 1.0),
                           top_p=ranged("top_p", 0.0, 1.0, 1.0, lo_open=True), top_k=s.top_k,
                           seed=s.seed if s.HasField("seed") else None, stop=list(s.stop),
-                          stop_token_ids=frozenset(s.stop_token_ids), ignore_eos=s.ignore_eos, speculate=speculate)
+                          stop_token_ids=frozenset(s.stop_token_ids), ignore_eos=s.ignore_eos)
 
 
-def _usage(u: dict) -> pb.Usage:
-    return pb.Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
-                    cached_tokens=u["prompt_tokens_details"]["cached_tokens"],
-                    imported_tokens=u["kv_store"]["imported_tokens"],
-                    draft_tokens=u["speculation"]["draft_tokens"],
-                    accepted_tokens=u["speculation"]["accepted_tokens"], spec_rounds=u["speculation"]["rounds"])
+def prompt_of(request: pb.GenerateRequest | pb.TokenizeRequest) -> Prompt:
+    which = request.WhichOneof("input")
+    if which is None:
+        raise invalid("input", "set one of text, token_ids or chat")
+    if which == "text":
+        return Prompt("text", request.text, "text")
+    if which == "token_ids":
+        return Prompt("token_ids", list(request.token_ids.ids), "token_ids.ids")
+    messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    return Prompt("chat", messages, "chat.messages")
+
+
+def request_fields(request: pb.GenerateRequest, *, timeout_s: float | None, metadata: Mapping[str, str],
+                   session_header: str) -> RequestFields:
+    """A GenerateRequest and its metadata (lower-case names) as the request path's fields."""
+    spec = request.speculation
+    return RequestFields(protocol="grpc", names=GRPC_FIELD_NAMES, id_prefix="grpc-", model=request.model,
+                         prompt=prompt_of(request), sampling=sampling_params(request.sampling),
+                         speculate=spec.enabled if spec.HasField("enabled") else None,
+                         draft_method=spec.draft_method, client_request_id=request.request_id, timeout_s=timeout_s,
+                         session=metadata.get(session_header))
+
+
+def usage_pb(u: Usage) -> pb.Usage:
+    """The proto of a request's usage (the routing prediction is HTTP's only)."""
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                    cached_tokens=u.cached_tokens, imported_tokens=u.imported_tokens, draft_tokens=u.draft_tokens,
+                    accepted_tokens=u.accepted_tokens, spec_rounds=u.spec_rounds)
 
 
 class GenerationService(pb_grpc.GenerationServicer):
@@ -77,36 +108,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # ---- request parsing -----------------------------------------------------------------------------------
     def _tenant(self, request, context) -> str:
-        return self.fe.tenant(_metadata(context), getattr(request, "tenant", "") or None)
-
-    @staticmethod
-    def _prompt(request) -> Prompt:
-        which = request.WhichOneof("input")
-        if which is None:
-            raise invalid("input", "set one of text, token_ids or chat")
-        if which == "text":
-            return Prompt("text", request.text, "text")
-        if which == "token_ids":
-            return Prompt("token_ids", list(request.token_ids.ids), "token_ids.ids")
-        messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        return Prompt("chat", messages, "chat.messages")
-
-    def _parse(self, request: pb.GenerateRequest, context):
-        tenant = self._tenant(request, context)  # 401/403 before anything about the body
-        self.fe.check_model(request.model)
-        prompt = self._prompt(request)
-        s = request.sampling
-        if s.HasField("max_tokens") and s.max_tokens < 1:
-            raise invalid("sampling.max_tokens", "must be >= 1")
-        sp = request.speculation
-        speculate = self.fe.speculation(sp.enabled if sp.HasField("enabled") else None, sp.draft_method)
-        # max_tokens is bounded by the front end once the prompt is tokenized
-        params = sampling_params(s, s.max_tokens if s.HasField("max_tokens") else None, speculate)
-        self.fe.check_stop_token_ids(params.stop_token_ids, "sampling.stop_token_ids")
-        client_id = self.fe.check_client_request_id(request.request_id)
-        deadline = self.fe.deadline(context.time_remaining())
-        session = _metadata(context).get(self.fe.config.router.session_header)
-        return client_id, prompt, params, tenant, deadline, session
+        return self.fe.tenant(_metadata(context.invocation_metadata()), getattr(request, "tenant", "") or None)
 
     async def _abort(self, context, exc: BaseException):
         err = self.fe.record_error(exc, "grpc")
@@ -117,18 +119,20 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def _events(self, request, context):
-        """(request id to echo, event) of the generation; any error aborts the call with its status code."""
+        """(request id to reply with, event) of the generation; any error aborts the call with its status code."""
         arrival = time.monotonic()
         try:
-            client_id, prompt, params, tenant, deadline, session = self._parse(request, context)
+            tenant = self._tenant(request, context)  # 401/403 before anything about the body
+            fields = request_fields(request, timeout_s=context.time_remaining(),
+                                    metadata=_metadata(context.invocation_metadata()),
+                                    session_header=self.fe.config.router.session_header)
+            prepared = self.fe.prepare(fields, tenant=tenant, arrival=arrival)
         except Exception as exc:  # noqa: BLE001 - every error leaves as a status code
             await self._abort(context, exc)
-        request_id = self.fe.new_request_id("grpc-")
         try:
-            async with aclosing(self.fe.generate(request_id, prompt, params, tenant, "grpc", session=session,
-                                                 deadline=deadline, arrival=arrival)) as events:
+            async with aclosing(self.fe.generate(prepared)) as events:
                 async for ev in events:
-                    yield client_id or request_id, ev
+                    yield prepared.reply_id, ev
         except Exception as exc:  # noqa: BLE001
             await self._abort(context, exc)
 
@@ -138,7 +142,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if ev.token_ids or ev.text or ev.finish_reason:
                     yield pb.GenerateResponse(request_id=request_id, token_ids=ev.token_ids, text=ev.text,
                                               finish_reason=_FINISH.get(ev.finish_reason, 0),
-                                              usage=_usage(ev.usage) if ev.finish_reason else None)
+                                              usage=usage_pb(ev.usage) if ev.finish_reason else None)
 
     async def GenerateUnary(self, request, context):
         request_id, text, ids, reason, usage = "", [], [], None, None
@@ -148,7 +152,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 ids += ev.token_ids
                 reason, usage = ev.finish_reason or reason, ev.usage
         return pb.GenerateResponse(request_id=request_id, token_ids=ids, text="".join(text),
-                                   finish_reason=_FINISH.get(reason, 0), usage=_usage(usage) if usage else None)
+                                   finish_reason=_FINISH.get(reason, 0), usage=usage_pb(usage) if usage else None)
 
     async def ListModels(self, request, context):
         try:
@@ -162,7 +166,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             tenant = self._tenant(request, context)
             self.fe.check_model(request.model)
-            ids = await self.fe.tokenize(self._prompt(request), tenant, "grpc")
+            ids = await self.fe.tokenize(prompt_of(request), tenant, "grpc")
         except Exception as exc:  # noqa: BLE001
             await self._abort(context, exc)
         return pb.TokenizeResponse(token_ids=ids, max_model_len=self.fe.max_model_len)
@@ -184,7 +188,7 @@ def _lenient(parse):
     return deserialize
 
 
-def _refusing_malformed(fn, streaming: bool):
+def _refusing_malformed(fn, *, streaming: bool):
     if streaming:
         async def stream(request, context):
             if isinstance(request, _Malformed):
@@ -206,7 +210,7 @@ def generation_handlers(service: GenerationService) -> grpc.GenericRpcHandler:
     for m in pb.DESCRIPTOR.services_by_name["Generation"].methods:
         request_cls, response_cls = GetMessageClass(m.input_type), GetMessageClass(m.output_type)
         make = grpc.unary_stream_rpc_method_handler if m.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[m.name] = make(_refusing_malformed(getattr(service, m.name), m.server_streaming),
+        handlers[m.name] = make(_refusing_malformed(getattr(service, m.name), streaming=m.server_streaming),
                                 request_deserializer=_lenient(request_cls.FromString),
                                 response_serializer=response_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
@@ -223,9 +227,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not self.fe.keys.enabled or not details.method.startswith(f"/{SERVICE}/"):
             return handler
-        metadata = {k.lower(): v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
         try:
-            self.fe.keys.tenant_of(api_key(metadata))
+            self.fe.keys.tenant_of(api_key(_metadata(details.invocation_metadata)))
             return handler
         except APIError as exc:
             err = self.fe.record_error(exc, "grpc")
@@ -303,10 +306,10 @@ class GrpcServer:
                 await asyncio.sleep(0.5)
         await self.server.start()
         log.info("gRPC API on %s", self.address)
-        await self._readiness_changed(await self.fe.check_ready())
+        await self._readiness_changed()
 
-    async def _readiness_changed(self, ready: bool) -> None:
-        serving = ready and not self.fe.draining
+    async def _readiness_changed(self) -> None:
+        serving = self.fe.readiness.ready and not self.fe.draining
         await self._set(health_pb2.HealthCheckResponse.SERVING if serving else
                         health_pb2.HealthCheckResponse.NOT_SERVING)
 

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Literal
 
@@ -18,20 +18,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from specserve.actors.engine.messages import Usage
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.metrics import app_view, render, serve_shard, start_publisher
 from specserve.cluster.priority import use_default_priority
 from specserve.routing.errors import APIError, api_error_of
 from specserve.routing.frontend import Frontend
 from specserve.routing.http_guard import RequestGuard, frontend_of
-from specserve.routing.prompts import Prompt
 from specserve.routing.protocol import ChatCompletionRequest, CompletionRequest, refuse_unserved
-from specserve.routing.routing_metrics import router_stats
+from specserve.routing.request import FieldNames, PreparedRequest, RequestFields
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="specserve", docs_url=None, redoc_url=None)
 TENANT_HEADER = "x-specserve-tenant"
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP counterpart of a gRPC deadline
+HTTP_FIELD_NAMES = FieldNames(stop_token_ids="stop_token_ids", draft_method="draft_method")
 _frontends: list[Frontend] = []  # this process's ingress (read by the guard, which hands it to the handlers)
 app.add_middleware(RequestGuard, frontend=lambda: _frontends[0] if _frontends else None)
 # Pydantic names the member of a union that failed ("function-after[...]", "list[TextPart]"): not a field.
@@ -63,8 +64,41 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _client_timeout(raw: Request) -> float | None:
-    value = raw.headers.get(TIMEOUT_HEADER)
+def openai_usage(u: Usage | None) -> dict:
+    """A request's usage as OpenAI's `usage` object, with specserve's additions ({} before any output)."""
+    if u is None:
+        return {}
+    usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+             "total_tokens": u.total_tokens,
+             "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+             # OpenAI's predicted-output counters mean the same for drafts: drafted tokens the target accepted /
+             # rejected. `speculation` adds the rounds (mean accepted length).
+             "completion_tokens_details": {"accepted_prediction_tokens": u.accepted_tokens,
+                                           "rejected_prediction_tokens": u.rejected_tokens},
+             "speculation": {"rounds": u.spec_rounds, "draft_tokens": u.draft_tokens,
+                             "accepted_tokens": u.accepted_tokens},
+             # of the cached prompt tokens, those whose KV blocks came from the cluster's KV store
+             "kv_store": {"imported_tokens": u.imported_tokens}}
+    if u.routing is not None:
+        usage["routing"] = {"reason": u.routing.reason, "predicted_cached_tokens": u.routing.predicted_cached_tokens,
+                            "predicted_imported_tokens": u.routing.predicted_imported_tokens}
+    return usage
+
+
+def request_fields(body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str], *,
+                   session_header: str) -> RequestFields:
+    """A body and its headers as the request path's fields; 400 for the options this server does not serve."""
+    prompt = body.as_prompt()
+    refuse_unserved(body.model_extra)
+    chat = isinstance(body, ChatCompletionRequest)
+    return RequestFields(protocol="http", names=HTTP_FIELD_NAMES, id_prefix="chatcmpl-" if chat else "cmpl-",
+                         model=body.model, prompt=prompt, sampling=body.sampling_params(), speculate=body.speculate,
+                         draft_method=body.draft_method, timeout_s=_client_timeout(headers),
+                         session=headers.get(session_header))
+
+
+def _client_timeout(headers: Mapping[str, str]) -> float | None:
+    value = headers.get(TIMEOUT_HEADER)
     if value is None:
         return None
     try:
@@ -152,8 +186,9 @@ class OpenAIIngress:
         """Routing as this ingress replica sees it: predicted vs actual cached tokens, hit rate, and its
         routers' decisions, decision latency, index size and per-replica load. Needs an API key when keys are
         on (routing/http_guard.py)."""
-        return {"policy": self.config.router.policy, "outcomes": self.fe.routing.as_dict(),
-                "hash_latency": self.fe.hash_latency.as_dict(), "routers": router_stats()}
+        feedback = self.fe.router_feedback
+        return {"policy": self.config.router.policy, "outcomes": feedback.outcomes.as_dict(),
+                "hash_latency": self.fe.hash_latency.as_dict(), "routers": feedback.router_stats()}
 
     # ---- OpenAI API ----------------------------------------------------------------------------------------
     @app.get("/v1/models")
@@ -164,48 +199,30 @@ class OpenAIIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
-        arrival = time.monotonic()
-        try:
-            tenant = self._tenant(raw)
-            self.fe.check_model(body.model)
-            prompt = Prompt("chat", [{"role": m.role, "content": m.text()} for m in body.messages], "messages")
-            max_tokens = body.max_completion_tokens or body.max_tokens
-            return await self._respond(body, prompt, max_tokens, True, raw, tenant, arrival)
-        except APIError as exc:
-            raise self.fe.record_error(exc, "http") from exc
+        return await self._serve(body, raw, chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, raw: Request):
-        arrival = time.monotonic()
-        try:
-            tenant = self._tenant(raw)
-            self.fe.check_model(body.model)
-            prompt = body.prompt
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-                if len(prompt) != 1:
-                    raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
-                prompt = prompt[0]
-            prompt = Prompt("text", prompt, "prompt") if isinstance(prompt, str) else Prompt("token_ids", prompt,
-                                                                                            "prompt")
-            return await self._respond(body, prompt, body.max_tokens, False, raw, tenant, arrival)
-        except APIError as exc:
-            raise self.fe.record_error(exc, "http") from exc
+        return await self._serve(body, raw, chat=False)
 
     # ---- shared path ---------------------------------------------------------------------------------------
     def _tenant(self, raw: Request) -> str:
         return self.fe.tenant(raw.headers, raw.headers.get(TENANT_HEADER))
 
-    async def _respond(self, body, prompt: Prompt, max_tokens: int | None, chat: bool, raw: Request,
-                       tenant: str, arrival: float):
-        refuse_unserved(body.model_extra)
-        self.fe.check_stop_token_ids(body.stop_token_ids or (), "stop_token_ids")
-        speculate = self.fe.speculation(body.speculate, body.draft_method, param="draft_method")
-        params = body.sampling_params(max_tokens, speculate)  # max_tokens bounded once the prompt is tokenized
-        request_id = Frontend.new_request_id("chatcmpl-" if chat else "cmpl-")
-        deadline = self.fe.deadline(_client_timeout(raw))
-        session = raw.headers.get(self.config.router.session_header)
-        events = self.fe.generate(request_id, prompt, params, tenant, "http", session=session,
-                                  deadline=deadline, arrival=arrival)
+    async def _serve(self, body: ChatCompletionRequest | CompletionRequest, raw: Request, *, chat: bool):
+        arrival = time.monotonic()
+        try:
+            tenant = self._tenant(raw)  # before anything about the body is checked
+            fields = request_fields(body, raw.headers, session_header=self.config.router.session_header)
+            request = self.fe.prepare(fields, tenant=tenant, arrival=arrival)
+            return await self._respond(body, request, chat=chat)
+        except APIError as exc:
+            raise self.fe.record_error(exc, "http") from exc
+
+    async def _respond(self, body: ChatCompletionRequest | CompletionRequest, request: PreparedRequest, *,
+                       chat: bool):
+        request_id = request.request_id
+        events = self.fe.generate(request)
         if body.stream:
             # Wait for the first event before sending headers, so a rejected request gets its 4xx status.
             try:
@@ -216,9 +233,10 @@ class OpenAIIngress:
                 await events.aclose()
                 raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(first, events, request_id, chat, include_usage,
-                                                  body.return_token_ids), media_type="text/event-stream")
-        text, token_ids, reason, usage = "", [], None, {}
+            return StreamingResponse(self._stream(first, events, request_id, chat=chat, include_usage=include_usage,
+                                                  return_token_ids=body.return_token_ids),
+                                     media_type="text/event-stream")
+        text, token_ids, reason, usage = "", [], None, None
         async with aclosing(events):
             async for delta, ids, finish_reason, u in events:
                 text += delta
@@ -235,16 +253,17 @@ class OpenAIIngress:
         if body.return_token_ids:
             choice["token_ids"] = token_ids
         return {"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                "choices": [choice], "usage": usage}
+                "choices": [choice], "usage": openai_usage(usage)}
 
-    async def _stream(self, first, events, request_id: str, chat: bool, include_usage: bool,
+    async def _stream(self, first, events, request_id: str, *, chat: bool, include_usage: bool,
                       return_token_ids: bool) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta_text: str | None, reason: str | None, first: bool = False, ids=None) -> dict:
+        def chunk(delta_text: str | None, reason: str | None, *, first: bool = False, ids=None) -> dict:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": delta_text} if delta_text else {})
+                delta = ({"role": "assistant", "content": ""} if first else
+                         {"content": delta_text} if delta_text else {})
                 choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
@@ -255,7 +274,7 @@ class OpenAIIngress:
                 out["usage"] = None
             return out
 
-        usage = {}
+        usage = None
         try:
             if chat:
                 yield _sse(chunk(None, None, first=True))
@@ -270,7 +289,7 @@ class OpenAIIngress:
                     yield _sse(chunk(delta, reason, ids=ids))
             if include_usage:
                 yield _sse({"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                            "choices": [], "usage": usage})
+                            "choices": [], "usage": openai_usage(usage)})
             yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - headers are already sent: report in-band, then end the stream
             err = api_error_of(exc)

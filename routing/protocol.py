@@ -1,4 +1,4 @@
-"""OpenAI-compatible request bodies, and their translation into SamplingParams."""
+"""OpenAI-compatible request bodies, and their translation into a Prompt and SamplingParams."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from specserve.actors.engine.sampling_params import (MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS,
                                                       SamplingParams)
-from specserve.routing.errors import invalid
+from specserve.routing.errors import APIError, invalid
+from specserve.routing.prompts import Prompt
 
 
 def _utf8(s: str) -> str:
@@ -86,10 +87,15 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return v
 
-    def sampling_params(self, max_tokens: int | None, speculate: bool = True) -> SamplingParams:
+    def output_limit(self) -> int | None:
+        """The client's max_tokens (None: unset)."""
+        return self.max_tokens
+
+    def sampling_params(self) -> SamplingParams:
+        """The body's sampling options (bounded by the fields' validators); speculation is the front end's."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=max_tokens,
+            max_tokens=self.output_limit(),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
@@ -97,7 +103,6 @@ class _Request(BaseModel):
             stop=stop,
             stop_token_ids=frozenset(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
-            speculate=speculate,
         )
 
 
@@ -125,9 +130,23 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def as_prompt(self) -> Prompt:
+        return Prompt("chat", [{"role": m.role, "content": m.text()} for m in self.messages], "messages")
+
 
 class CompletionRequest(_Request):
     prompt: Text | list[int] | list[Text]
+
+    def as_prompt(self) -> Prompt:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        return Prompt("text", prompt, "prompt") if isinstance(prompt, str) else Prompt("token_ids", prompt, "prompt")
 
 
 _Request.model_rebuild()

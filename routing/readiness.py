@@ -13,7 +13,7 @@ class Readiness:
         self.ready = False
         self.failures = 0  # probes in a row that found no verifier
 
-    def observe(self, answered: bool) -> bool:
+    def observe(self, *, answered: bool) -> bool:
         """Record one probe; True when readiness changed."""
         self.failures = 0 if answered else self.failures + 1
         ready = answered or (self.ready and self.failures < self.failures_to_unready)

@@ -18,6 +18,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from specserve.cluster.config import RouterConfig
 from specserve.cluster.kv.events import STORE
 from specserve.routing.prefix_index import PrefixIndex
 
@@ -93,22 +94,27 @@ class ConsistentHashRing:
 
 
 class PrefixCostPolicy:
-    def __init__(self, index: PrefixIndex, block_size: int, *, hot_factor: float = 2.0, hot_slack: int = 4,
+    """`config`: the router section of the config (hot-spot guard, switch margin). The rates below stand in for a
+    replica until it reports its own."""
+
+    def __init__(self, index: PrefixIndex, block_size: int, config: RouterConfig, *,
                  default_prefill_tokens_per_s: float = 1000.0, default_import_tokens_per_s: float = 20000.0,
-                 vnodes: int = 64, epsilon: float = 0.25, switch_margin: float = 0.2):
+                 vnodes: int = 64, epsilon: float = 0.25):
         self.index = index
         self.block_size = block_size
-        self.hot_factor = hot_factor
-        self.hot_slack = hot_slack
+        self.hot_factor = config.hot_factor
+        self.hot_slack = config.hot_slack
         self.default_prefill = default_prefill_tokens_per_s
         self.default_import = default_import_tokens_per_s
         self.ring = ConsistentHashRing(vnodes, epsilon)
-        self.switch_margin = switch_margin
+        self.switch_margin = config.switch_margin
         # The share of the store blocks counted on that replicas did import (EWMA over routed requests): blocks
         # still being written, or evicted, are recomputed, and the estimate should expect that.
         self.store_trust = 1.0
 
-    def observe_import(self, predicted_tokens: int, imported_tokens: int, alpha: float = 0.2) -> None:
+    def observe_import(self, predicted_tokens: int, imported_tokens: int, *, alpha: float = 0.2) -> None:
+        """A request this policy placed counted on `predicted_tokens` from the store, and `imported_tokens` came
+        (reported by the front end through routing/feedback.py)."""
         if predicted_tokens > 0:
             delivered = min(1.0, imported_tokens / predicted_tokens)
             self.store_trust = (1 - alpha) * self.store_trust + alpha * delivered

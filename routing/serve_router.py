@@ -4,7 +4,8 @@ Serve runs a router in every process that holds a Verifier handle (the ingress r
 replicas for each request; it then checks the first rank's queue and sends the request, falling back to the next
 rank. PrefixCostRouter keeps its PrefixIndex in that process, fed by the verifiers' KV events (a Redis stream, read
 by a background thread) and by its own decisions, so a decision calls no other actor. Replica load comes from the
-verifiers' `record_routing_stats` (polled by Serve) and the router's own in-flight counts.
+verifiers' `record_routing_stats` (a LoadReport, polled by Serve) and the router's own in-flight counts. Each
+decision is published to this process's router feedback (routing/feedback.py), where the front end takes it.
 """
 
 from __future__ import annotations
@@ -12,37 +13,39 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import asdict
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from specserve.actors.engine.messages import GenerateRequest, LoadReport
+from specserve.cluster.config import RouterConfig
 from specserve.cluster.latency import LatencyStat
 from specserve.cluster.kv.events import STORE
 from specserve.routing.prefix_index import PrefixIndex
-from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState, RouteDecision
+from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState
 
 log = logging.getLogger(__name__)
 
 
-def _request_of(pending: PendingRequest | None) -> dict | None:
-    if pending is None or not pending.args or not isinstance(pending.args[0], dict):
+def _request_of(pending: PendingRequest | None) -> GenerateRequest | None:
+    """The generation request a Verifier.generate call carries (None for its other methods)."""
+    if pending is None or not pending.args or not isinstance(pending.args[0], GenerateRequest):
         return None
     return pending.args[0]
 
 
 class PrefixCostRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, block_size: int = 16, redis: dict | None = None, stream: str = "",
-                         hot_factor: float = 2.0, hot_slack: int = 4, max_index_blocks: int = 1_000_000,
-                         switch_margin: float = 0.2, **_):
-        self.index = PrefixIndex(max_index_blocks)
-        self.policy = PrefixCostPolicy(self.index, block_size, hot_factor=hot_factor, hot_slack=hot_slack,
-                                       switch_margin=switch_margin)
+    def initialize_state(self, *, block_size: int, router: dict, redis: dict | None = None, stream: str = "", **_):
+        """`router`: the config's router section as plain data; `redis` and `stream`: where the verifiers' KV
+        events are read from (none: the index learns only from this router's own decisions)."""
+        config = RouterConfig.model_validate(router)
+        self.index = PrefixIndex(config.max_index_blocks)
+        self.policy = PrefixCostPolicy(self.index, block_size, config)
         self.in_flight: Counter = Counter()
         self._routed: dict[str, str] = {}  # internal request id -> replica id
         self.decisions: Counter = Counter()
         self.decision_latency = LatencyStat(keep=4096)
-        self.recent_decisions: OrderedDict[str, RouteDecision] = OrderedDict()  # by the ingress's request id
         self.replica_view: dict[str, ReplicaState] = {}  # as of the last decision
         self.subscriber = None
         if redis and stream:
@@ -51,20 +54,21 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
 
             # Its own connection: XREAD blocks it for up to half a second at a time.
             self.subscriber = KVEventSubscriber(connect(**dict(redis, timeout_s=5.0)), stream, self.index).start()
-        # Imported here, not at module level: Serve ships this class to the ingress cloudpickled by value, so
-        # module globals its methods see are private copies, not the module the ingress imports.
-        from specserve.routing import routing_metrics
+        # Imported here, not at module level: Serve ships this module to the ingress cloudpickled by value, so
+        # objects among its globals would be private copies, not the ones the ingress's front end reads.
+        from specserve.routing.feedback import router_feedback
 
-        routing_metrics.register_router(self)
+        self.feedback = router_feedback()
+        self.feedback.attach(self)
 
     def _state(self, replica: RunningReplica) -> ReplicaState:
         rid = replica.replica_id.unique_id
-        st = replica.routing_stats or {}
-        return ReplicaState(rid, num_running=st.get("num_running", 0), num_waiting=st.get("num_waiting", 0),
-                            queued_prefill_tokens=st.get("queued_prefill_tokens", 0),
-                            prefill_tokens_per_s=st.get("prefill_tokens_per_s", 0.0),
-                            import_tokens_per_s=st.get("import_tokens_per_s", 0.0),
-                            step_s=st.get("step_s", 0.0), in_flight=self.in_flight[rid])
+        load = LoadReport.from_dict(replica.routing_stats)  # Serve carries the verifier's report as a dict
+        return ReplicaState(rid, num_running=load.num_running, num_waiting=load.num_waiting,
+                            queued_prefill_tokens=load.queued_prefill_tokens,
+                            prefill_tokens_per_s=load.prefill_tokens_per_s,
+                            import_tokens_per_s=load.import_tokens_per_s, step_s=load.step_s,
+                            in_flight=self.in_flight[rid])
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -72,18 +76,17 @@ class PrefixCostRouter(FIFOMixin, RequestRouter):
         if request is None or not candidate_replicas:
             return [candidate_replicas]
         t0 = time.perf_counter()
-        hashes = request.get("block_hashes") or []
+        hints = request.routing
+        hashes = hints.block_hashes if hints else []
         states = [self._state(r) for r in candidate_replicas]
-        decision = self.policy.choose(states, hashes, len(request["prompt_token_ids"]),
-                                      route_key=request.get("route_key"), session_key=request.get("session_key"))
+        decision = self.policy.choose(states, hashes, len(request.prompt_token_ids),
+                                      route_key=hints.route_key if hints else None,
+                                      session_key=hints.session_key if hints else None)
         self.index.add(decision.replica_id, hashes)  # optimistic: it will hold them once it has prefilled
         self.decision_latency.add(time.perf_counter() - t0)
         self.decisions[decision.reason] += 1
         self.replica_view = {s.replica_id: s for s in states}
-        if "request_id" in request:
-            self.recent_decisions[request["request_id"]] = decision
-            while len(self.recent_decisions) > 4096:  # requests whose ingress never asked (errors, other callers)
-                self.recent_decisions.popitem(last=False)
+        self.feedback.publish(request.request_id, decision, self.policy)
         chosen = [r for r in candidate_replicas if r.replica_id.unique_id == decision.replica_id]
         rest = [r for r in candidate_replicas if r.replica_id.unique_id != decision.replica_id]
         return [chosen, rest] if rest else [chosen]

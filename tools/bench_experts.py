@@ -19,6 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from specserve.cluster.config import ExpertsConfig
+
+EXPERTS = ExpertsConfig()  # message timeouts as configured by default
+
 
 def _log(msg: str) -> None:
     print(f"[bench-experts] {msg}", file=sys.stderr, flush=True)
@@ -66,7 +70,8 @@ def _actors_for(path, model, owners, num_actors, link="channel"):
 
     spec = actor_spec(str(path), model.config.hidden_act, num_cpus=0.1)
     actors, pg = start_actors(spec, owners, num_actors)
-    transport = ActorTransport(actors, owners, link=link, channel_key=spec.channel_key)
+    transport = ActorTransport(actors, owners, link=link, timeout_s=EXPERTS.timeout_s,
+                               restart_wait_s=EXPERTS.restart_wait_s, channel_key=spec.channel_key)
     transport.placement_group = pg  # transport.shutdown() removes it
     return transport
 
@@ -155,7 +160,9 @@ def bench_dispatch(path, tokens_list: list[int], iters: int) -> list[dict]:
 
     channel = _actors_for(path, model, owners, 2)
     try:
-        measure({"local": local, "channel": channel, "plain": ActorTransport(channel.actors, owners, link="ray")})
+        plain = ActorTransport(channel.actors, owners, link="ray", timeout_s=EXPERTS.timeout_s,
+                               restart_wait_s=EXPERTS.restart_wait_s)
+        measure({"local": local, "channel": channel, "plain": plain})
     finally:
         channel.shutdown()
     # Alone: a compiled graph's actors poll their channels, which would slow everything else on a small host.

@@ -21,6 +21,8 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger("specserve.bench_kv")
@@ -37,6 +39,25 @@ def _ms(x: float | None) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # micro: import versus recompute, lookup latency, throughput
 # ---------------------------------------------------------------------------------------------------------
+@contextmanager
+def _redis_and_ray() -> Iterator[str]:
+    """An embedded Redis (its URL) and Ray (started here unless running already), both stopped afterwards."""
+    import ray
+
+    from specserve.cluster.redis_server import EmbeddedRedis
+
+    redis_server = EmbeddedRedis().start()
+    ray_started = not ray.is_initialized()
+    if ray_started:
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        yield redis_server.url
+    finally:
+        if ray_started:
+            ray.shutdown()
+        redis_server.stop()
+
+
 def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, payloads: list[str],
               cache_dir: str | None) -> dict[str, Any]:
     import ray
@@ -49,11 +70,11 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
     from specserve.actors.model_loader import load_model, resolve_dtype, resolve_model_path
     from specserve.cluster.config import ModelConfig
     from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name, kill_holders
+    from specserve.cluster.config import KVStoreConfig
     from specserve.cluster.kv.index import KVIndex
     from specserve.cluster.kv.namespace import KVNamespace, weights_revision
     from specserve.cluster.kv.payload import BlockLayout
     from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
-    from specserve.cluster.redis_server import EmbeddedRedis
     from specserve.actors.engine.block_hash import block_hashes
 
     mc = ModelConfig(source=model_source, dtype=dtype, **({"cache_dir": cache_dir} if cache_dir else {}))
@@ -69,21 +90,17 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
     prompts = [torch.randint(100, vocab - 100, (prefix_tokens + 1,), generator=g).tolist() for _ in range(repeats + 1)]
     first_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
-    redis_server = EmbeddedRedis().start()
-    ray_started = not ray.is_initialized()
-    if ray_started:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     results: dict[str, Any] = {"model": model_source, "dtype": dtype, "prefix_tokens": prefix_tokens,
                                "block_size": block, "block_bytes": layout.nbytes, "payloads": {}}
-    try:
+    with _redis_and_ray() as redis_url:
         for payload in payloads:
             import redis
 
-            r = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+            r = redis.Redis.from_url(redis_url, socket_timeout=5)
             r.flushall()
             if payload == "holder":
                 node = ray.get_runtime_context().get_node_id()
-                cfg = {"url": redis_server.url, "timeout_s": 5.0}
+                cfg = {"url": redis_url, "timeout_s": 5.0}
 
                 def make_transport():
                     return HolderPayloads(lambda: (holder_name("bench-kv", node),
@@ -91,9 +108,10 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
             else:
                 def make_transport():
                     return RedisPayloads()
-            index = KVIndex(r, ns.id)
-            writer = KVStoreClient(index, make_transport(), layout, timeout_s=30)
-            reader = KVStoreClient(KVIndex(r, ns.id), make_transport(), layout, timeout_s=30)
+            config = KVStoreConfig(timeout_s=30)
+            index = KVIndex.from_config(r, ns.id, config)
+            writer = KVStoreClient.from_config(index, make_transport(), layout, config)
+            reader = KVStoreClient.from_config(KVIndex.from_config(r, ns.id, config), make_transport(), layout, config)
             _say(f"micro/{payload}: {repeats} x prefix of {prefix_tokens} tokens ({prefix_tokens // block} blocks, "
                  f"{prefix_tokens // block * layout.nbytes / 1e6:.1f} MB)")
             rows = []
@@ -166,10 +184,6 @@ def run_micro(model_source: str, dtype: str, prefix_tokens: int, repeats: int, p
             reader.close()
             if payload == "holder":
                 kill_holders("bench-kv")
-    finally:
-        if ray_started:
-            ray.shutdown()
-        redis_server.stop()
     return results
 
 
@@ -238,24 +252,18 @@ def _replica_stats(app: str) -> dict[str, Any]:
 
 def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int, max_tokens: int,
                   overrides: dict[str, Any]) -> dict[str, Any]:
-    import ray
-
     from specserve.tools.bench.workloads import Session, multiturn_workload
     from specserve.cluster.config import SpecserveConfig
     from specserve.deploy.launcher import LocalServer
-    from specserve.cluster.redis_server import EmbeddedRedis, free_port
+    from specserve.cluster.redis_server import free_port
 
     if conversations % 2 == 0:
         _say(f"note: with {conversations} (even) conversations, round-robin keeps each conversation on one replica")
     convs = multiturn_workload(conversations * turns, turns=turns)
-    redis_server = EmbeddedRedis().start()
-    ray_started = not ray.is_initialized()
-    if ray_started:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     port = free_port()
     res: dict[str, Any] = {"model": model_source, "dtype": dtype, "conversations": conversations, "turns": turns,
                            "max_tokens": max_tokens, "overrides": overrides, "modes": {}}
-    try:
+    with _redis_and_ray() as redis_url:
         for mode, enabled in (("store_on", True), ("store_off", False)):
             servers = []
             try:
@@ -264,7 +272,7 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
                     cfg = SpecserveConfig.load(overrides={
                         "model.source": model_source, "model.served_name": "kvbench", "model.dtype": dtype,
                         "server.app_name": app, "server.route_prefix": f"/{app}", "server.http_port": port,
-                        "server.redis_url": redis_server.url, "kv_store.enabled": enabled, **overrides})
+                        "server.redis_url": redis_url, "kv_store.enabled": enabled, **overrides})
                     _say(f"{mode}: starting replica {name.upper()} ({app})")
                     servers.append(LocalServer(cfg).start(progress=True))
                 urls = [s.url for s in servers]
@@ -278,10 +286,6 @@ def run_multiturn(model_source: str, dtype: str, conversations: int, turns: int,
             finally:
                 for s in servers:
                     s.stop()
-    finally:
-        if ray_started:
-            ray.shutdown()
-        redis_server.stop()
     summary = {}
     for mode, rows in res["modes"].items():
         ttfts = sorted(r["ttft_s"] for r in rows)

@@ -13,11 +13,14 @@ import sys
 import time
 
 
-def run(total_blocks: int, replicas: int, prompt_blocks: int, decisions: int, block_size: int = 16) -> dict:
+def run(total_blocks: int, replicas: int, prompt_blocks: int, decisions: int, block_size: int | None = None) -> dict:
+    """`block_size`: None = the configured default (engine.block_size)."""
     from specserve.actors.engine.block_hash import block_hashes
+    from specserve.cluster.config import EngineConfig, RouterConfig
     from specserve.routing.prefix_index import PrefixIndex
     from specserve.routing.router_policy import PrefixCostPolicy, ReplicaState
 
+    block_size = block_size or EngineConfig().block_size
     index = PrefixIndex(max_blocks=total_blocks)
     groups = []
     for g in range(max(1, total_blocks // prompt_blocks)):
@@ -25,7 +28,7 @@ def run(total_blocks: int, replicas: int, prompt_blocks: int, decisions: int, bl
                           namespace="bench-router")
         index.add(f"replica-{g % replicas}", hs)
         groups.append(hs)
-    policy = PrefixCostPolicy(index, block_size)
+    policy = PrefixCostPolicy(index, block_size, RouterConfig())
     states = [ReplicaState(f"replica-{i}", prefill_tokens_per_s=1000, num_running=i % 3) for i in range(replicas)]
     lat = []
     for i in range(decisions):

@@ -21,10 +21,9 @@ import httpx
 
 # Statuses a client retries: overload, unavailable (replica died or restarting, draining), deadline.
 RETRIABLE_HTTP = {429, 503, 504}
-KINDS = ("completed", "retriable", "wrong", "failed", "lost")
 
 
-def classify(status: int | None, tokens: list[int] | None, expected: list[int], timed_out: bool = False) -> str:
+def classify(status: int | None, tokens: list[int] | None, expected: list[int], *, timed_out: bool = False) -> str:
     """completed (right tokens), retriable (a status to retry), wrong (200 with other tokens: never allowed),
     failed (any other error), lost (no answer within the client's deadline: a hang)."""
     if timed_out:

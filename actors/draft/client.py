@@ -18,33 +18,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specserve.actors.draft.model_proposer import DraftModelProposer, probs_tensor
+from specserve.actors.draft.model_drafter import ModelDrafter, probs_tensor
 from specserve.actors.engine.speculation import Draft
 
 log = logging.getLogger(__name__)
 
 
-class LocalLink:
-    """A drafter in this process (tests, single-process tools)."""
+class InProcessDrafterLink:
+    """A ModelDrafter in this process (tests, single-process tools)."""
 
-    def __init__(self, proposer: DraftModelProposer):
-        self.proposer = proposer
+    def __init__(self, drafter: ModelDrafter):
+        self.drafter = drafter
 
     def submit(self, client: str, requests: list[dict], releases: list[str]):
-        return self.proposer.propose_batch(client, requests, releases)
+        return self.drafter.draft_batch(client, requests, releases)
 
     def collect(self, pending, timeout: float):
         return pending
 
 
-class RayLink:
-    """A DraftWorker actor: one plain actor call per step (about 1 ms here; Serve handle calls cost 7 ms)."""
+class DrafterWorkerLink:
+    """A drafter replica's DrafterWorker actor: one plain actor call per step (far cheaper than a Serve handle
+    call)."""
 
     def __init__(self, actor):
         self.actor = actor
 
     def submit(self, client: str, requests: list[dict], releases: list[str]):
-        return self.actor.propose.remote(client, requests, releases)
+        return self.actor.draft.remote(client, requests, releases)
 
     def collect(self, pending, timeout: float):
         import ray
@@ -53,10 +54,6 @@ class RayLink:
 
     def heartbeat(self, client: str) -> None:
         self.actor.heartbeat.remote(client)  # not awaited: a lost one only ages this verifier's presence
-
-
-class WorkerTimeout(Exception):
-    pass
 
 
 def invalid_draft(tokens, probs, k: int, vocab_size: int) -> str | None:
@@ -88,8 +85,8 @@ class DrafterClient:
     drafts_are_free = False
     observes_target = False
 
-    def __init__(self, vocab_size: int, *, sampled_drafts: bool = False, timeout_s: float = 2.0,
-                 prior_acceptance: float = 0.6, rest_s: float = 5.0):
+    def __init__(self, vocab_size: int, *, sampled_drafts: bool, timeout_s: float, prior_acceptance: float = 0.6,
+                 rest_s: float = 5.0):
         self.client_id = uuid.uuid4().hex
         self.vocab_size = vocab_size
         self.sampled_drafts = sampled_drafts
@@ -216,7 +213,7 @@ class DrafterClient:
         return None
 
     def _failed(self, worker: str, exc: BaseException, items=()) -> None:
-        timed_out = type(exc).__name__ in ("GetTimeoutError", "TimeoutError", "WorkerTimeout")
+        timed_out = type(exc).__name__ in ("GetTimeoutError", "TimeoutError")
         if timed_out:
             # Still alive, probably busy (a long first prefill): rest it, and resync what it was sent.
             self.stats["timeouts"] += 1

@@ -41,11 +41,11 @@ class NgramIndex:
         return []
 
 
-class NgramProposer:
+class NgramDrafter:
     drafts_are_free = True
     prior_acceptance = 0.3
 
-    def __init__(self, min_n: int = 1, max_n: int = 3, recycle: bool = True):
+    def __init__(self, min_n: int, max_n: int, *, recycle: bool):
         if not 1 <= min_n <= max_n:
             raise ValueError("n-gram sizes need 1 <= min_n <= max_n")
         self.min_n, self.max_n, self.recycle = min_n, max_n, recycle

@@ -1,11 +1,11 @@
 """Runs an LLMEngine in its own thread so the replica's event loop stays free for requests and streaming.
 
-Requests and aborts reach the engine thread through an inbox; outputs go back to each request's asyncio
-queue. A consumer that falls behind gets its pending tokens merged into one chunk (fewer messages under load).
+Requests, aborts and calls reach the engine thread as commands in its inbox (AddRequest, AbortRequest,
+EngineCall); outputs go back to each request's asyncio queue. A consumer that falls behind gets its pending
+tokens merged into one chunk (fewer messages under load).
 
 All torch work (loading the model, every forward) happens on the engine thread: with OpenMP, matmuls issued
-from a second thread after another thread has used torch's thread pool ran 2-3x slower here (measured:
-a 576x1536 linear at 63 us from one thread, 195-450 us from a second thread).
+from a second thread after another thread has used torch's thread pool ran several times slower.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
-from specserve.actors.engine.engine import LLMEngine, RequestOutput, RequestRejected
-from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.engine import LLMEngine, RequestRejected
+from specserve.actors.engine.messages import GenerateRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +96,47 @@ class EngineStopped(RuntimeError):
     """The engine thread is no longer running: nothing sent to it will be answered."""
 
 
+# ---- the engine thread's inbox -------------------------------------------------------------------------------
+@dataclass(slots=True)
+class AddRequest:
+    request: GenerateRequest
+    fetched: Any  # the prompt's blocks prefetched from the KV store (see AsyncEngine.prefetch), or None
+    hash_root: bytes | None  # the root of the request's tenant's block hashes (None: the engine's namespace)
+
+
+@dataclass(slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(slots=True)
+class EngineCall:
+    """Run `fn(engine)` on the engine thread between steps; its result settles `future` on `loop`."""
+    fn: Callable[[LLMEngine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+
+Command = AddRequest | AbortRequest | EngineCall
+
+
 class AsyncEngine:
-    def __init__(self, build_engine: Callable[[], LLMEngine], ready_timeout: float | None = None,
-                 health: StepHealth | None = None):
-        """Starts the engine thread, builds the engine there with `build_engine()`, and returns once it is
-        ready; an exception raised while building is raised here."""
+    def __init__(self, build: Callable[[], Any], *, engine_of: Callable[[Any], LLMEngine] = lambda built: built,
+                 ready_timeout: float | None = None, health: StepHealth | None = None):
+        """Starts the engine thread, runs `build()` there, and returns once it is done; an exception raised
+        while building is raised here. `build` returns the engine, or a bundle holding it that `engine_of`
+        picks it out of; the caller finds the result in `built`."""
         self.engine: LLMEngine | None = None
+        self.built = None
         # Optional `prefetch(prompt_token_ids, hash_root) -> Fetched | None`: blocks of the prompt that the engine
         # lacks, from the KV store. Runs on an I/O thread before the request reaches the engine thread.
         self.prefetch: Callable | None = None
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="specserve-kv-fetch")
+
+        def build_engine() -> LLMEngine:  # on the engine thread (`_run`)
+            self.built = build()
+            return engine_of(self.built)
+
         self._build_engine = build_engine
         self._build_error: BaseException | None = None
         self._ready = threading.Event()
@@ -128,11 +161,12 @@ class AsyncEngine:
         self._thread.join(timeout=10)
         self._io.shutdown(wait=False)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    async def generate(self, request: GenerateRequest, *,
                        hash_root: bytes | None = None) -> AsyncIterator[RequestOutput]:
         """`hash_root`: the root of the request's tenant's block hashes (None: the engine's namespace)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        request_id = request.request_id
         if request_id in self._streams:
             raise RequestRejected(f"duplicate request id {request_id!r}")
         self._streams[request_id] = (loop, q)
@@ -140,8 +174,8 @@ class AsyncEngine:
         try:
             fetched = None
             if self.prefetch is not None:
-                fetched = await loop.run_in_executor(self._io, self.prefetch, prompt_token_ids, hash_root)
-            self._submit(("add", request_id, prompt_token_ids, params, fetched, hash_root))
+                fetched = await loop.run_in_executor(self._io, self.prefetch, request.prompt_token_ids, hash_root)
+            self._submit(AddRequest(request, fetched, hash_root))
             while not finished:
                 item = await q.get()
                 items = [item]
@@ -151,15 +185,13 @@ class AsyncEngine:
                     if isinstance(it, BaseException):
                         finished = True
                         raise it
-                merged = items[-1]
-                if len(items) > 1:
-                    merged.new_token_ids = [t for it in items for t in it.new_token_ids]
+                merged = RequestOutput.merge(items)
                 finished = merged.finished
                 yield merged
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # the client went away: free the sequence's blocks
-                self._inbox.put(("abort", request_id))
+                self._inbox.put(AbortRequest(request_id))
                 self._wake.set()
 
     def _deliver(self, request_id: str, item) -> None:
@@ -180,52 +212,61 @@ class AsyncEngine:
             return f"engine thread is not running ({self._death or 'shut down'})"
         return self.health.problem()
 
-    def _submit(self, msg: tuple) -> None:
-        """Hand `msg` to the engine thread; raises EngineStopped once that thread has ended (under the lock
+    def _submit(self, command: Command) -> None:
+        """Hand `command` to the engine thread; raises EngineStopped once that thread has ended (under the lock
         that its ending takes, so nothing is queued after it failed the waiting ones)."""
         with self._submit_lock:
             if self._ended:
                 raise EngineStopped(f"engine thread is not running ({self._death or 'shut down'})")
-            self._inbox.put(msg)
+            self._inbox.put(command)
         self._wake.set()
 
-    def _drain_inbox(self) -> None:
+    def _take_inbox(self) -> Iterator[Command]:
+        """The commands waiting in the inbox, oldest first, until it is empty."""
         while True:
             try:
-                msg = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg[0] == "add":
-                _, rid, prompt, params, fetched, hash_root = msg
-                imported = 0
-                if fetched is not None:
+
+    def _drain_inbox(self) -> None:
+        for command in self._take_inbox():
+            match command:
+                case AddRequest():
+                    self._add(command)
+                case AbortRequest(request_id=rid):
                     try:
-                        installed = self.engine.import_blocks(fetched.hashes, fetched.blocks)  # may be cut short
-                        imported = installed * self.engine.block_manager.block_size
-                    except Exception:  # noqa: BLE001 - an import that fails is a miss: the prompt is prefilled
-                        log.exception("KV block import failed")
-                try:
-                    self.engine.add_request(rid, prompt, params, imported_tokens=imported, hash_root=hash_root)
-                except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                    self._deliver(rid, exc)
-            elif msg[0] == "abort":
-                try:
-                    self.engine.abort_request(msg[1])
-                except Exception:  # noqa: BLE001 - a failed abort must not end the engine thread
-                    log.exception("abort of request %s failed", msg[1])
-            elif msg[0] == "call":  # run a function on the engine thread (block import/export, stats)
-                _, fn, loop, fut = msg
-                try:
-                    _resolve(loop, fut, result=fn(self.engine))
-                except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    _resolve(loop, fut, error=exc)
+                        self.engine.abort_request(rid)
+                    except Exception:  # noqa: BLE001 - a failed abort must not end the engine thread
+                        log.exception("abort of request %s failed", rid)
+                case EngineCall(fn=fn, loop=loop, future=fut):  # block import/export, stats
+                    try:
+                        _resolve(loop, fut, result=fn(self.engine))
+                    except Exception as exc:  # noqa: BLE001 - handed to the caller
+                        _resolve(loop, fut, error=exc)
+
+    def _add(self, command: AddRequest) -> None:
+        """Install the prefetched blocks (as many as fit), then queue the request."""
+        request, fetched = command.request, command.fetched
+        imported = 0
+        if fetched is not None:
+            try:
+                installed = self.engine.import_blocks(fetched.hashes, fetched.blocks)  # may be cut short
+                imported = installed * self.engine.block_manager.block_size
+            except Exception:  # noqa: BLE001 - an import that fails is a miss: the prompt is prefilled
+                log.exception("KV block import failed")
+        try:
+            self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
+                                    imported_tokens=imported, hash_root=command.hash_root)
+        except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+            self._deliver(request.request_id, exc)
 
     async def call(self, fn, timeout_s: float | None = None):
         """Run `fn(engine)` on the engine thread between steps and return its result. `timeout_s`: raise
         TimeoutError if the engine thread has not run it by then (a step that takes that long)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._submit(("call", fn, loop, fut))
+        self._submit(EngineCall(fn, loop, fut))
         if timeout_s is None:
             return await fut
         try:
@@ -283,11 +324,7 @@ class AsyncEngine:
         with self._submit_lock:
             self._ended = True
         for rid in list(self._streams):
-            self._deliver(rid, exc)
-        while True:
-            try:
-                msg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if msg[0] == "call":
-                _resolve(msg[2], msg[3], error=exc)
+            self._deliver(rid, exc)  # the streams of queued adds among them
+        for command in self._take_inbox():
+            if isinstance(command, EngineCall):
+                _resolve(command.loop, command.future, error=exc)

@@ -47,10 +47,6 @@ class KVCache:
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.block_size = block_size
-
-    def block_slots(self, block: int) -> slice:
-        return slice(block * self.block_size, (block + 1) * self.block_size)
 
 
 _local = threading.local()

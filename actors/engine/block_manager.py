@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from specserve.actors.engine.sequence import Sequence
 from specserve.actors.engine.block_hash import block_hashes, root_hash
+from specserve.actors.engine.sequence import Sequence
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -26,7 +26,7 @@ class BlockImport:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, namespace: str = "",
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True, namespace: str = "",
                  record_events: bool = False):
         if num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
@@ -34,7 +34,6 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.root = root_hash(namespace)
-        self.namespace = namespace
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.hash_to_block: dict[bytes, int] = {}
@@ -184,7 +183,7 @@ class BlockManager:
     def cached_block(self, h: bytes) -> int | None:
         return self.hash_to_block.get(h)
 
-    def begin_import(self, hashes: list[bytes]) -> "BlockImport":
+    def begin_import(self, hashes: list[bytes]) -> BlockImport:
         """Blocks for the longest leading run of `hashes` (a prompt's chained block hashes) this pool can hold.
 
         Every block of the run, those cached here already and the new ones, stays referenced (pinned) until
@@ -210,7 +209,7 @@ class BlockManager:
             imp.pinned.append(block)
         return imp
 
-    def end_import(self, imp: "BlockImport", written: bool) -> int:
+    def end_import(self, imp: BlockImport, *, written: bool) -> int:
         """Finish an import: register the new blocks under their hashes if their KV was `written`, then unpin
         the run (its head last, so the LRU evicts a prefix's tail first). Returns how many blocks were added."""
         if written:

@@ -11,13 +11,19 @@ from dataclasses import dataclass
 import torch
 
 from specserve.actors.engine.block_manager import BlockManager
+from specserve.actors.engine.messages import RequestOutput
 from specserve.actors.engine.model_runner import ModelRunner
-from specserve.actors.engine.rejection_sampler import verify_draft
 from specserve.actors.engine.sampler import sample
 from specserve.actors.engine.sampling_params import SamplingParams
-from specserve.actors.engine.scheduler import Scheduler
+from specserve.actors.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from specserve.actors.engine.sequence import Sequence, SequenceStatus
-from specserve.actors.engine.speculation import Draft, Proposer, SpeculationController
+from specserve.actors.engine.speculation import (
+    Proposer,
+    SpeculationController,
+    draft_round,
+    record_round,
+    verify_round,
+)
 
 
 def context_window(hf_config, max_model_len: int = 0) -> int:
@@ -32,24 +38,23 @@ def context_window(hf_config, max_model_len: int = 0) -> int:
     return window
 
 
+def logit_rows(scheduled: list[ScheduledSeq]) -> list[slice | None]:
+    """Each scheduled sequence's rows in the step's logits (see ModelRunner.execute): 1 + k for one verifying
+    k draft tokens, 1 for one that decodes or completes its prompt, None for a chunk that leaves prompt for later.
+    Read before the step advances the sequences."""
+    rows: list[slice | None] = []
+    start = 0
+    for item in scheduled:
+        if item.num_draft or item.completes_prompt:
+            rows.append(slice(start, start + 1 + item.num_draft))
+            start += 1 + item.num_draft
+        else:
+            rows.append(None)
+    return rows
+
+
 class RequestRejected(ValueError):
     """The request can never be served by this engine (too long for the context window or the KV pool)."""
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    num_output_tokens: int = 0
-    num_spec_rounds: int = 0  # speculative rounds so far, and their drafted / accepted tokens
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    num_imported_tokens: int = 0  # of the cached prompt tokens, those whose blocks came from the KV store
-    queue_time_s: float = 0.0  # arrival to first step
 
 
 @dataclass
@@ -75,7 +80,8 @@ class LLMEngine:
                  kv_sink: Callable[[list[bytes], torch.Tensor, bytes | None], object] | None = None,
                  kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None):
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, namespace,
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, namespace=namespace,
+                                          enable_prefix_caching=enable_prefix_caching,
                                           record_events=kv_event_sink is not None)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = context_window(model.config, max_model_len)
@@ -97,7 +103,7 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, model, engine_cfg, eos_token_ids=None, namespace: str = "", proposer=None,
-                    controller=None, kv_sink=None, kv_event_sink=None) -> "LLMEngine":
+                    controller=None, kv_sink=None, kv_event_sink=None) -> LLMEngine:
         return cls(model, block_size=engine_cfg.block_size, num_blocks=engine_cfg.num_blocks,
                    kv_cache_memory_gb=engine_cfg.kv_cache_memory_gb, max_num_seqs=engine_cfg.max_num_seqs,
                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens, max_model_len=engine_cfg.max_model_len,
@@ -152,6 +158,102 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # ---- stepping ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One step: schedule (drafts first), run the forward, commit what it produced."""
+        t0 = time.perf_counter()
+        sched = self._schedule()
+        if not sched.scheduled:
+            return []
+        logits = self._execute(sched)
+        outputs = self._postprocess(sched, logits)
+        self._observe_step(sched, time.perf_counter() - t0)
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        """This step's batch. Decoding sequences get their drafts first: the scheduler budgets their tokens."""
+        if self.proposer is not None:
+            decoding = [s for s in self.scheduler.running if s.num_uncomputed_tokens == 1]
+            if decoding:
+                draft_round(decoding, self.proposer, self.controller, max_model_len=self.max_model_len,
+                            other_tokens=self._pending_prefill_tokens(len(decoding)))
+        sched = self.scheduler.schedule()
+        self.stats.preemptions += len(sched.preempted)
+        return sched
+
+    def _pending_prefill_tokens(self, num_decodes: int) -> int:
+        """Prefill tokens the next step will likely carry besides the decodes (for the cost model)."""
+        pending = sum(s.num_uncomputed_tokens for s in self.scheduler.running if s.num_uncomputed_tokens > 1)
+        pending += sum(len(s) for s in self.scheduler.waiting)
+        return min(pending, max(0, self.scheduler.max_num_batched_tokens - num_decodes))
+
+    def _execute(self, sched: SchedulerOutput) -> torch.Tensor:
+        """The forward: logits of the rows that yield tokens (see `logit_rows`)."""
+        t0 = time.perf_counter()
+        logits = self.runner.execute(sched.scheduled)
+        if self.controller is not None and all(it.num_new_tokens == 1 + it.num_draft for it in sched.scheduled):
+            # The cost model is fitted on decode/verify steps only: that is where k is chosen, and prefill
+            # chunks (many tokens of one sequence) cost less per token and would flatten the slope.
+            self.controller.observe_step(sched.num_tokens, time.perf_counter() - t0)
+        return logits
+
+    def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        """Commit each sequence's new tokens (sampled, or its verified draft), register the blocks it filled,
+        finish the sequences that stopped, and hand new blocks and prefix-cache events to their sinks."""
+        rows = logit_rows(sched.scheduled)
+        sampled = self._sample(sched.scheduled, rows, logits)
+        observe = self.proposer is not None and self.proposer.observes_target
+        argmax = logits.argmax(dim=-1).tolist() if observe else None
+        outputs: list[RequestOutput] = []
+        new_blocks: list[tuple[int, bytes, bytes | None]] = []
+        for i, (item, r) in enumerate(zip(sched.scheduled, rows)):
+            seq = item.seq
+            self.stats.prompt_tokens += item.num_new_prompt_tokens
+            if item.num_draft:
+                tokens = verify_round(seq, logits[r])
+            else:
+                seq.num_computed_tokens += item.num_new_tokens
+                tokens = sampled.get(i)
+            if r is not None and self.proposer is not None:
+                record_round(seq, item.num_draft, tokens, self.proposer, self.controller,
+                             argmax[r] if argmax is not None else None)
+            seq.draft = None
+            emitted, reason = self._append(seq, tokens or [])
+            new_blocks += self.block_manager.register_computed_blocks(seq)  # before _finish frees the blocks
+            if tokens is None:  # a prefill chunk that leaves part of the prompt for later steps: no output
+                continue
+            self.stats.generated_tokens += len(emitted)
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(self._output(seq, emitted, reason))
+        self._export_new_blocks(new_blocks)
+        if self.kv_event_sink is not None:
+            self.kv_event_sink(self.block_manager.drain_events())
+        return outputs
+
+    @staticmethod
+    def _sample(scheduled: list[ScheduledSeq], rows: list[slice | None], logits: torch.Tensor) -> dict[int, list[int]]:
+        """One token for each sequence that decodes or completes its prompt without a draft, by its index."""
+        plain = [i for i, (item, r) in enumerate(zip(scheduled, rows)) if r is not None and not item.num_draft]
+        if not plain:
+            return {}
+        tokens = sample(logits[[rows[i].start for i in plain]], [scheduled[i].seq.params for i in plain],
+                        [scheduled[i].seq.generator for i in plain])
+        return {i: [t] for i, t in zip(plain, tokens)}
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Append `tokens` up to the first one that stops the sequence: those appended, and why it stops."""
+        emitted: list[int] = []
+        reason = None
+        for token in tokens:
+            seq.token_ids.append(token)
+            emitted.append(token)
+            reason = self._check_stop(seq, token)
+            if reason:
+                break
+        # Verified tokens past a stop are not part of the sequence, and neither is their KV.
+        seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq))
+        return emitted, reason
+
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
@@ -162,139 +264,23 @@ class LLMEngine:
             return "length"
         return None
 
-    def _pending_prefill_tokens(self, num_decodes: int) -> int:
-        """Prefill tokens the next step will likely carry besides the decodes (for the cost model)."""
-        pending = sum(s.num_uncomputed_tokens for s in self.scheduler.running if s.num_uncomputed_tokens > 1)
-        pending += sum(len(s) for s in self.scheduler.waiting)
-        return min(pending, max(0, self.scheduler.max_num_batched_tokens - num_decodes))
+    @staticmethod
+    def _output(seq: Sequence, emitted: list[int], reason: str | None) -> RequestOutput:
+        st = seq.spec_stats
+        return RequestOutput(
+            seq.request_id, emitted, finished=reason is not None, finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens, num_spec_rounds=st.rounds, num_draft_tokens=st.draft_tokens,
+            num_accepted_tokens=st.accepted_tokens,
+            num_imported_tokens=min(seq.num_imported_tokens, seq.num_cached_tokens),
+            queue_time_s=(seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time)
 
-    def _draft(self) -> None:
-        """Give each decoding sequence this step's draft, or none."""
-        seqs = [s for s in self.scheduler.running if s.num_uncomputed_tokens == 1]
-        if not seqs:
-            return
-        ctl = self.controller
-        limits = []
-        for seq in seqs:
-            if seq.acceptance is None:
-                seq.acceptance = ctl.new_estimate()
-            # Never draft past the end: tokens beyond max_tokens or the window would be thrown away.
-            remaining = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
-            # A seeded sampled request must repeat itself: drafts depend on other traffic (recycled guesses,
-            # adaptive k) and would change how its generator is consumed, so it decodes without speculation.
-            seeded = not seq.params.greedy and seq.params.seed is not None
-            off = seeded or not seq.params.speculate
-            limits.append(0 if off else max(0, min(remaining - 1, ctl.max_k)))
-        alphas = [s.acceptance.value for s in seqs]
-        idle = [s.rounds_without_draft for s in seqs]
-        other = self._pending_prefill_tokens(len(seqs))
-        if self.proposer.drafts_are_free:  # look first, then choose k within what was found
-            drafts = self.proposer.propose(seqs, limits)
-            limits = [min(lim, len(d.tokens)) if d else 0 for lim, d in zip(limits, drafts)]
-            ks = ctl.choose(alphas, limits, idle, other)
-        else:  # drafting costs a forward per token: choose k first
-            ks = ctl.choose(alphas, limits, idle, other)
-            t0 = time.perf_counter()
-            drafts = self.proposer.propose(seqs, ks) if any(ks) else [None] * len(seqs)
-            ctl.observe_draft(max(ks), time.perf_counter() - t0)
-        for seq, k, draft in zip(seqs, ks, drafts):
-            if draft is None or k == 0 or not draft.tokens:
-                seq.draft = None
-                seq.rounds_without_draft += 1
-            else:
-                probs = draft.probs[:k] if draft.probs is not None else None
-                seq.draft = Draft(list(draft.tokens[:k]), probs)
-                seq.rounds_without_draft = 0
-
-    def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
-        if self.proposer is not None:
-            self._draft()
-        sched = self.scheduler.schedule()
-        self.stats.preemptions += len(sched.preempted)
-        if not sched.scheduled:
-            return []
-        t_exec = time.perf_counter()
-        logits = self.runner.execute(sched.scheduled)
-        if self.controller is not None and all(it.num_new_tokens == 1 + it.num_draft for it in sched.scheduled):
-            # The cost model is fitted on decode/verify steps only: that is where k is chosen, and prefill
-            # chunks (many tokens of one sequence) cost less per token and would flatten the slope.
-            self.controller.observe_step(sched.num_tokens, time.perf_counter() - t_exec)
-
-        # Rows of `logits`: 1 + k per verifying sequence, 1 per other sequence that produces a token.
-        plain = [i for i, it in enumerate(sched.scheduled) if it.completes_prompt and not it.num_draft]
-        row_of, row = {}, 0
-        for i, item in enumerate(sched.scheduled):
-            if item.num_draft or item.completes_prompt:
-                row_of[i] = row
-                row += item.num_draft + 1
-        rows = [row_of[i] for i in plain]
-        sampled = sample(logits[rows], [sched.scheduled[i].seq.params for i in plain],
-                         [sched.scheduled[i].seq.generator for i in plain]) if plain else []
-        new_tokens = dict(zip(plain, ([t] for t in sampled)))
-        observe = self.proposer is not None and self.proposer.observes_target
-        argmax = logits.argmax(dim=-1).tolist() if observe else None
-
-        outputs: list[RequestOutput] = []
-        new_blocks: list[tuple[int, bytes, bytes | None]] = []
-        for i, item in enumerate(sched.scheduled):
-            seq = item.seq
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.stats.prompt_tokens += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
-            k = item.num_draft
-            if k:
-                r = row_of[i]
-                tokens = verify_draft(logits[r:r + k + 1], seq.draft.tokens, seq.draft.probs, seq.params,
-                                      seq.generator)
-                new_tokens[i] = tokens
-                # KV is valid for the last committed token and the accepted draft tokens only; the rest is
-                # overwritten by later steps (rolled back).
-                seq.num_computed_tokens += len(tokens)
-            else:
-                seq.num_computed_tokens += item.num_new_tokens
-            if i in row_of and self.proposer is not None:
-                if observe:
-                    r = row_of[i]
-                    inputs = [seq.token_ids[-1]] + (seq.draft.tokens if k else [])
-                    self.proposer.observe(seq, inputs, argmax[r:r + k + 1])
-                accepted = len(new_tokens[i]) - 1
-                seq.spec_stats.record(k, accepted)
-                self.controller.method_stats.record(k, accepted)
-                if seq.acceptance is not None:
-                    seq.acceptance.update(k, accepted)
-            seq.draft = None
-            if i not in new_tokens:
-                new_blocks += self.block_manager.register_computed_blocks(seq)
-                continue
-            reason = None
-            emitted = []
-            for token in new_tokens[i]:
-                seq.token_ids.append(token)
-                emitted.append(token)
-                reason = self._check_stop(seq, token)
-                if reason:
-                    break
-            seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq))
-            new_blocks += self.block_manager.register_computed_blocks(seq)
-            self.stats.generated_tokens += len(emitted)
-            if reason:
-                self._finish(seq, reason)
-            st = seq.spec_stats
-            outputs.append(RequestOutput(seq.request_id, emitted, reason is not None, reason,
-                                         seq.num_prompt_tokens, seq.num_cached_tokens, seq.num_output_tokens,
-                                         st.rounds, st.draft_tokens, st.accepted_tokens,
-                                         min(seq.num_imported_tokens, seq.num_cached_tokens),
-                                         (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time))
-        self._export_new_blocks(new_blocks)
-        if self.kv_event_sink is not None:
-            self.kv_event_sink(self.block_manager.drain_events())
-        elapsed = time.perf_counter() - t0
+    def _observe_step(self, sched: SchedulerOutput, elapsed: float) -> None:
         prefill = sum(it.num_new_tokens for it in sched.scheduled if it.num_new_tokens > 1 + it.num_draft)
         if prefill * 2 >= sched.num_tokens:  # a prefill-dominated step: sample the prefill rate
             self.stats.observe_prefill_rate(sched.num_tokens / elapsed)
         self.stats.steps += 1
         self.stats.step_time_s += elapsed
-        return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Blocking helper: run prompts to completion, return their output token ids (tests, benchmarks)."""
@@ -320,7 +306,7 @@ class LLMEngine:
                 self.runner.write_blocks([b for _, b, _ in imp.new], torch.stack([blocks[i] for i, _, _ in imp.new]))
             written = True
         finally:
-            installed = self.block_manager.end_import(imp, written)
+            installed = self.block_manager.end_import(imp, written=written)
         return installed
 
     def _export_new_blocks(self, new_blocks: list[tuple[int, bytes, bytes | None]]) -> None:

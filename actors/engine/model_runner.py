@@ -33,9 +33,9 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
         layers, kv_heads, head_dim = kv_geometry(model.config)
-        self.bytes_per_block = 2 * layers * block_size * kv_heads * head_dim * self.dtype.itemsize
         if not num_blocks:
-            num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // self.bytes_per_block)
+            bytes_per_block = 2 * layers * block_size * kv_heads * head_dim * self.dtype.itemsize
+            num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // bytes_per_block)
         self.num_blocks = num_blocks
         self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
 
@@ -77,7 +77,7 @@ class ModelRunner:
 
         dec_rows = dec_slots = dec_mask = dec_valid = dec_out = None
         if decode_rows:
-            b, nq = len(decode_rows), max(len(r) for r in decode_rows)
+            nq = max(len(r) for r in decode_rows)
             width = max(len(c) for c in decode_ctx)
             # Query i of a sequence with n queries and context length L sees keys 0 .. L - n + i (causal over
             # its own draft tokens); padding queries repeat the last one and are dropped afterwards.

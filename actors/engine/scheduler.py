@@ -23,6 +23,11 @@ class ScheduledSeq:
     num_draft: int = 0  # of which draft tokens, appended after the sequence's last token
 
     @property
+    def num_new_prompt_tokens(self) -> int:
+        """Of this step's new tokens, those of the prompt (read before the step advances the sequence)."""
+        return max(0, min(self.num_new_tokens, self.seq.num_prompt_tokens - self.seq.num_computed_tokens))
+
+    @property
     def completes_prompt(self) -> bool:
         """After this step the sequence's KV covers all its tokens, so its last logits yield a new token."""
         return self.seq.num_computed_tokens + self.num_new_tokens - self.num_draft == len(self.seq)

@@ -59,16 +59,9 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
     def num_draft_tokens(self) -> int:
         return len(self.draft.tokens) if self.draft is not None else 0
 
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
-
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED

@@ -1,7 +1,16 @@
-"""How much to speculate: online acceptance estimates, step-cost models, and the choice of k per sequence.
+"""Speculative decoding: the round the engine runs around each forward, and how much to speculate.
 
-Each round the engine asks `SpeculationController.choose` for a k per decoding sequence. The choice maximises
-goodput, the expected committed tokens per second of the whole step:
+A round, per decoding sequence (the engine calls these around its step):
+  1. `draft_round`: the proposer drafts up to k tokens past the sequence's last committed token, k chosen by
+     the `SpeculationController` (below).
+  2. The engine's forward runs the last committed token plus the k draft tokens, writing KV for all 1 + k.
+  3. `verify_round`: the target's logits decide what commits (`accept_draft`): the accepted prefix of the
+     draft plus one token of the target's own. The KV of the rejected positions is rolled back by not
+     counting it as computed; later forwards overwrite it.
+  4. `record_round`: acceptance counts, and the proposer sees what the target predicted.
+
+How much to speculate: `SpeculationController.choose` picks a k per decoding sequence that maximises goodput,
+the expected committed tokens per second of the whole step:
 
     sum_i E_i(k_i) / (verify_cost(total tokens in the step) + draft_cost(max_i k_i))
 
@@ -14,11 +23,156 @@ extra verified tokens cost more than they return. A fixed-k mode is kept for com
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from specserve.actors.engine.sampler import processed_logits
+from specserve.actors.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # sequence.py imports this module (SpeculationStats)
+    from specserve.actors.engine.sequence import Sequence
 
 
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: torch.Tensor | None = None  # [len(tokens), V] for sampled drafts; None for deterministic ones
+
+
+class Proposer(Protocol):
+    """Where draft tokens come from: the n-gram proposer in the verifier, or a client of drafter replicas.
+
+    `drafts_are_free`: drafting costs (almost) nothing and its length is known only after looking (n-gram), so
+    the engine proposes first and chooses k within what was found; otherwise it chooses k first."""
+
+    drafts_are_free: bool
+    prior_acceptance: float
+    observes_target: bool  # wants `observe` (the target's argmax after each input token) after every forward
+
+    def propose(self, seqs: list, ks: list[int]) -> list[Draft | None]: ...
+
+    def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None: ...
+
+    def release(self, seq) -> None: ...
+
+
+# ---- the round ----------------------------------------------------------------------------------------------
+def draft_round(seqs: list[Sequence], proposer: Proposer, controller: SpeculationController, *,
+                max_model_len: int, other_tokens: int) -> None:
+    """Set each decoding sequence's `draft` for this step, or None. `other_tokens`: the prefill tokens the step
+    will likely carry besides the decodes (for the cost model)."""
+    for seq in seqs:
+        if seq.acceptance is None:
+            seq.acceptance = controller.new_estimate()
+    limits = [_draft_limit(seq, controller.max_k, max_model_len) for seq in seqs]
+    alphas = [s.acceptance.value for s in seqs]
+    idle = [s.rounds_without_draft for s in seqs]
+    if proposer.drafts_are_free:  # look first, then choose k within what was found
+        drafts = proposer.propose(seqs, limits)
+        limits = [min(lim, len(d.tokens)) if d else 0 for lim, d in zip(limits, drafts)]
+        ks = controller.choose(alphas, limits, idle, other_tokens)
+    else:  # drafting costs a forward per token: choose k first
+        ks = controller.choose(alphas, limits, idle, other_tokens)
+        t0 = time.perf_counter()
+        drafts = proposer.propose(seqs, ks) if any(ks) else [None] * len(seqs)
+        controller.observe_draft(max(ks), time.perf_counter() - t0)
+    for seq, k, draft in zip(seqs, ks, drafts):
+        if draft is None or k == 0 or not draft.tokens:
+            seq.draft = None
+            seq.rounds_without_draft += 1
+        else:
+            seq.draft = Draft(list(draft.tokens[:k]), draft.probs[:k] if draft.probs is not None else None)
+            seq.rounds_without_draft = 0
+
+
+def _draft_limit(seq: Sequence, max_k: int, max_model_len: int) -> int:
+    """The most tokens `seq` may draft this round."""
+    # A seeded sampled request must repeat itself: drafts depend on other traffic (recycled guesses, adaptive
+    # k) and would change how its generator is consumed, so it decodes without speculation.
+    if not seq.params.speculate or (not seq.params.greedy and seq.params.seed is not None):
+        return 0
+    # Never draft past the end: tokens beyond max_tokens or the window would be thrown away.
+    remaining = min(seq.params.max_tokens - seq.num_output_tokens, max_model_len - len(seq))
+    return max(0, min(remaining - 1, max_k))
+
+
+def verify_round(seq: Sequence, target_logits: torch.Tensor) -> list[int]:
+    """The tokens `seq` commits after a forward over its last committed token and its draft:
+    `target_logits` [k + 1, V] are the target's logits at each of those positions."""
+    draft = seq.draft
+    tokens = accept_draft(target_logits, draft.tokens, draft.probs, seq.params, seq.generator)
+    # KV rollback: the forward wrote KV for all 1 + k positions, but only the last committed token's and the
+    # accepted draft tokens' is valid. Counting just those as computed leaves the rest to be overwritten.
+    seq.num_computed_tokens += len(tokens)
+    return tokens
+
+
+def accept_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_probs: torch.Tensor | None,
+                 params: SamplingParams, generator: torch.Generator) -> list[int]:
+    """The accepted prefix of `draft_tokens` plus one target token.
+
+    Greedy: accept while the draft equals the target argmax. Sampled: speculative rejection sampling (Leviathan
+    et al., Chen et al.): accept draft token d at position i with probability min(1, p_i(d) / q_i(d)); on the
+    first rejection draw from normalize(max(0, p_i - q_i)); when every draft token passes, draw a bonus token
+    from p_k. p and q are taken after the same logits processors (temperature, top-k, top-p); a deterministic
+    draft (n-gram, greedy draft model) has a one-hot q. The committed tokens are then distributed exactly as
+    plain sampling from the target would produce them.
+
+    target_logits: float32 [k + 1, V], the target's logits at the last committed token and at each draft token.
+    draft_probs: [k, V] draft distributions (after the same processors), or None for a deterministic draft.
+    """
+    k = len(draft_tokens)
+    assert target_logits.shape[0] == k + 1, (target_logits.shape, k)
+    if params.greedy:
+        target = target_logits.argmax(dim=-1).tolist()
+        out: list[int] = []
+        for i, d in enumerate(draft_tokens):
+            if d != target[i]:
+                break
+            out.append(d)
+        out.append(target[len(out)])
+        return out
+
+    # On the CPU, where the per-request generator lives (k + 1 rows: cheap to move).
+    p = processed_logits(target_logits.float().cpu(), params).softmax(dim=-1)  # [k + 1, V]
+    out = []
+    for i, d in enumerate(draft_tokens):
+        q_d = float(draft_probs[i, d]) if draft_probs is not None else 1.0
+        u = float(torch.rand((), generator=generator))
+        if q_d > 0 and u * q_d < float(p[i, d]):  # u < p/q, i.e. accepted with probability min(1, p/q)
+            out.append(d)
+            continue
+        if draft_probs is not None:
+            residual = (p[i] - draft_probs[i].to(p.dtype)).clamp_min(0)
+        else:
+            residual = p[i].clone()
+            residual[d] = 0.0
+        if float(residual.sum()) <= 0.0:  # p == q up to rounding: any draw from p is exact
+            residual = p[i]
+        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(p[k], 1, generator=generator)))
+    return out
+
+
+def record_round(seq: Sequence, k: int, tokens: list[int], proposer: Proposer, controller: SpeculationController,
+                 target_argmax: list[int] | None) -> None:
+    """Count a round of `seq` that drafted k tokens (0: it decoded or completed its prompt without a draft) and
+    committed `tokens`; show the proposer the target's argmax after each input token if it observes them."""
+    if target_argmax is not None:
+        proposer.observe(seq, [seq.token_ids[-1]] + (seq.draft.tokens if k else []), target_argmax)
+    accepted = len(tokens) - 1
+    seq.spec_stats.record(k, accepted)
+    controller.method_stats.record(k, accepted)
+    if seq.acceptance is not None:
+        seq.acceptance.update(k, accepted)
+
+
+# ---- how much to speculate ----------------------------------------------------------------------------------
 @dataclass
 class SpeculationStats:
     """Counters for one request or one engine. Per-position counts index the draft position (0 = first)."""
@@ -132,13 +286,8 @@ class ProportionalCost:
         return self.b * x
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """Expected tokens committed by one round drafting k tokens at per-token acceptance alpha."""
-    return sum(alpha ** j for j in range(k + 1))
-
-
 class SpeculationController:
-    def __init__(self, max_k: int, adaptive: bool = True, prior_acceptance: float = 0.5,
+    def __init__(self, max_k: int, *, adaptive: bool = True, prior_acceptance: float = 0.5,
                  verify_cost: tuple[float, float] = (0.025, 0.003), draft_cost: float = 0.0,
                  probe_every: int = 16):
         self.max_k = max_k
@@ -205,26 +354,3 @@ class SpeculationController:
     def observe_draft(self, max_k: int, seconds: float) -> None:
         if max_k > 0:
             self.draft_cost.add(max_k, seconds)
-
-
-@dataclass
-class Draft:
-    tokens: list[int]
-    probs: object | None = None  # torch.Tensor [len(tokens), V] for sampled drafts; None for deterministic ones
-
-
-class Proposer(Protocol):
-    """Where draft tokens come from: the n-gram proposer in the verifier, or a client of drafter replicas.
-
-    `drafts_are_free`: drafting costs (almost) nothing and its length is known only after looking (n-gram), so
-    the engine proposes first and chooses k within what was found; otherwise it chooses k first."""
-
-    drafts_are_free: bool
-    prior_acceptance: float
-    observes_target: bool  # wants `observe` (the target's argmax after each input token) after every forward
-
-    def propose(self, seqs: list, ks: list[int]) -> list[Draft | None]: ...
-
-    def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None: ...
-
-    def release(self, seq) -> None: ...

@@ -23,9 +23,12 @@ from specserve.actors.experts.scaling import ActorScaler, ScalingDecision, slots
 
 log = logging.getLogger(__name__)
 
+# How long a new placement waits for a step boundary to switch at before it is withdrawn.
+SWITCH_TIMEOUT_S = 60.0
+
 
 class ExpertBalancer:
-    def __init__(self, transport: ActorTransport, experts_per_layer: dict[int, int], *, redundant_slots: int = 1,
+    def __init__(self, transport: ActorTransport, experts_per_layer: dict[int, int], *, redundant_slots: int,
                  min_gain: float = 0.05, min_tokens: int = 1000, scaler: ActorScaler | None = None):
         """Each actor gets slots_per_actor(experts, actors, `redundant_slots`) slots per layer. A new placement is
         applied only if it lowers the predicted max/mean tokens per actor by at least `min_gain` (moving weights
@@ -72,7 +75,7 @@ class ExpertBalancer:
                 total[a] += v
         return total
 
-    def rebalance_once(self, switch_timeout_s: float = 60.0) -> dict:
+    def rebalance_once(self, switch_timeout_s: float = SWITCH_TIMEOUT_S) -> dict:
         """One round: measure, (with a scaler) decide the actor count and resize, else plan and (if worth it)
         apply. Returns what it saw and did."""
         loads, period_s = self._recent_loads()
@@ -101,7 +104,8 @@ class ExpertBalancer:
     def _replicas(planned: dict[int, LayerPlacement]) -> dict[Slot, list[int]]:
         return {(layer, e): actors for layer, p in planned.items() for e, actors in enumerate(p.replicas)}
 
-    def resize(self, count: int, loads: dict[int, list[float]], switch_timeout_s: float = 60.0) -> dict:
+    def resize(self, count: int, loads: dict[int, list[float]],
+               switch_timeout_s: float = SWITCH_TIMEOUT_S) -> dict:
         """Go to `count` actors with a placement planned for them from `loads`. Growing: start the new actors
         (the highest indices) holding their slots, then apply. Shrinking: apply a placement on actors [0, count),
         then remove the rest once no step uses them."""

@@ -81,7 +81,8 @@ def experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return out
 
 
-def install_dispatch(model: torch.nn.Module, transport: ExpertTransport, drop_local_weights: bool = True) -> list[int]:
+def install_dispatch(model: torch.nn.Module, transport: ExpertTransport, *,
+                     drop_local_weights: bool = True) -> list[int]:
     """Route every MoE layer of `model` through `transport`; returns the MoE layer indices. The local expert
     weights are freed (the transport holds them), unless asked to keep them (tests compare against them)."""
     if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
@@ -112,7 +113,7 @@ def mlp_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return out
 
 
-def install_ffn_dispatch(model: torch.nn.Module, transport: ExpertTransport, num_shards: int,
+def install_ffn_dispatch(model: torch.nn.Module, transport: ExpertTransport, num_shards: int, *,
                          drop_local_weights: bool = True) -> list[int]:
     """Run every dense MLP as `num_shards` slices of its intermediate dimension through `transport` (slice i is
     "expert" i of the layer), summing the slices' outputs in order."""

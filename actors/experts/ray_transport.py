@@ -147,9 +147,8 @@ class ActorSpec:
                  self.ffn_shards, self.channel_key)
 
 
-def actor_spec(model_path: str, hidden_act: str, dtype: str = "float32", num_cpus: float = 0.25,
-               ffn_shards: int = 0, torch_threads: int | None = None,
-               resources: dict[str, float] | None = None,
+def actor_spec(model_path: str, hidden_act: str, *, num_cpus: float, dtype: str = "float32", ffn_shards: int = 0,
+               torch_threads: int | None = None, resources: dict[str, float] | None = None,
                max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> ActorSpec:
     """The actors use the caller's torch thread count unless told otherwise: CPU matmul kernels split work by
     thread count, and on some CPUs the bits then differ from the same model run in the caller. A new channel
@@ -158,7 +157,7 @@ def actor_spec(model_path: str, hidden_act: str, dtype: str = "float32", num_cpu
                      dict(resources or {}), ChannelKey.generate(max_payload_bytes))
 
 
-def start_actors(spec: ActorSpec, owners: dict[Slot, list[int]], num_actors: int,
+def start_actors(spec: ActorSpec, owners: dict[Slot, list[int]], num_actors: int, *,
                  spread: bool = True) -> tuple[list, object]:
     """`num_actors` actors, actor a holding every (layer, expert) whose owners include a, in a placement group
     that spreads them over nodes (SPREAD: best effort). Returns (actors, placement group); remove the group to
@@ -187,7 +186,7 @@ class ExpertsUnavailable(RuntimeError):
     requests get an error) instead of waiting on."""
 
 
-class RayLink:
+class ActorCallLink:
     """Per-layer messages as plain actor calls (Ray's own connections: no channel key)."""
 
     def __init__(self, actor, key: ChannelKey | None = None):
@@ -257,7 +256,7 @@ class ChannelLink:
         self._send_error = None
 
 
-LINKS = {"channel": ChannelLink, "ray": RayLink}
+LINKS = {"channel": ChannelLink, "ray": ActorCallLink}
 
 
 @dataclass
@@ -289,9 +288,8 @@ def _dispose(links: list, handles: list, groups: list) -> None:
 
 
 class ActorTransport:
-    def __init__(self, actors: list, replicas: dict[Slot, list[int]], *, link: str = "channel",
-                 timeout_s: float = 30.0, restart_wait_s: float = 90.0, spec: ActorSpec | None = None,
-                 channel_key: ChannelKey | None = None):
+    def __init__(self, actors: list, replicas: dict[Slot, list[int]], *, link: str, timeout_s: float,
+                 restart_wait_s: float, spec: ActorSpec | None = None, channel_key: ChannelKey | None = None):
         """`replicas`: (layer, expert) -> indices of the actors holding it (first is preferred). `spec`: how to
         start more actors (add_actors; None: the actor count is fixed). A layer that cannot be completed within
         `restart_wait_s` (re-sends, waiting for a restart) raises ExpertsUnavailable. `channel_key`: the actors'
@@ -584,9 +582,9 @@ class ActorTransport:
         self.own_groups = [None] * len(self.own_groups)
 
 
-def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float = 0.25,
-                         link: str = "channel", timeout_s: float = 30.0, restart_wait_s: float = 90.0,
-                         shard_dense_ffn: bool = False, resources: dict[str, float] | None = None,
+def attach_expert_actors(model: torch.nn.Module, model_path: str, num_actors: int, *, num_cpus: float, link: str,
+                         timeout_s: float, restart_wait_s: float, shard_dense_ffn: bool,
+                         resources: dict[str, float] | None = None,
                          max_tokens_per_step: int | None = None) -> ActorTransport | None:
     """Move `model`'s experts into `num_actors` new expert actors (owned by the caller; expert e of every layer on
     actor e % num_actors) and route its MoE layers through them. A dense model's MLPs instead, split into

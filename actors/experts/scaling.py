@@ -52,7 +52,7 @@ class ActorScaler:
     scale-down have their own). Time is passed in, so the delays are testable without sleeping."""
 
     def __init__(self, min_actors: int, max_actors: int, target_rows_per_slot_s: float, upscale_delay_s: float,
-                 downscale_delay_s: float, redundant_slots: int = 1):
+                 downscale_delay_s: float, redundant_slots: int):
         if not 1 <= min_actors <= max_actors:
             raise ValueError(f"need 1 <= min_actors ({min_actors}) <= max_actors ({max_actors})")
         self.min_actors, self.max_actors = min_actors, max_actors

@@ -24,6 +24,8 @@ import msgpack
 log = logging.getLogger(__name__)
 
 STORE = "__kv_store__"  # the holder name of blocks in the cluster's KV store
+# Records the stream keeps (approximately): the recent history a starting router replays.
+STREAM_MAXLEN = 200_000
 
 
 def stream_key(app_name: str) -> str:
@@ -38,7 +40,8 @@ def unpack_ops(ops: bytes) -> list[tuple[bool, bytes]]:
     return [(bool(stored), bytes(h)) for stored, h in msgpack.unpackb(ops)]
 
 
-def publish_ops(client, stream: str, holder: str, events: list[tuple[bool, bytes]], maxlen: int = 200_000) -> bool:
+def publish_ops(client, stream: str, holder: str, events: list[tuple[bool, bytes]],
+                maxlen: int = STREAM_MAXLEN) -> bool:
     """Append one record; False if Redis refused (routers then see a stale view until the next events)."""
     try:
         client.xadd(stream, {"replica": holder, "ops": pack_ops(events)}, maxlen=maxlen, approximate=True)
@@ -49,7 +52,7 @@ def publish_ops(client, stream: str, holder: str, events: list[tuple[bool, bytes
 
 
 class KVEventPublisher:
-    def __init__(self, client, stream: str, replica_id: str, *, maxlen: int = 200_000, flush_s: float = 0.1):
+    def __init__(self, client, stream: str, replica_id: str, *, maxlen: int = STREAM_MAXLEN, flush_s: float = 0.1):
         self.r = client
         self.stream = stream
         self.replica_id = replica_id

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from specserve.cluster.config import KVStoreConfig
 from specserve.cluster.kv.payload import BlockLayout
 
 HOLDERS_KEY = "specserve:kv:holders"
@@ -188,8 +189,7 @@ def _s(x) -> str:
 class KVIndex:
     """Index operations for one namespace. `client` is a redis-py client (bytes responses)."""
 
-    def __init__(self, client, namespace_id: str, *, entry_ttl_s: float = 3600, claim_ttl_s: float = 30,
-                 max_entries: int = 200_000):
+    def __init__(self, client, namespace_id: str, *, entry_ttl_s: float, claim_ttl_s: float, max_entries: int):
         self.r = client
         self.namespace_id = namespace_id
         self.prefix = f"specserve:kv:{{{namespace_id}}}"
@@ -201,6 +201,11 @@ class KVIndex:
         self._claim = client.register_script(_CLAIM)
         self._commit = client.register_script(_COMMIT)
         self._lookup = client.register_script(_LOOKUP)
+
+    @classmethod
+    def from_config(cls, client, namespace_id: str, config: KVStoreConfig) -> "KVIndex":
+        return cls(client, namespace_id, entry_ttl_s=config.entry_ttl_s, claim_ttl_s=config.claim_ttl_s,
+                   max_entries=config.max_index_entries)
 
     def entry_key(self, h: bytes) -> str:
         return f"{self.prefix}:e:{h.hex()}"

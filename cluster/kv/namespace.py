@@ -48,11 +48,12 @@ class KVNamespace:
 def weights_revision(model_dir: str | os.PathLike) -> str:
     """sha256 over config.json and every weights file (name and content digest), in name order.
 
-    Reading 540 MB takes about 0.7 s here, so each file's content digest is remembered, keyed by its inode, size,
-    mtime and ctime. Size and mtime alone can be kept by a replaced file (`rsync -t`, `touch -r`); ctime cannot
-    be set by a user (os.utime sets it to now) and a file replaced by a rename has another inode, so a changed
-    file is always hashed again. The digests are kept in the directory, or in the user's cache when the
-    directory is read-only; with neither writable every file is hashed every time.
+    Hashing every weights file is a noticeable part of a replica's start (docs/measurements.md), so each file's
+    content digest is remembered, keyed by its inode, size, mtime and ctime. Size and mtime alone can be kept by a
+    replaced file (`rsync -t`, `touch -r`); ctime cannot be set by a user (os.utime sets it to now) and a file
+    replaced by a rename has another inode, so a changed file is always hashed again. The digests are kept in the
+    directory, or in the user's cache when the directory is read-only; with neither writable every file is hashed
+    every time.
     """
     root = Path(model_dir).resolve()
     files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))

@@ -33,8 +33,10 @@ def read_password(path: str | None) -> str | None:
     return password
 
 
-def connect(url: str | None = None, sentinels: list[str] | None = None, master: str = "mymaster",
-            timeout_s: float = 2.0, password_file: str | None = None):
+def connect(url: str | None = None, *, timeout_s: float, sentinels: list[str] | None = None,
+            master: str | None = None, password_file: str | None = None):
+    """A client of the Redis at `url`, or of the master named `master` that `sentinels` monitor (the arguments
+    `redis_config` gives)."""
     import redis
 
     opts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "health_check_interval": 10}
@@ -43,6 +45,9 @@ def connect(url: str | None = None, sentinels: list[str] | None = None, master: 
         opts["password"] = password
     if sentinels:
         from redis.sentinel import Sentinel
+
+        if not master:
+            raise ValueError("Redis Sentinel needs the monitored master's name (server.redis_sentinel_master)")
 
         hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinels)]
         # The password is the master's (and its replicas'); sentinels themselves are asked without one.

@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from specserve.cluster.config import KVStoreConfig
 from specserve.cluster.kv.index import DEFAULT_TENANT, REDIS_HOLDER, Entry, KVIndex
 from specserve.cluster.latency import LatencyStat
 from specserve.cluster.kv.payload import BlockLayout, blocks_to_bytes, bytes_to_block, checksum
@@ -86,9 +87,8 @@ class Fetched:
 
 
 class KVStoreClient:
-    def __init__(self, index: KVIndex, transport: PayloadTransport, layout: BlockLayout, *, timeout_s: float = 2.0,
-                 retry_after_s: float = 2.0, admit_after: int = 1, min_import_blocks: int = 1,
-                 max_pending_export_bytes: int = 256 << 20):
+    def __init__(self, index: KVIndex, transport: PayloadTransport, layout: BlockLayout, *, timeout_s: float,
+                 retry_after_s: float, admit_after: int, min_import_blocks: int, max_pending_export_bytes: int):
         self.index = index
         self.transport = transport
         self.layout = layout
@@ -113,6 +113,13 @@ class KVStoreClient:
         self._closed = False
         self._exporter = threading.Thread(target=self._export_loop, name="specserve-kv-export", daemon=True)
         self._exporter.start()
+
+    @classmethod
+    def from_config(cls, index: KVIndex, transport: PayloadTransport, layout: BlockLayout,
+                    config: KVStoreConfig) -> "KVStoreClient":
+        return cls(index, transport, layout, timeout_s=config.timeout_s, retry_after_s=config.retry_after_s,
+                   admit_after=config.admit_after, min_import_blocks=config.min_import_blocks,
+                   max_pending_export_bytes=int(config.max_pending_export_mb * (1 << 20)))
 
     # ---- availability -----------------------------------------------------------------------------------------
     def available(self) -> bool:
@@ -284,7 +291,7 @@ class KVStoreClient:
         self._exports.put(None)
 
     # ---- metrics ----------------------------------------------------------------------------------------------
-    def stats(self, with_index_size: bool = True) -> dict:
+    def stats(self, *, with_index_size: bool = True) -> dict:
         with self._lock:
             counters = dict(self.counters)
             misses = {r: self.misses.get(r, 0) for r in MISS_REASONS}

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The runs behind the README's "Performance" section (`make perf`). Each writes its JSON, table and plots here.
+# The runs behind docs/performance.md (`make perf`). Each writes its JSON, table and plots here; the last step
+# rewrites the generated section of docs/performance.md from them.
 # A peer server on 127.0.0.1:8001 (e.g. `transformers serve --continuous-batching --dtype bfloat16 --device cpu
 # --port 8001 <model dir>`) joins the first and third runs when it answers.
 set -euo pipefail
 cd "$(dirname "$0")"
 SPECSERVE=${SPECSERVE:-../../.venv/bin/specserve}
+PYTHON=${PYTHON:-../../.venv/bin/python}
 MODEL_DIR=${MODEL_DIR:-$HOME/.cache/specserve/models/smollm2-135m}
 BASE="model.dtype=bfloat16"
 PEER=()
@@ -31,3 +33,6 @@ fi
 
 # 4. Soak: ten minutes at 4 clients over chat, shared prefixes and conversations.
 "$SPECSERVE" soak --set "$BASE" --duration 600 --concurrency 4 --json soak.json | tee soak.txt
+
+# 5. The generated section of docs/performance.md: each run's command, full table and plots.
+"$PYTHON" -m specserve.tools.bench.perf_page ../performance.md . speculation prefix long soak

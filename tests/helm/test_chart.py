@@ -27,7 +27,8 @@ from specserve.deploy.serve_config import render, validate
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specserve"
 EXAMPLES = sorted((ROOT / "helm" / "examples").glob("*.yaml"))
-CRD = ROOT.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
+# KubeRay's RayService CRD, vendored with its source noted (fixtures/README.md).
+CRD = Path(__file__).resolve().parent / "fixtures" / "ray.io_rayservices.yaml"
 K8S_VERSION = "1.31.0"
 CORE_KINDS = {"Service", "StatefulSet", "Secret", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap", "Pod",
               "NetworkPolicy"}

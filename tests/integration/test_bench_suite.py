@@ -1,7 +1,7 @@
 """A short smoke of the benchmark suite against a served SmolLM2 (real Ray Serve, real embedded Redis): multi-turn
 and input-copying workloads at a fixed concurrency and at a Poisson rate, goodput under an SLO, specserve's own
 figures read from /metrics per pass, the plots; then a short soak. Seconds of load, not minutes: the full runs
-behind the README's figures are the commands it names."""
+behind docs/performance.md's figures are the commands it names."""
 
 import json
 import os

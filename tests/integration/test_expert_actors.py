@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from specserve.actors.experts.hook import experts_modules, install_dispatch
 from specserve.actors.experts.ray_transport import ActorTransport, ExpertsUnavailable, actor_spec, start_actors
+from specserve.cluster.config import ExpertsConfig
 from tiny_models import MOE_ARCHS, make_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -25,6 +26,9 @@ def _load(path):
     return model.eval()
 
 
+EXPERTS = ExpertsConfig()  # the configured defaults, where a test does not choose
+
+
 def _with_actors(path, replicated: bool, link: str = "channel", **transport_args):
     """The model with its experts in two actors: expert e of each layer on actor e % 2, or on both."""
     model = _load(path)
@@ -34,7 +38,7 @@ def _with_actors(path, replicated: bool, link: str = "channel", **transport_args
     spec = actor_spec(str(path), model.config.hidden_act, num_cpus=0.1)
     actors, pg = start_actors(spec, owners, 2)
     transport = ActorTransport(actors, owners, link=link, channel_key=spec.channel_key,
-                               **{"timeout_s": 10, **transport_args})
+                               **{"timeout_s": 10, "restart_wait_s": EXPERTS.restart_wait_s, **transport_args})
     transport.placement_group = pg
     install_dispatch(model, transport)
     return model, transport, actors
@@ -202,7 +206,8 @@ def test_smollm2_with_ffn_shards_in_actors_is_token_identical(ray_cluster):
     path = resolve_model_path("smollm2-135m", ModelConfig().cache_dir)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    transport = attach_expert_actors(model, str(path), 2, num_cpus=0.1, shard_dense_ffn=True)
+    transport = attach_expert_actors(model, str(path), 2, num_cpus=0.1, shard_dense_ffn=True, link=EXPERTS.transport,
+                                     timeout_s=EXPERTS.timeout_s, restart_wait_s=EXPERTS.restart_wait_s)
     try:
         assert len(set(ray.get([a.node_id.remote() for a in transport.actors]))) == 2
         prompt = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2]])

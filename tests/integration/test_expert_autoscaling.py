@@ -18,6 +18,7 @@ from specserve.actors.experts.eplb import static_owners
 from specserve.actors.experts.hook import experts_modules, install_dispatch
 from specserve.actors.experts.ray_transport import ActorTransport, actor_spec, start_actors
 from specserve.actors.experts.scaling import ActorScaler
+from specserve.cluster.config import ExpertsConfig
 from served_apps import NODE_B
 from test_expert_actors import GEN, _load
 from tiny_models import make_tiny_model
@@ -51,12 +52,13 @@ def test_actors_grow_and_shrink_live_with_identical_tokens(ray_cluster, tmp_path
     owners = static_owners({layer: m.num_experts for layer, m in layers.items()}, 2)
     spec = actor_spec(str(path), model.config.hidden_act, num_cpus=0.1, resources={NODE_B: 1})
     actors, pg = start_actors(spec, owners, 2)
-    transport = ActorTransport(actors, owners, timeout_s=10, spec=spec)
+    transport = ActorTransport(actors, owners, link="channel", timeout_s=10,
+                               restart_wait_s=ExpertsConfig().restart_wait_s, spec=spec)
     transport.placement_group = pg
     install_dispatch(model, transport)
     # Any load wants more replicas than 3 actors hold (so: max_actors); no load wants min_actors.
     scaler = ActorScaler(min_actors=2, max_actors=3, target_rows_per_slot_s=1e-3, upscale_delay_s=0,
-                         downscale_delay_s=0)
+                         downscale_delay_s=0, redundant_slots=1)
     balancer = ExpertBalancer(transport, transport.experts_per_layer, redundant_slots=1, scaler=scaler)
     prompt = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(7))
     try:

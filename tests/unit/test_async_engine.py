@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from specserve.actors.engine.async_engine import AsyncEngine, EngineStopped, StepHealth
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.engine import LLMEngine, RequestRejected
+from specserve.actors.engine.messages import GenerateRequest
 from specserve.actors.engine.sampling_params import SamplingParams
 from tiny_models import make_tiny_model
 
@@ -29,10 +30,13 @@ def async_engine(tmp_path_factory):
     eng.shutdown()
 
 
+def request(rid: str, prompt: list[int], params: SamplingParams) -> GenerateRequest:
+    return GenerateRequest(request_id=rid, prompt_token_ids=prompt, params=params)
+
+
 def collect(eng, rid, prompt, params):
     async def run():
-        outs = [o async for o in eng.generate(rid, prompt, params)]
-        return outs
+        return [o async for o in eng.generate(request(rid, prompt, params))]
     return asyncio.run(run())
 
 
@@ -47,8 +51,8 @@ def test_stream_yields_all_tokens_and_matches_blocking_generate(async_engine):
 
 def test_closing_the_stream_aborts_and_frees_blocks(async_engine):
     async def run():
-        gen = async_engine.generate("b", list(range(3, 30)), SamplingParams(max_tokens=150, temperature=0,
-                                                                             ignore_eos=True))
+        gen = async_engine.generate(request("b", list(range(3, 30)), SamplingParams(max_tokens=150, temperature=0,
+                                                                                     ignore_eos=True)))
         first = await gen.__anext__()
         await gen.aclose()
         for _ in range(100):
@@ -69,9 +73,9 @@ def test_rejected_request_raises_in_the_stream(async_engine):
 def test_concurrent_streams_all_finish(async_engine):
     async def run():
         async def one(i):
-            return [t async for o in async_engine.generate(f"d{i}", list(range(3, 8 + i)),
-                                                          SamplingParams(max_tokens=10 + i, temperature=0,
-                                                                         ignore_eos=True))
+            return [t async for o in async_engine.generate(request(f"d{i}", list(range(3, 8 + i)),
+                                                                  SamplingParams(max_tokens=10 + i, temperature=0,
+                                                                                 ignore_eos=True)))
                     for t in o.new_token_ids]
         return await asyncio.gather(*[one(i) for i in range(6)])
     results = asyncio.run(run())
@@ -200,8 +204,9 @@ def test_a_cancelled_consumer_frees_its_sequence(async_engine):
         started = asyncio.Event()
 
         async def consume():
-            async for _ in async_engine.generate("cancelled", list(range(3, 30)),
-                                                 SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)):
+            async for _ in async_engine.generate(request("cancelled", list(range(3, 30)),
+                                                         SamplingParams(max_tokens=150, temperature=0,
+                                                                        ignore_eos=True))):
                 started.set()
         task = asyncio.create_task(consume())
         await started.wait()

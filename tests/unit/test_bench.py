@@ -613,3 +613,22 @@ def test_soak_judges_growth_after_warmup_and_leaked_blocks():
     res["idle_kv_usage"]["Verifier/a"] = 0.02
     assert any("leaked blocks" in p for p in verdict(res, 64))
     assert "too few memory samples" in verdict({**res, "memory_mb": {}}, 64)[-1]
+
+
+def test_performance_page_generated_section_matches_the_committed_runs():
+    """docs/performance.md's generated section is what `make perf`'s last step writes from docs/perf/, and
+    rewriting it leaves the hand-written text around it alone."""
+    from pathlib import Path
+
+    from specserve.tools.bench import perf_page
+
+    docs = Path(__file__).parents[2] / "docs"
+    page = (docs / "performance.md").read_text()
+    generated = perf_page.section(docs / "perf", ["speculation", "prefix", "long", "soak"], "perf")
+    assert generated in page, "docs/performance.md is stale: run docs/perf/run.sh's last step"
+    assert "| workload | load | target |" in generated and "](perf/soak.png)" in generated
+    assert "Ideal prefix hit, computed from each pass's prompts, not measured" in generated
+    edited = perf_page.with_section("intro\n" + perf_page.BEGIN + "\nold\n" + perf_page.END + "\noutro\n", "NEW")
+    assert edited == "intro\nNEW\noutro\n"
+    with pytest.raises(ValueError):
+        perf_page.with_section("no markers", "NEW")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from specserve.actors.draft.client import DrafterClient, LocalLink, invalid_draft
+from specserve.actors.draft.client import DrafterClient, InProcessDrafterLink, invalid_draft
 from specserve.actors.draft.draft_models import build_draft_model
-from specserve.actors.draft.model_proposer import DraftModelProposer
+from specserve.actors.draft.model_drafter import ModelDrafter
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampling_params import SamplingParams
@@ -41,7 +41,7 @@ def test_invalid_draft_names_each_problem():
     assert "non-negative" in invalid_draft([1, 2], bad, 4, VOCAB)
 
 
-class HostileLink(LocalLink):
+class HostileLink(InProcessDrafterLink):
     """A real draft model whose replies are then corrupted, in turn, in every way the client must catch."""
 
     CORRUPTIONS = [
@@ -52,8 +52,8 @@ class HostileLink(LocalLink):
         lambda r: r,  # some replies pass untouched: speculation still runs
     ]
 
-    def __init__(self, proposer):
-        super().__init__(proposer)
+    def __init__(self, drafter):
+        super().__init__(drafter)
         self.n = 0
 
     def submit(self, client, requests, releases):
@@ -88,8 +88,8 @@ def test_hostile_drafter_replies_are_dropped_and_greedy_output_is_unchanged(targ
     spec = SpeculativeConfig(method="layer_skip", layer_skip_fraction=0.5)
     loaded = build_draft_model("layer_skip", ModelConfig(source=str(target_dir), dtype="float32", device="cpu"),
                                spec)
-    client = DrafterClient(VOCAB)
-    link = HostileLink(DraftModelProposer(loaded.model, block_size=4, num_blocks=300))
+    client = DrafterClient(VOCAB, sampled_drafts=False, timeout_s=SpeculativeConfig().timeout_s)
+    link = HostileLink(ModelDrafter(loaded.model, block_size=4, max_model_len=0, num_blocks=300))
     client.attach_worker("hostile", link)
     eng = engine(client)
     assert eng.generate(prompts, params) == expected

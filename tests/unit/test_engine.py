@@ -121,14 +121,14 @@ def test_exported_blocks_import_into_another_engine(tmp_path_factory):
 def test_only_committed_tokens_are_exported_under_speculation(tmp_path_factory):
     """With n-gram speculation (draft tokens written into the cache and rolled back), every exported block is a
     block of the final committed sequence and its KV equals a plain prefill of that sequence."""
-    from specserve.actors.draft.ngram import NgramProposer
+    from specserve.actors.draft.ngram import NgramDrafter
     from specserve.actors.engine.block_hash import block_hashes
 
     ref, ours = load_pair(tmp_path_factory, "llama")
     exported: dict[bytes, torch.Tensor] = {}
     from specserve.actors.engine.speculation import SpeculationController
 
-    spec = LLMEngine(ours, block_size=4, num_blocks=128, proposer=NgramProposer(1, 3),
+    spec = LLMEngine(ours, block_size=4, num_blocks=128, proposer=NgramDrafter(1, 3, recycle=True),
                      controller=SpeculationController(3, adaptive=False),
                      kv_sink=lambda hs, kv, root: exported.update(zip(hs, kv)))
     base = prompts(ref.config.vocab_size, [12], seed=3)[0]

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from specserve.actors.experts.ray_transport import ActorTransport
 from specserve.actors.experts.scaling import ActorScaler, actors_needed, replicas_needed, slots_per_actor
-from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.config import ExpertsConfig, SpecserveConfig
 
 
 def needed(loads, **kw):
@@ -50,7 +50,7 @@ def test_a_quiet_period_scales_down_to_min_and_counts_are_clamped():
 
 def scaler(**kw):
     args = dict(min_actors=1, max_actors=8, target_rows_per_slot_s=10.0, upscale_delay_s=30.0,
-                downscale_delay_s=600.0)
+                downscale_delay_s=600.0, redundant_slots=1)
     return ActorScaler(**{**args, **kw})
 
 
@@ -104,7 +104,9 @@ def test_config_validates_with_messages_naming_the_field():
 
 def test_proposed_map_switches_at_once_between_steps_else_at_the_next_step():
     replicas = {(0, e): [e % 2] for e in range(4)}
-    transport = ActorTransport([object(), object()], replicas, link="ray")  # "ray" links connect lazily
+    experts = ExpertsConfig()
+    transport = ActorTransport([object(), object()], replicas, link="ray", timeout_s=experts.timeout_s,
+                               restart_wait_s=experts.restart_wait_s)  # "ray" links connect lazily
     moved = {(0, e): [0] for e in range(4)}
     assert transport.propose(moved).is_set() and transport.replicas is moved  # idle: nothing uses the old map
     transport._step_boundary()  # a step is running (it ends after the last MoE layer's finish)

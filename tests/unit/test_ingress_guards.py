@@ -67,8 +67,8 @@ def test_stop_bounds():
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"model": "m", "prompt": "hi", "stop_token_ids": [10 ** 12]})
     params = CompletionRequest.model_validate(
-        {"model": "m", "prompt": "hi", "stop_token_ids": [3, 3, 7]}).sampling_params(4)
-    assert params.stop_token_ids == frozenset({3, 7})
+        {"model": "m", "prompt": "hi", "max_tokens": 4, "stop_token_ids": [3, 3, 7]}).sampling_params()
+    assert params.stop_token_ids == frozenset({3, 7}) and params.max_tokens == 4
     with pytest.raises(ValueError):
         SamplingParams(stop_token_ids=range(MAX_STOP_TOKEN_IDS + 1))
 
@@ -219,9 +219,9 @@ def test_guard_checks_the_key_before_reading_the_body_and_bounds_it():
 def test_readiness_needs_consecutive_failures_to_drop():
     r = Readiness(failures_to_unready=3)
     assert not r.ready
-    assert r.observe(True) and r.ready
-    assert not r.observe(False) and not r.observe(False) and r.ready  # two lost probes: still ready
-    assert not r.observe(True) and r.failures == 0
-    r.observe(False), r.observe(False)
-    assert r.observe(False) and not r.ready  # the third in a row
-    assert r.observe(True) and r.ready
+    assert r.observe(answered=True) and r.ready
+    assert not r.observe(answered=False) and not r.observe(answered=False) and r.ready  # two lost probes: still ready
+    assert not r.observe(answered=True) and r.failures == 0
+    r.observe(answered=False), r.observe(answered=False)
+    assert r.observe(answered=False) and not r.ready  # the third in a row
+    assert r.observe(answered=True) and r.ready

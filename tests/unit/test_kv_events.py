@@ -6,6 +6,7 @@ import redis
 import torch
 
 from specserve.cluster.kv.holder import KVHolder
+from specserve.cluster.config import KVStoreConfig
 from specserve.cluster.kv.index import KVIndex
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
@@ -65,9 +66,9 @@ def test_subscriber_index_follows_publishers(r):
 def test_store_blocks_follow_commits_and_holder_evictions(r, redis_url):
     layout = BlockLayout("float32", (2, 1, 4, 1, 4))
     hs = block_hashes(list(range(16)), 4, namespace="events")
-    index = KVIndex(r, "events")
+    index = KVIndex.from_config(r, "events", KVStoreConfig())
     publisher = KVEventPublisher(r, "s2", "replica-a", flush_s=60)
-    store = KVStoreClient(index, RedisPayloads(), layout)
+    store = KVStoreClient.from_config(index, RedisPayloads(), layout, KVStoreConfig())
     store.on_committed = lambda committed: publisher.publish([(True, h) for h in committed], holder=STORE)
     assert store.export(hs[:3], torch.zeros(3, *layout.shape)) and store.flush()
     publisher.flush()
@@ -76,7 +77,7 @@ def test_store_blocks_follow_commits_and_holder_evictions(r, redis_url):
     sub.poll()
     assert view.match(hs) == {STORE: 3}
     # a holder evicting the second block tells the routers; a later reset of a replica leaves STORE alone
-    holder = KVHolder("h", {"url": redis_url}, 1 << 20, events_stream="s2")
+    holder = KVHolder("h", {"url": redis_url, "timeout_s": 2.0}, 1 << 20, events_stream="s2")
     holder._forget([index.entry_key(hs[1])])
     KVEventPublisher(r, "s2", "replica-a", flush_s=60).close()
     sub.poll()

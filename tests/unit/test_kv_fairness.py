@@ -10,6 +10,7 @@ import torch
 
 from specserve.cluster.kv.fairness import FairShareLRU
 from specserve.cluster.kv.holder import SegmentLRU
+from specserve.cluster.config import KVStoreConfig
 from specserve.cluster.kv.index import DEFAULT_TENANT, KVIndex, register_holder
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads, tenant_label
@@ -112,7 +113,7 @@ def commit(index: KVIndex, hs: list[bytes], tenant: str, writer: str = "w") -> N
 
 
 def test_index_flood_by_one_tenant_leaves_the_others_entries(r):
-    index = KVIndex(r, "fair1", max_entries=10)
+    index = KVIndex.from_config(r, "fair1", KVStoreConfig(max_index_entries=10))
     register_holder(r, "h", "e1")
     mine = hashes(3, seed=0)
     commit(index, mine, "a")
@@ -126,7 +127,7 @@ def test_index_flood_by_one_tenant_leaves_the_others_entries(r):
 
 
 def test_index_evicts_the_largest_tenant_down_to_the_others(r):
-    index = KVIndex(r, "fair2", max_entries=6)
+    index = KVIndex.from_config(r, "fair2", KVStoreConfig(max_index_entries=6))
     register_holder(r, "h", "e1")
     a = hashes(6, seed=0)
     commit(index, a, "a")  # a alone fills the bound
@@ -136,7 +137,7 @@ def test_index_evicts_the_largest_tenant_down_to_the_others(r):
 
 
 def test_index_counts_follow_hits_releases_and_takeovers(r):
-    index = KVIndex(r, "fair3", max_entries=4)
+    index = KVIndex.from_config(r, "fair3", KVStoreConfig(max_index_entries=4))
     register_holder(r, "h", "e1")
     a, b = hashes(3, seed=0), hashes(2, seed=500)
     for h in a:
@@ -159,8 +160,8 @@ def test_index_counts_follow_hits_releases_and_takeovers(r):
 
 # ---- through the store client ------------------------------------------------------------------------------------
 def test_store_client_exports_count_for_the_blocks_tenant(r):
-    index = KVIndex(r, "fair4", max_entries=8)
-    client = KVStoreClient(index, RedisPayloads(), LAYOUT, timeout_s=0.5)
+    index = KVIndex.from_config(r, "fair4", KVStoreConfig(max_index_entries=8))
+    client = KVStoreClient.from_config(index, RedisPayloads(), LAYOUT, KVStoreConfig(timeout_s=0.5))
     try:
         root_a, root_b = root_hash("fair4/tenant/a"), root_hash("fair4/tenant/b")
         a = block_hashes(list(range(12)), 4, parent=root_a)

@@ -12,6 +12,7 @@ import redis
 import torch
 
 from specserve.cluster.kv.holder import SegmentLRU
+from specserve.cluster.config import KVStoreConfig
 from specserve.cluster.kv.index import KVIndex, register_holder
 from specserve.cluster.kv import namespace
 from specserve.cluster.kv.namespace import KV_FORMAT_VERSION, KVNamespace, weights_revision
@@ -137,7 +138,7 @@ def test_weights_revision_falls_back_to_the_user_cache_when_the_directory_is_not
 
 # ---- index -----------------------------------------------------------------------------------------------------
 def test_two_phase_write_and_one_call_lookup(r):
-    index = KVIndex(r, "ns1")
+    index = KVIndex.from_config(r, "ns1", KVStoreConfig())
     register_holder(r, "h", "e1")
     hs = hashes(4)
     assert index.claim(hs[:2], "w1") == [True, True]
@@ -155,7 +156,7 @@ def test_two_phase_write_and_one_call_lookup(r):
 
 
 def test_expired_claim_frees_the_key(r):
-    index = KVIndex(r, "ns2", claim_ttl_s=0.2)
+    index = KVIndex.from_config(r, "ns2", KVStoreConfig(claim_ttl_s=0.2))
     register_holder(r, "h", "e1")
     hs = hashes(1)
     assert index.claim(hs, "dead-writer") == [True]
@@ -168,7 +169,7 @@ def test_expired_claim_frees_the_key(r):
 
 
 def test_restarted_holder_fences_its_old_entries(r):
-    index = KVIndex(r, "ns3")
+    index = KVIndex.from_config(r, "ns3", KVStoreConfig())
     register_holder(r, "h", "e1")
     hs = hashes(3)
     ready(index, hs)
@@ -183,7 +184,7 @@ def test_restarted_holder_fences_its_old_entries(r):
 
 
 def test_hits_refresh_ttl_and_index_is_bounded(r):
-    index = KVIndex(r, "ns4", entry_ttl_s=100, max_entries=5)
+    index = KVIndex.from_config(r, "ns4", KVStoreConfig(entry_ttl_s=100, max_index_entries=5))
     register_holder(r, "h", "e1")
     hs = hashes(8)
     ready(index, hs[:4])
@@ -199,14 +200,14 @@ def test_hits_refresh_ttl_and_index_is_bounded(r):
 
 
 def test_admission_after_second_computation(r):
-    index = KVIndex(r, "ns5")
+    index = KVIndex.from_config(r, "ns5", KVStoreConfig())
     hs = hashes(2)
     assert index.claim(hs, "w", admit_after=2) == [False, False]
     assert index.claim(hs, "w", admit_after=2) == [True, True]
 
 
 def test_release_only_touches_the_named_holder(r):
-    index = KVIndex(r, "ns6")
+    index = KVIndex.from_config(r, "ns6", KVStoreConfig())
     register_holder(r, "h", "e1")
     register_holder(r, "g", "e1")
     hs = hashes(2)
@@ -241,7 +242,8 @@ def test_payload_bytes_round_trip_in_bfloat16():
 
 
 def _client(r, ns="store", **kw) -> KVStoreClient:
-    return KVStoreClient(KVIndex(r, ns), RedisPayloads(), LAYOUT, timeout_s=0.5, retry_after_s=0.3, **kw)
+    config = KVStoreConfig(timeout_s=0.5, retry_after_s=0.3, **kw)
+    return KVStoreClient.from_config(KVIndex.from_config(r, ns, config), RedisPayloads(), LAYOUT, config)
 
 
 def test_store_round_trip_with_redis_payloads(r):
@@ -279,7 +281,8 @@ def test_corrupt_payload_is_a_checksum_miss_and_is_dropped(r):
 
 def test_incompatible_layout_is_a_miss(r):
     writer = _client(r, ns="shared")
-    other = KVStoreClient(KVIndex(r, "shared"), RedisPayloads(), BlockLayout("bfloat16", LAYOUT.shape))
+    other = KVStoreClient.from_config(KVIndex.from_config(r, "shared", KVStoreConfig()), RedisPayloads(),
+                                      BlockLayout("bfloat16", LAYOUT.shape), KVStoreConfig())
     hs = hashes(2)
     writer.export(hs, torch.randn(2, *LAYOUT.shape))
     writer.flush()
@@ -341,7 +344,7 @@ def test_sentinel_config_reaches_the_master(tmp_path):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        index = KVIndex(client, "sentinel")
+        index = KVIndex.from_config(client, "sentinel", KVStoreConfig())
         register_holder(client, "h", "e1")
         ready(index, hashes(2))
         direct = redis.Redis.from_url(master.url)
@@ -356,7 +359,8 @@ def test_slow_redis_is_a_timeout_miss(redis_server):
     import threading
 
     fast = redis.Redis.from_url(redis_server.url, socket_timeout=0.3)
-    client = KVStoreClient(KVIndex(fast, "slow"), RedisPayloads(), LAYOUT, timeout_s=0.3, retry_after_s=0.3)
+    config = KVStoreConfig(timeout_s=0.3, retry_after_s=0.3)
+    client = KVStoreClient.from_config(KVIndex.from_config(fast, "slow", config), RedisPayloads(), LAYOUT, config)
     sleeper = threading.Thread(target=lambda: redis.Redis.from_url(redis_server.url).execute_command(
         "DEBUG", "SLEEP", "1"))
     sleeper.start()

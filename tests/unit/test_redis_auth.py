@@ -57,8 +57,8 @@ def test_embedded_redis_with_a_password_refuses_clients_without_it(tmp_path):
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(server.url, socket_timeout=2).ping()
         with pytest.raises(redis.AuthenticationError):
-            connect(server.url, password_file=_write(tmp_path / "wrong", "wrong")).ping()
-        client = connect(server.url, password_file=_write(tmp_path / "pw", password))
+            connect(server.url, timeout_s=2.0, password_file=_write(tmp_path / "wrong", "wrong")).ping()
+        client = connect(server.url, timeout_s=2.0, password_file=_write(tmp_path / "pw", password))
         assert client.ping() and client.set("k", b"v") and client.get("k") == b"v"
 
 

@@ -6,9 +6,10 @@ from collections import Counter
 import pytest
 
 from specserve.actors.engine.block_hash import block_hashes
+from specserve.cluster.config import RouterConfig
 from specserve.routing.prefix_index import STORE, PrefixIndex
-from specserve.routing.router_policy import ConsistentHashRing, PrefixCostPolicy, ReplicaState
-from specserve.routing.routing_metrics import RoutingOutcomes
+from specserve.routing.router_policy import ConsistentHashRing, PrefixCostPolicy, ReplicaState, RouteDecision
+from specserve.routing.feedback import Placement, RouteOutcome, RoutingOutcomes
 
 BS = 16
 
@@ -54,7 +55,7 @@ def test_requests_go_to_the_replica_holding_their_prefix():
     idx = PrefixIndex()
     hs = chain(40)
     idx.add("b", hs[:32])
-    d = PrefixCostPolicy(idx, BS).choose(replicas("a", "b", "c"), hs, 40 * BS + 5)
+    d = PrefixCostPolicy(idx, BS, RouterConfig()).choose(replicas("a", "b", "c"), hs, 40 * BS + 5)
     assert d.replica_id == "b" and d.reason == "prefix" and d.predicted_cached_tokens == 32 * BS
 
 
@@ -64,7 +65,7 @@ def test_queued_work_outweighs_a_small_prefix_hit():
     idx.add("b", hs[:2])
     rs = replicas("a", "b")
     rs[1].queued_prefill_tokens = 4000  # 4 s of prefill queued on b; the hit saves 32 tokens
-    assert PrefixCostPolicy(idx, BS).choose(rs, hs, 10 * BS + 1).replica_id == "a"
+    assert PrefixCostPolicy(idx, BS, RouterConfig()).choose(rs, hs, 10 * BS + 1).replica_id == "a"
 
 
 def test_a_stale_small_queue_does_not_move_a_request_off_its_prefix():
@@ -73,9 +74,9 @@ def test_a_stale_small_queue_does_not_move_a_request_off_its_prefix():
     idx.add("a", hs)
     rs = replicas("a", "b")
     rs[0].queued_prefill_tokens = 10 * BS + 8  # a reported one such prompt queued (it may be done by now)
-    d = PrefixCostPolicy(idx, BS).choose(rs, hs, 10 * BS + 12)
+    d = PrefixCostPolicy(idx, BS, RouterConfig()).choose(rs, hs, 10 * BS + 12)
     assert (d.replica_id, d.reason) == ("a", "prefix")
-    d = PrefixCostPolicy(idx, BS, switch_margin=0).choose(rs, hs, 10 * BS + 12)
+    d = PrefixCostPolicy(idx, BS, RouterConfig(switch_margin=0)).choose(rs, hs, 10 * BS + 12)
     assert d.replica_id == "b"  # without the margin, b's estimate is (just) lower
 
 
@@ -86,14 +87,14 @@ def test_an_idle_holder_keeps_its_prefix_whatever_the_measured_rates():
     rs = replicas("a", "b")
     rs[0].prefill_tokens_per_s, rs[1].prefill_tokens_per_s = 200, 50000  # a's rate from a few tiny prefills
     rs[0].step_s = 0.05
-    d = PrefixCostPolicy(idx, BS, switch_margin=0).choose(rs, hs, 10 * BS + 12)
+    d = PrefixCostPolicy(idx, BS, RouterConfig(switch_margin=0)).choose(rs, hs, 10 * BS + 12)
     assert (d.replica_id, d.reason, d.predicted_cached_tokens) == ("a", "prefix", 10 * BS)
     rs[0].num_running = 1  # busy: now the estimate decides
-    assert PrefixCostPolicy(idx, BS, switch_margin=0).choose(rs, hs, 10 * BS + 12).replica_id == "b"
+    assert PrefixCostPolicy(idx, BS, RouterConfig(switch_margin=0)).choose(rs, hs, 10 * BS + 12).replica_id == "b"
 
 
 def test_measured_rates_are_used():
-    policy = PrefixCostPolicy(PrefixIndex(), BS)
+    policy = PrefixCostPolicy(PrefixIndex(), BS, RouterConfig())
     slow = ReplicaState("slow", prefill_tokens_per_s=100)
     fast = ReplicaState("fast", prefill_tokens_per_s=1000)
     assert policy.estimate_ttft(slow, 1000, 0, 0) == pytest.approx(10 * policy.estimate_ttft(fast, 1000, 0, 0))
@@ -106,7 +107,7 @@ def test_store_import_beats_recompute_and_counts_as_cached():
     hs = chain(30)
     idx.add(STORE, hs)
     idx.add("a", hs[:5])
-    policy = PrefixCostPolicy(idx, BS)
+    policy = PrefixCostPolicy(idx, BS, RouterConfig())
     rs = replicas("a", "b")
     d = policy.choose(rs, hs, 30 * BS + 1)
     assert d.predicted_cached_tokens == 30 * BS
@@ -122,7 +123,7 @@ def test_a_store_that_fails_to_deliver_is_trusted_less():
     hs = chain(40)
     idx.add(STORE, hs)
     idx.add("a", hs)
-    policy = PrefixCostPolicy(idx, BS)
+    policy = PrefixCostPolicy(idx, BS, RouterConfig())
     rs = replicas("a", "b")
     rs[0].queued_prefill_tokens = 200  # a holds the prompt but has work queued; b could import it all
     d = policy.choose(rs, hs, 40 * BS + 1)
@@ -140,15 +141,15 @@ def test_hot_spot_guard_skips_an_overloaded_holder():
     idx.add("a", hs)
     rs = replicas("a", "b", "c")
     rs[0].in_flight = 30  # far above the mean of the others
-    d = PrefixCostPolicy(idx, BS, hot_factor=2.0, hot_slack=4).choose(rs, hs, 20 * BS + 1)
+    d = PrefixCostPolicy(idx, BS, RouterConfig(hot_factor=2.0, hot_slack=4)).choose(rs, hs, 20 * BS + 1)
     assert d.replica_id != "a"
     rs[0].in_flight = 5  # busy but not a hot spot: the prefix wins
-    assert PrefixCostPolicy(idx, BS).choose(rs, hs, 20 * BS + 1).replica_id == "a"
+    assert PrefixCostPolicy(idx, BS, RouterConfig()).choose(rs, hs, 20 * BS + 1).replica_id == "a"
 
 
 # ---- no match: consistent hashing -------------------------------------------------------------------------
 def test_unmatched_prefixes_spread_and_meet_again():
-    policy = PrefixCostPolicy(PrefixIndex(), BS)
+    policy = PrefixCostPolicy(PrefixIndex(), BS, RouterConfig())
     rs = replicas("a", "b", "c", "d")
     groups = [chain(3, seed=s) for s in range(200)]
     first = [policy.choose(rs, g, 3 * BS + 1).replica_id for g in groups]
@@ -178,7 +179,7 @@ def test_bounded_load_overflows_to_the_next_replica():
 
 
 def test_session_key_pins_a_conversation():
-    policy = PrefixCostPolicy(PrefixIndex(), BS)
+    policy = PrefixCostPolicy(PrefixIndex(), BS, RouterConfig())
     rs = replicas("a", "b", "c")
     picks = {policy.choose(rs, chain(2, seed=s), 40, session_key="user-42").replica_id for s in range(10)}
     assert len(picks) == 1 and policy.choose(rs, chain(2), 40, session_key="user-42").reason == "session"
@@ -192,10 +193,14 @@ def test_bench_router_smoke():
 
 
 def test_routing_outcomes_compare_predicted_with_actual_cached_tokens():
+    def placed(predicted: int) -> Placement:
+        return Placement(RouteDecision("r1", "prefix", predicted, 0.1), policy=None)
+
     out = RoutingOutcomes()
-    out.record(100, 0)  # routed by a policy without predictions
-    out.record(200, 160, predicted=160, reason="prefix")
-    out.record(200, 96, predicted=160, reason="prefix")  # the replica had evicted part of it
+    out.record(RouteOutcome(prompt_tokens=100, cached_tokens=0, placement=None))  # a policy without predictions
+    out.record(RouteOutcome(prompt_tokens=200, cached_tokens=160, placement=placed(160)))
+    # the replica had evicted part of it
+    out.record(RouteOutcome(prompt_tokens=200, cached_tokens=96, placement=placed(160)))
     d = out.as_dict()
     assert d["requests"] == 3 and d["hit_rate"] == pytest.approx(256 / 500)
     p = d["predicted"]

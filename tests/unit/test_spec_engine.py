@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specserve.actors.draft.client import DrafterClient, LocalLink
+from specserve.actors.draft.client import DrafterClient, InProcessDrafterLink
 from specserve.actors.draft.draft_models import build_draft_model, default_kept_layers
-from specserve.actors.draft.model_proposer import DraftModelProposer
-from specserve.actors.draft.ngram import NgramProposer
+from specserve.actors.draft.model_drafter import ModelDrafter
+from specserve.actors.draft.ngram import NgramDrafter
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampler import processed_logits
@@ -69,12 +69,13 @@ def reference(target_dir):
 
 def make_proposer(method, target_dir, draft_dir, sampled=False):
     if method == "ngram":
-        return NgramProposer(1, 3)
+        return NgramDrafter(1, 3, recycle=True)
     spec = SpeculativeConfig(method=method, draft_model=str(draft_dir) if method == "model" else None,
                              layer_skip_fraction=0.5)
     loaded = build_draft_model(method, ModelConfig(source=str(target_dir), dtype="float32", device="cpu"), spec)
-    client = DrafterClient(384, sampled_drafts=sampled)
-    client.attach_worker("w0", LocalLink(DraftModelProposer(loaded.model, block_size=BLOCK, num_blocks=300)))
+    client = DrafterClient(384, sampled_drafts=sampled, timeout_s=SpeculativeConfig().timeout_s)
+    drafter = ModelDrafter(loaded.model, block_size=BLOCK, max_model_len=0, num_blocks=300)
+    client.attach_worker("w0", InProcessDrafterLink(drafter))
     return client
 
 
@@ -104,7 +105,7 @@ def test_greedy_speculation_is_token_identical_to_hf_generate(target_dir, draft_
 
 
 def test_failing_drafter_changes_nothing_and_is_replaced(target_dir, draft_dir, reference):
-    class DyingLink(LocalLink):
+    class DyingLink(InProcessDrafterLink):
         calls = 0
 
         def submit(self, client, requests, releases):
@@ -114,7 +115,7 @@ def test_failing_drafter_changes_nothing_and_is_replaced(target_dir, draft_dir, 
             return super().submit(client, requests, releases)
 
     client = make_proposer("model", target_dir, draft_dir)
-    dying_proposer = client._links["w0"].proposer
+    dying_proposer = client._links["w0"].drafter
     client.detach_worker("w0")
     client.attach_worker("dying", DyingLink(dying_proposer))
     engine = make_engine(target_dir, client, adaptive=False)
@@ -135,7 +136,8 @@ def test_failing_drafter_changes_nothing_and_is_replaced(target_dir, draft_dir, 
         if steps == 8:  # a replacement drafter (fresh state) is discovered while requests run
             fresh = build_draft_model("model", ModelConfig(source=str(target_dir), dtype="float32"),
                                       SpeculativeConfig(method="model", draft_model=str(draft_dir)))
-            client.attach_worker("fresh", LocalLink(DraftModelProposer(fresh.model, block_size=BLOCK, num_blocks=300)))
+            drafter = ModelDrafter(fresh.model, block_size=BLOCK, max_model_len=0, num_blocks=300)
+            client.attach_worker("fresh", InProcessDrafterLink(drafter))
     assert [results[r] for r in ids] == reference
     assert client.stats["failures"] == 1
     assert rounds_at_failure is not None and engine.spec_stats.rounds > rounds_at_failure  # re-attached
@@ -144,20 +146,20 @@ def test_failing_drafter_changes_nothing_and_is_replaced(target_dir, draft_dir, 
 def test_drafter_resyncs_lost_state_and_drops_stale_replies(target_dir, draft_dir):
     loaded = build_draft_model("layer_skip", ModelConfig(source=str(target_dir), dtype="float32"),
                                SpeculativeConfig(method="layer_skip"))
-    prop = DraftModelProposer(loaded.model, block_size=BLOCK, num_blocks=50)
+    prop = ModelDrafter(loaded.model, block_size=BLOCK, max_model_len=0, num_blocks=50)
     tokens = prompt_set()[1]
-    first = prop.propose_batch("c", [{"id": "s", "epoch": 1, "synced": 0, "tokens": tokens, "k": 3, "sampling": None}])
+    first = prop.draft_batch("c", [{"id": "s", "epoch": 1, "synced": 0, "tokens": tokens, "k": 3, "sampling": None}])
     assert first[0]["base"] == len(tokens) and len(first[0]["tokens"]) == 3
     # The verifier accepted the first draft token and corrected the second: the drafter keeps KV for one.
     committed = [first[0]["tokens"][0], 1]
-    again = prop.propose_batch("c", [{"id": "s", "epoch": 1, "synced": len(tokens), "tokens": committed, "k": 2,
+    again = prop.draft_batch("c", [{"id": "s", "epoch": 1, "synced": len(tokens), "tokens": committed, "k": 2,
                                       "sampling": None}])
     assert again[0]["base"] == len(tokens) + 2 and not again[0]["resync"]
     # Unknown sequence, or a different epoch, with a delta: ask for a resync.
     for req in ({"id": "x", "epoch": 1, "synced": 5, "tokens": [1], "k": 2},
                 {"id": "s", "epoch": 2, "synced": len(tokens) + 2, "tokens": [1], "k": 2}):
-        assert prop.propose_batch("c", [dict(req, sampling=None)])[0]["resync"]
-    prop.propose_batch("c", [], releases=["s"])
+        assert prop.draft_batch("c", [dict(req, sampling=None)])[0]["resync"]
+    prop.draft_batch("c", [], releases=["s"])
     assert not prop.states and prop.bm.num_free_blocks == 50
 
 

@@ -3,8 +3,7 @@
 import torch
 
 from chi_square import chi_square_p_value
-from specserve.actors.draft.ngram import NgramIndex, NgramProposer
-from specserve.actors.engine.rejection_sampler import verify_draft
+from specserve.actors.draft.ngram import NgramIndex, NgramDrafter
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.sequence import Sequence
 from specserve.actors.engine.speculation import (
@@ -13,7 +12,7 @@ from specserve.actors.engine.speculation import (
     ProportionalCost,
     SpeculationController,
     SpeculationStats,
-    expected_tokens,
+    accept_draft,
 )
 
 
@@ -27,10 +26,10 @@ def onehot_logits(tokens: list[int], vocab: int) -> torch.Tensor:
 def test_greedy_verification_accepts_the_matching_prefix_and_adds_the_target_token():
     greedy, g = SamplingParams(temperature=0), torch.Generator()
     target = onehot_logits([5, 6, 7, 8], 10)  # target argmax after the last token and after each draft token
-    assert verify_draft(target, [5, 6, 7], None, greedy, g) == [5, 6, 7, 8]  # all accepted + bonus
-    assert verify_draft(target, [5, 9, 7], None, greedy, g) == [5, 6]  # first mismatch corrected
-    assert verify_draft(target, [1, 6, 7], None, greedy, g) == [5]
-    assert verify_draft(target[:1], [], None, greedy, g) == [5]
+    assert accept_draft(target, [5, 6, 7], None, greedy, g) == [5, 6, 7, 8]  # all accepted + bonus
+    assert accept_draft(target, [5, 9, 7], None, greedy, g) == [5, 6]  # first mismatch corrected
+    assert accept_draft(target, [1, 6, 7], None, greedy, g) == [5]
+    assert accept_draft(target[:1], [], None, greedy, g) == [5]
 
 
 def test_rejection_sampling_keeps_the_target_distribution():
@@ -55,7 +54,7 @@ def test_rejection_sampling_keeps_the_target_distribution():
             else:
                 draft = [int(torch.multinomial(q[i], 1, generator=gen)) for i in range(2)]
                 probs = q
-            out = verify_draft(target_logits, draft, probs, params, gen)
+            out = accept_draft(target_logits, draft, probs, params, gen)
             first[out[0]] += 1
             if len(out) > 1 and draft[0] == 2:  # context "2" for the second position: its target is p_1
                 second[out[1]] += 1
@@ -80,7 +79,6 @@ def test_acceptance_estimate_and_cost_model():
     for tokens in (1, 2, 5, 9, 17, 33) * 10:
         cost.add(tokens, 0.030 + 0.002 * tokens)
     assert abs(cost.b - 0.002) < 3e-4 and abs(cost.a - 0.030) < 3e-3
-    assert expected_tokens(0.5, 2) == 1.75
     drafts = ProportionalCost(0.0)
     for _ in range(5):
         drafts.add(4, 0.100)  # every round drafts 4: still a per-token cost of 25 ms
@@ -132,7 +130,7 @@ def test_ngram_lookup_and_recycled_candidates():
     tokens += [4, 7]
     idx.update(tokens)
     assert idx.lookup(tokens, 2) == []  # "7" never seen before
-    prop = NgramProposer(1, 3)
+    prop = NgramDrafter(1, 3, recycle=True)
     seq = Sequence("a", [10, 11, 12, 10, 11], SamplingParams())
     assert prop.propose([seq], [3])[0].tokens == [12, 10, 11]
     other = Sequence("b", [20, 21], SamplingParams())

@@ -81,7 +81,7 @@ def test_grpc_sampling_fields_are_checked_by_name():
 
     def field_of(**kw):
         with pytest.raises(APIError) as err:
-            sampling_params(pb.SamplingParams(**kw), None, True)
+            sampling_params(pb.SamplingParams(**kw))
         assert err.value.status == 400
         return err.value.param
 
@@ -91,6 +91,8 @@ def test_grpc_sampling_fields_are_checked_by_name():
     assert field_of(top_p=math.inf) == "sampling.top_p"
     assert field_of(stop=["a"] * 5) == "sampling.stop"
     assert field_of(stop=[""]) == "sampling.stop"
-    ok = sampling_params(pb.SamplingParams(temperature=0.0, seed=2 ** 64 - 1, stop=["x"]), 7, False)
-    assert ok.greedy and ok.seed == 2 ** 64 - 1 and ok.max_tokens == 7 and not ok.speculate
-    assert sampling_params(pb.SamplingParams(), None, True).temperature == 1.0  # unset = the default
+    assert field_of(max_tokens=0) == "sampling.max_tokens"
+    ok = sampling_params(pb.SamplingParams(temperature=0.0, seed=2 ** 64 - 1, stop=["x"], max_tokens=7))
+    assert ok.greedy and ok.seed == 2 ** 64 - 1 and ok.max_tokens == 7
+    unset = sampling_params(pb.SamplingParams())
+    assert unset.temperature == 1.0 and unset.max_tokens is None  # unset = the default

@@ -197,7 +197,7 @@ def config_of(a: argparse.Namespace) -> BenchConfig:
                        max_concurrency=a.max_concurrency, plots=not a.no_plots, stats_wait_s=a.stats_wait)
 
 
-def start_ray_if_needed(needed: bool) -> bool:
+def start_ray_if_needed(*, needed: bool) -> bool:
     """One local Ray instance for all servers the bench starts (they start and stop apps on it, not Ray)."""
     if not needed:
         return False
@@ -221,7 +221,7 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def _from_results(json_path: str, plots: bool, markdown: bool = False) -> int:
+def _from_results(json_path: str, *, plots: bool, markdown: bool = False) -> int:
     """Redraw the plots, or print the table, of an earlier run's results file."""
     from specserve.tools.bench.plots import write_plots
 
@@ -232,7 +232,7 @@ def _from_results(json_path: str, plots: bool, markdown: bool = False) -> int:
         print(f"error: cannot read {json_path}: {exc}", file=sys.stderr)
         return 2
     if not plots:
-        print(table_of(doc, markdown))
+        print(table_of(doc, markdown=markdown))
         return 0
     for path in write_plots(doc, json_path):
         log(f"wrote {path}")
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     passes: list[dict[str, Any]] = []
     started = time.time()
     code = 0
-    ray_started = start_ray_if_needed(any(t.serve is not None for t in cfg.targets))
+    ray_started = start_ray_if_needed(needed=any(t.serve is not None for t in cfg.targets))
     try:
         asyncio.run(run_bench(cfg, passes))
     except BenchError as exc:

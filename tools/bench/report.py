@@ -45,16 +45,16 @@ def format_table(passes: list[dict[str, Any]], cfg: BenchConfig) -> str:
     return table([t.label for t in cfg.targets], cfg.workloads, [ld.label for ld in cfg.loads], cfg.slo, passes)
 
 
-def table_of(doc: dict[str, Any], markdown: bool = False) -> str:
+def table_of(doc: dict[str, Any], *, markdown: bool = False) -> str:
     """The table of a results file (--json), as printed at the end of its run, or as Markdown."""
     c = doc["config"]
     labels = [t["label"] for t in c["targets"]]
     loads = [Load(ld["kind"], ld["value"]).label for ld in c["loads"]]
-    return table(labels, c["workloads"], loads, c.get("slo") or {}, doc["passes"], markdown)
+    return table(labels, c["workloads"], loads, c.get("slo") or {}, doc["passes"], markdown=markdown)
 
 
 def table(labels: list[str], workloads: list[str], loads: list[str], slo: dict[str, float],
-          passes: list[dict[str, Any]], markdown: bool = False) -> str:
+          passes: list[dict[str, Any]], *, markdown: bool = False) -> str:
     rows = sorted(passes, key=lambda p: (workloads.index(p["workload"]), loads.index(p["load"]["label"]),
                                          labels.index(p["target"])))
     ratio = {(c["target"],) + (c["workload"], c["load"]): c["ratios"].get("output_tok_s")
@@ -120,7 +120,8 @@ def table(labels: list[str], workloads: list[str], loads: list[str], slo: dict[s
             if ideal is not None and pass_key(p) not in seen:
                 seen.add(pass_key(p))
                 lines.append(f"(ideal prefix hit for {p['workload']} {p['load']['label']}: {100 * ideal:.1f}%, "
-                             "one cache that never evicts)")
+                             "computed, not measured: one cache that starts empty and never evicts, on this "
+                             "pass's prompts alone)")
     if show_route:
         lines.append("(route p99 us = prefix_cost routing decision time in the ingress, 99th percentile so far)")
     for p in rows:
@@ -154,7 +155,7 @@ def _config_json(cfg: BenchConfig, argv: list[str]) -> dict[str, Any]:
     return d
 
 
-def write_json(path: str, cfg: BenchConfig, argv: list[str], passes: list[dict[str, Any]], started: float,
+def write_json(path: str, cfg: BenchConfig, argv: list[str], passes: list[dict[str, Any]], started: float, *,
                complete: bool) -> None:
     doc = {
         "tool": "specserve bench",

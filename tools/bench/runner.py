@@ -224,7 +224,7 @@ async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
             await c.aclose()
 
 
-async def _after_pass_metrics(client, cfg: BenchConfig, known: bool) -> str | None:
+async def _after_pass_metrics(client, cfg: BenchConfig, *, known: bool) -> str | None:
     if known and cfg.stats_wait_s > 0:
         await asyncio.sleep(cfg.stats_wait_s)  # let every replica publish what the pass did
     return await server_stats.scrape(client)
@@ -240,7 +240,7 @@ async def _run_target(t: Target, client, cfg: BenchConfig, plan, passes: list[di
         note = f", {len(bad)} failed ({bad[0].error}: {bad[0].detail})" if bad else ""
         log(f"{t.label}: model {t.model}, warmed up with {len(warm)} requests{note}")
     has_metrics = await server_stats.scrape(client) is not None
-    metrics = await _after_pass_metrics(client, cfg, has_metrics)  # the warm-up's counters settled
+    metrics = await _after_pass_metrics(client, cfg, known=has_metrics)  # the warm-up's counters settled
     for w in cfg.workloads:
         for ld in cfg.loads:
             sessions = plan[(w, ld)]
@@ -251,7 +251,7 @@ async def _run_target(t: Target, client, cfg: BenchConfig, plan, passes: list[di
             summary["max_in_flight"] = max_in_flight
             summary["router"] = await router_summary(client)
             summary["ideal_prefix_hit_rate"] = ideal.get((w, ld))
-            after = await _after_pass_metrics(client, cfg, has_metrics)
+            after = await _after_pass_metrics(client, cfg, known=has_metrics)
             summary["server"] = server_stats.pass_figures(metrics, after)
             metrics = after
             passes.append({

@@ -468,8 +468,9 @@ def build_workload(name: str, n: int, seed: int = 0) -> list[Session]:
 
 
 def ideal_prefix_hit_rate(prompts: list[list[int]], block_size: int) -> float | None:
-    """The prefix hit rate of one cache that never evicts, seeing `prompts` (token ids) in order: the ceiling
-    for any routing over any number of replicas. Full blocks only, never a prompt's last token (as the engine)."""
+    """The prefix hit rate of one cache that starts empty and never evicts, seeing `prompts` (token ids) in
+    order: computed, not measured; the ceiling for any routing over replicas whose caches start empty (a server
+    still holding earlier prompts can exceed it). Full blocks only, never a prompt's last token (as the engine)."""
     from specserve.actors.engine.block_hash import block_hashes
 
     seen: set[bytes] = set()

@@ -34,10 +34,15 @@ class DraftState:
     params: SamplingParams | None  # None: deterministic (greedy) drafts
 
 
-class DraftModelProposer:
-    def __init__(self, model, *, block_size: int = 16, kv_cache_memory_gb: float = 0.25, num_blocks: int = 0,
-                 max_model_len: int = 0):
-        self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
+class ModelDrafter:
+    """`max_model_len`: 0 = the model's context window. The draft KV pool: `kv_cache_memory_gb` of memory, or
+    exactly `num_blocks` blocks (tests)."""
+
+    def __init__(self, model, *, block_size: int, max_model_len: int, kv_cache_memory_gb: float | None = None,
+                 num_blocks: int | None = None):
+        if (kv_cache_memory_gb is None) == (num_blocks is None):
+            raise ValueError("size the draft KV pool by kv_cache_memory_gb or by num_blocks, not both")
+        self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_memory_gb or 0.0)
         self.bm = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching=False)
         self.max_model_len = context_window(model.config, max_model_len)
         self.states: OrderedDict[tuple[str, str], DraftState] = OrderedDict()  # LRU first
@@ -92,7 +97,7 @@ class DraftModelProposer:
         return True
 
     # ---- drafting ----------------------------------------------------------------------------------------------
-    def propose_batch(self, client: str, requests: list[dict], releases: list[str] = ()) -> list[dict]:
+    def draft_batch(self, client: str, requests: list[dict], releases: list[str] = ()) -> list[dict]:
         """One reply per request: {id, epoch, base, tokens, probs (float16 [k, V] or None), resync}."""
         t0 = time.perf_counter()
         for seq_id in releases:

@@ -1,0 +1,110 @@
+"""The messages of the request path, one definition each. They cross Ray process boundaries by pickle.
+
+    front end --GenerateRequest--> router (reads its RoutingHints) --> verifier --> engine thread (an add command)
+    engine --RequestOutput--> verifier --> front end (streamed unchanged), which builds a Usage per event
+    verifier --LoadReport--> router (Serve carries it as a dict: `as_dict` / `from_dict` at the two ends)
+
+A per-request option belongs in SamplingParams (what the engine and sampler obey) or, if only the path around
+the engine reads it, in GenerateRequest; a per-step output in RequestOutput; a usage counter in Usage, rendered by
+each protocol (routing/openai_api.py `openai_usage`, routing/grpc_api.py `usage_pb`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from specserve.actors.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True, kw_only=True)
+class RoutingHints:
+    """What the prefix_cost router reads, computed once by the front end in the verifiers' namespace."""
+    block_hashes: list[bytes]  # the prompt's full blocks (those a replica's cache could hold), the tenant's hashes
+    route_key: bytes  # hashed to place the request when no replica holds its prefix
+    session_key: str | None = None  # hashed instead, when the client names a session
+
+
+@dataclass(slots=True, kw_only=True)
+class GenerateRequest:
+    """What the front end sends the verifier (through the request router) for one generation."""
+    request_id: str  # the ingress's own id: unique, also the key of the router's decision
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_tokens already bounded by the context window
+    tenant: str | None = None  # whose namespace of block hashes (None: the engine's own)
+    routing: RoutingHints | None = None  # None: the router does not read the prompt (router.policy round_robin)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One engine step's output for one request: the new tokens and the request's counters so far."""
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    num_spec_rounds: int = 0  # speculative rounds so far, and their drafted / accepted tokens
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_imported_tokens: int = 0  # of the cached prompt tokens, those whose blocks came from the KV store
+    queue_time_s: float = 0.0  # arrival to first step
+
+    @staticmethod
+    def merge(outputs: list[RequestOutput]) -> RequestOutput:
+        """Consecutive outputs of one request as one, for a consumer that fell behind: the per-token fields
+        concatenated, the counters (cumulative) the latest's."""
+        latest = outputs[-1]
+        if len(outputs) > 1:
+            latest.new_token_ids = [t for out in outputs for t in out.new_token_ids]
+        return latest
+
+
+@dataclass(slots=True, kw_only=True)
+class LoadReport:
+    """A verifier's load, polled by Serve for the request router (`Verifier.record_routing_stats`)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    queued_prefill_tokens: int = 0  # prompt tokens admitted or waiting, not yet computed
+    prefill_tokens_per_s: float = 0.0  # measured by the engine; 0 = not measured yet
+    import_tokens_per_s: float = 0.0  # KV store imports, measured by the store client; 0 = not measured yet
+    step_s: float = 0.0  # mean engine step time
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, stats: dict | None) -> LoadReport:
+        """The report Serve carried; a replica that has not reported yet ({} or None) reads as idle, and keys of
+        another version of the verifier (a rolling update) are ignored."""
+        stats = stats or {}
+        return cls(**{f.name: stats[f.name] for f in fields(cls) if f.name in stats})
+
+
+@dataclass(slots=True, kw_only=True)
+class RoutingUsage:
+    """The prefix_cost router's prediction for a request (routing/router_policy.py RouteDecision)."""
+    reason: str  # "prefix" | "store" | "hash" | "session" | "only"
+    predicted_cached_tokens: int
+    predicted_imported_tokens: int
+
+
+@dataclass(slots=True, kw_only=True)
+class Usage:
+    """A request's token counts so far, as the front end reports them with each event."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens served from a cache: the replica's prefix cache or the KV store
+    imported_tokens: int  # of the cached ones, those whose KV blocks came from the cluster's KV store
+    spec_rounds: int  # verification rounds that carried a draft
+    draft_tokens: int  # draft tokens verified
+    accepted_tokens: int  # of those, accepted by the target model
+    routing: RoutingUsage | None = None  # None: no prefix_cost router placed the request
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def rejected_tokens(self) -> int:
+        return self.draft_tokens - self.accepted_tokens
