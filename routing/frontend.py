@@ -21,7 +21,8 @@ from typing import NamedTuple
 from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.engine.engine import context_window
-from specserve.actors.engine.messages import GenerateRequest, RequestOutput, RoutingHints, RoutingUsage, Usage
+from specserve.actors.engine.messages import (GenerateRequest, RequestOutput, RoutingHints, RoutingUsage, TokenLogprobs,
+                                              Usage)
 from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.model_loader import resolve_model_path
@@ -35,6 +36,7 @@ from specserve.routing.detokenizer import IncrementalDetokenizer
 from specserve.routing.errors import APIError, api_error_of, invalid
 from specserve.routing.prompts import Prompt, PromptRenderer
 from specserve.routing.request import PreparedRequest, RequestFields
+from specserve.routing.tools import ToolCall
 from specserve.routing.readiness import Readiness
 from specserve.routing.feedback import Placement, RouteOutcome, router_feedback
 
@@ -44,11 +46,15 @@ _DEADLINE_SLACK_S = 0.05
 
 
 class Event(NamedTuple):
-    """One verifier chunk as a client sees it."""
+    """One verifier chunk of one choice, as a client sees it."""
     text: str  # text delta
     token_ids: list[int]  # new token ids (cut at a stop string)
-    finish_reason: str | None
-    usage: Usage  # so far (see _usage); each protocol renders it
+    finish_reason: str | None  # "stop" | "length" | "tool_calls" when this choice ended
+    usage: Usage  # so far, all choices together (see _usage); each protocol renders it
+    index: int = 0  # the choice (of the request's n)
+    logprobs: list[TokenLogprobs] | None = None  # one per token of `token_ids`, when asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, on choice 0's first event, when asked (echo)
+    tool_calls: list[ToolCall] | None = None  # on the choice's last event, when it called tools
 
 
 class Frontend:

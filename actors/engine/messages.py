@@ -35,6 +35,14 @@ class GenerateRequest:
 
 
 @dataclass(slots=True)
+class TokenLogprobs:
+    """One position's log-probabilities: the token there and the top alternatives (most likely first)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), as many as the request asked for
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """One engine step's output for one request: the new tokens and the request's counters so far."""
     request_id: str
@@ -49,6 +57,11 @@ class RequestOutput:
     num_accepted_tokens: int = 0
     num_imported_tokens: int = 0  # of the cached prompt tokens, those whose blocks came from the KV store
     queue_time_s: float = 0.0  # arrival to first step
+    index: int = 0  # which of the request's n choices (each finishes on its own; the counters are its own)
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked (params.logprobs)
+    # In the first output of choice 0 of a request that asked (params.prompt_logprobs): one per prompt token,
+    # None for the first (nothing precedes it).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @staticmethod
     def merge(outputs: list[RequestOutput]) -> RequestOutput:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 # Temperatures below this sample as greedy: dividing logits by a tinier one overflows to inf and NaN
 # probabilities (a fuzzed 1e-170 failed the whole engine step). vLLM uses the same bound.
@@ -13,6 +14,21 @@ MAX_STOP_SEQUENCES = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
 # The engine checks each sampled token against the set: bounded so a request cannot make the params huge.
 MAX_STOP_TOKEN_IDS = 64
+
+
+# OpenAI's bounds (chat top_logprobs <= 20; completions logprobs <= 5 is checked by that protocol).
+MAX_LOGPROBS = 20
+MAX_N = 16  # choices per request: each holds its own KV blocks past the shared prompt
+MAX_LOGIT_BIAS = 300  # token ids a request may bias (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, enforced token by token by the grammar engine
+    (actors/engine/structured.py): a JSON schema (as JSON text; "json_object" is the schema {"type": "object"}),
+    a regular expression, or a Lark grammar (llguidance's dialect, which tool calls use too)."""
+    kind: Literal["json_schema", "regex", "lark"]
+    value: str
 
 
 @dataclass
@@ -26,6 +42,19 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     speculate: bool = True  # False: this request decodes without drafts (output is the same either way)
+    n: int = 1  # choices; they share the prompt's KV blocks (one prefill, the block table forked)
+    # Log-probabilities (float32 log_softmax of the model's raw logits): for each output token the chosen
+    # token's and this many top alternatives' (0: the chosen token's only); None: not computed.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for each prompt token (the first has none): `echo`
+    # Logits processors, applied in this order before temperature / min_p / top-k / top-p (sampler.py).
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output (CTRL-style)
+    presence_penalty: float = 0.0  # subtracted once from each token that appeared in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    min_p: float = 0.0  # drop tokens whose probability is below min_p times the top token's
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens were generated
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
