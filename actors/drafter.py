@@ -27,6 +27,8 @@ ACTIVE_WINDOW_S = 30.0
 # Every call a Drafter replica makes to its worker is bounded: a stuck worker fails the call (and the health
 # check), never holds the replica's shutdown.
 WORKER_CALL_TIMEOUT_S = 10.0
+# Each replica's worker is a named actor, so that operators' tools and `specserve chaos` can find it.
+WORKER_NAME_PREFIX = "specserve-draft-worker-"
 
 
 class DrafterWorker:
@@ -75,7 +77,7 @@ class Drafter:
         self.worker_id = uuid.uuid4().hex
         self.worker = ray.remote(DrafterWorker).options(
             num_cpus=d.num_cpus, num_gpus=d.num_gpus, max_restarts=0,
-            name=f"specserve-draft-worker-{self.worker_id[:12]}").remote(config)
+            name=WORKER_NAME_PREFIX + self.worker_id[:12]).remote(config)
         ray.get(self.worker.stats.remote())  # the model is loaded before the replica reports ready
 
     async def get_worker(self) -> tuple[str, object]:

@@ -179,12 +179,18 @@ def build_verifier(config: SpecserveConfig) -> VerifierParts:
     try:
         if kv_store is not None and kv_events is not None:
             kv_store.on_committed = lambda hashes: kv_events.publish([(True, h) for h in hashes], holder=STORE)
-        proposer = build_proposer(config, loaded.config.get_text_config().vocab_size)
-        engine = LLMEngine.from_config(loaded.model, config.engine,
-                                       eos_token_ids=eos_ids(loaded.tokenizer, loaded.config), namespace=ns.id,
+        vocab_size = loaded.config.get_text_config().vocab_size
+        proposer = build_proposer(config, vocab_size)
+        eos = eos_ids(loaded.tokenizer, loaded.config)
+        from specserve.actors.engine.structured import GrammarCompiler  # llguidance: structured outputs, tools
+
+        engine = LLMEngine.from_config(loaded.model, config.engine, eos_token_ids=eos, namespace=ns.id,
                                        proposer=proposer, controller=build_controller(config, proposer),
                                        kv_sink=kv_store.export if kv_store else None,
-                                       kv_event_sink=kv_events.publish if kv_events else None)
+                                       kv_event_sink=kv_events.publish if kv_events else None,
+                                       # None (structured requests refused) for a tokenizer wider than the model
+                                       grammar_compiler=GrammarCompiler(loaded.tokenizer, vocab_size, eos)
+                                       if vocab_size >= len(loaded.tokenizer) else None)
     except BaseException:  # e.g. no memory for the KV cache: nobody else will close the clients
         for client in (kv_store, kv_events):
             if client is not None:

@@ -107,16 +107,20 @@ class LocalServer:
         cfg.server.redis_password_file = path
 
     @property
+    def _client_host(self) -> str:
+        """Where a local client reaches the server: 127.0.0.1 when it binds every address."""
+        host = self.config.server.host
+        return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+    @property
     def url(self) -> str:
         """Base URL of the app (its route prefix included)."""
-        host = self.config.server.host
         prefix = self.config.server.route_prefix.rstrip("/")
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.config.server.http_port}{prefix}"
+        return f"http://{self._client_host}:{self.config.server.http_port}{prefix}"
 
     @property
     def grpc_target(self) -> str:
-        host = self.config.server.host
-        return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self.config.server.grpc_port}"
+        return f"{self._client_host}:{self.config.server.grpc_port}"
 
     def stop(self) -> None:
         """Delete the app; shut Serve and Ray down only if this server started Ray."""

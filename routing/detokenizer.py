@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: list[str] | None = None, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, stop: list[str] | None = None, *, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.skip_special_tokens = skip_special_tokens
@@ -50,7 +50,7 @@ class IncrementalDetokenizer:
         idx = [i for i in idx if i >= 0]
         return min(idx) if idx else None
 
-    def _release(self, hold: bool) -> str:
+    def _release(self, *, hold: bool) -> str:
         keep = 0
         if hold and self.stop:
             # Hold back the longest tail that is a proper prefix of some stop string.
@@ -75,3 +75,23 @@ class IncrementalDetokenizer:
             self._pending += full_text[len(prefix_text):]
             self._prefix_offset = self._read_offset = len(self.token_ids)
         return self._release(hold=False)
+
+
+class TokenTexts:
+    """Each token's text as the tokenizer decodes it alone (special tokens included), for logprobs: a token that
+    holds part of a multi-byte character reads as U+FFFD, as in other OpenAI-compatible servers. Cached per id:
+    logprobs name the same few thousand tokens over and over."""
+
+    def __init__(self, tokenizer, *, max_cached: int = 1 << 16):
+        self.tokenizer = tokenizer
+        self.max_cached = max_cached
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self._texts) >= self.max_cached:
+                self._texts.clear()
+            self._texts[token_id] = text
+        return text

@@ -32,11 +32,11 @@ from specserve.cluster.latency import LatencyStat
 from specserve.cluster.metrics import FrontendMetrics
 from specserve.routing.auth import ApiKeys, TenantLimiter, api_key, resolve_tenant
 from specserve.actors.engine.block_hash import block_hashes
-from specserve.routing.detokenizer import IncrementalDetokenizer
+from specserve.routing.detokenizer import IncrementalDetokenizer, TokenTexts
 from specserve.routing.errors import APIError, api_error_of, invalid
 from specserve.routing.prompts import Prompt, PromptRenderer
-from specserve.routing.request import PreparedRequest, RequestFields
-from specserve.routing.tools import ToolCall
+from specserve.routing.request import PreparedRequest, RequestFields, ToolChoice
+from specserve.routing.tools import ToolCall, ToolCallParser, ToolFunction, tool_grammar
 from specserve.routing.readiness import Readiness
 from specserve.routing.feedback import Placement, RouteOutcome, router_feedback
 
@@ -55,6 +55,7 @@ class Event(NamedTuple):
     logprobs: list[TokenLogprobs] | None = None  # one per token of `token_ids`, when asked
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, on choice 0's first event, when asked (echo)
     tool_calls: list[ToolCall] | None = None  # on the choice's last event, when it called tools
+    prompt_token_ids: list[int] | None = None  # with prompt_logprobs: the tokens they are of
 
 
 class Frontend:
@@ -64,6 +65,7 @@ class Frontend:
         server = config.server
         path = resolve_model_path(config.model.source, config.model.cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # the event loop's: incremental detokenizing only
+        self.token_texts = TokenTexts(self.tokenizer)  # the tokens that logprobs name
         hf_config = AutoConfig.from_pretrained(path)
         self.max_model_len = context_window(hf_config, config.engine.max_model_len)
         # Ids the tokenizer knows and the model has embedding rows for (either may have more).
@@ -190,11 +192,41 @@ class Frontend:
         client_id = fields.client_request_id
         if len(client_id) > 128 or not client_id.isprintable():
             raise invalid(names.request_id, "at most 128 printable characters")
+        params = replace(fields.sampling, speculate=fields.speculate is not False)
+        if any(t < 0 or t >= self.vocab_size for t in params.logit_bias):
+            raise invalid(names.logit_bias, f"token ids must be in [0, {self.vocab_size})")
+        params = self._constrain(params, fields)
         # Our ids are always ours: a client's is only echoed (two clients may send the same one).
         return PreparedRequest(request_id=fields.id_prefix + uuid.uuid4().hex, client_request_id=client_id,
-                               protocol=fields.protocol, tenant=tenant, prompt=fields.prompt,
-                               params=replace(fields.sampling, speculate=fields.speculate is not False),
-                               session=fields.session, deadline=self._deadline(fields.timeout_s), arrival=arrival)
+                               protocol=fields.protocol, tenant=tenant, prompt=fields.prompt, params=params,
+                               session=fields.session, deadline=self._deadline(fields.timeout_s), arrival=arrival,
+                               tool_choice=fields.tool_choice)
+
+    @staticmethod
+    def _constrain(params: SamplingParams, fields: RequestFields) -> SamplingParams:
+        """The request's structured output, checked (400 naming the field that asked), and for tool_choice
+        "required" or a named function the grammar that forces the calls."""
+        choice, names = fields.tool_choice, fields.names
+        tools = fields.prompt.tools
+        if choice.mode != "none" and not tools:
+            raise invalid(names.tool_choice, "requires tools")
+        if choice.forced:
+            if params.structured is not None:
+                raise invalid(names.structured, "cannot be combined with a forced tool_choice",
+                              code="unsupported_option")
+            if choice.mode == "function" and choice.name not in {t.name for t in tools}:
+                raise invalid(names.tool_choice, f"function '{choice.name}' is not among the tools")
+            openai_choice = ("required" if choice.mode == "required" else
+                             {"type": "function", "function": {"name": choice.name}})
+            return replace(params, structured=tool_grammar(tools, openai_choice, parallel=choice.parallel))
+        if params.structured is not None:
+            from specserve.actors.engine.structured import check_structured
+
+            try:
+                check_structured(params.structured)
+            except ValueError as exc:
+                raise invalid(names.structured, str(exc)) from None
+        return params
 
     def _deadline(self, client_timeout_s: float | None) -> float | None:
         """Monotonic deadline from the client's timeout and server.request_timeout_s (the shorter)."""
@@ -250,7 +282,8 @@ class Frontend:
                     max_tokens = self.limits(prompt_ids, request.params.max_tokens, prompt.param)
                     params = replace(request.params, max_tokens=max_tokens)
                     async for ev in self._generate(request.request_id, prompt_ids, params, request.tenant,
-                                                   request.session, deadline, request.arrival):
+                                                   request.session, deadline, request.arrival, request.tool_choice,
+                                                   prompt.tools):
                         yield ev
                     finished = True
                 finally:
@@ -267,15 +300,20 @@ class Frontend:
             raise self.record_error(exc, protocol) from exc
 
     async def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tenant: str,
-                        session: str | None, deadline: float | None, arrival: float) -> AsyncIterator[Event]:
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+                        session: str | None, deadline: float | None, arrival: float, tool_choice: ToolChoice,
+                        tools: tuple[ToolFunction, ...]) -> AsyncIterator[Event]:
+        # The output may hold tool calls unless tool_choice is "none" (a forced choice's grammar makes the model
+        # write them in the format the parser reads).
+        choices = [_Choice(IncrementalDetokenizer(self.tokenizer, params.stop),
+                           None if tool_choice.mode == "none" else ToolCallParser(tools))
+                   for _ in range(params.n)]
         request = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, params=params, tenant=tenant,
                                   routing=self._routing_hints(prompt_ids, tenant, session))
         stream = self.verifier.options(stream=True).generate.remote(request)
         m = self.metrics
-        prompt_tokens, cached, completion, last = len(prompt_ids), 0, 0, None
+        prompt_tokens, cached, last = len(prompt_ids), 0, None
         placement: Placement | None = None
-        first_output, ended = True, False
+        first_output, ended, running = True, False, params.n
         stall_s = self.config.server.stall_timeout_s or None
         try:
             while True:
@@ -287,6 +325,7 @@ class Frontend:
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
+                    completion = sum(c.completion for c in choices)
                     if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
                         raise APIError(504, f"deadline exceeded after {completion} generated tokens",
                                        code="deadline_exceeded") from None
@@ -296,19 +335,36 @@ class Frontend:
                 self.last_output = time.monotonic()
                 if first_output:  # routed by now: a prefix_cost router has published its decision
                     placement, first_output = self.router_feedback.take(request_id), False
+                choice = choices[out.index]
+                if choice.ended:  # a choice cut by a stop string while the others run on
+                    continue
                 now = time.monotonic()
-                ids = out.new_token_ids
+                ids, logprobs = out.new_token_ids, out.logprobs
+                detok = choice.detok
                 before = len(detok.token_ids)
                 delta = detok.push(ids)
-                cached = out.num_cached_tokens
-                completion = out.num_output_tokens
+                cached = max(cached, out.num_cached_tokens)
                 reason = out.finish_reason
                 if detok.stopped:
                     ids = ids[:detok.num_tokens_at_stop - before]
-                    completion = detok.num_tokens_at_stop
+                    logprobs = logprobs[:len(ids)] if logprobs is not None else None
+                    choice.completion = detok.num_tokens_at_stop
                     reason = "stop"
-                elif out.finished:
-                    delta += detok.flush()
+                else:
+                    choice.completion = out.num_output_tokens
+                    if out.finished:
+                        delta += detok.flush()
+                choice.out = out
+                choice.ended = detok.stopped or out.finished
+                calls = None
+                if choice.tools is not None:
+                    delta = choice.tools.feed(delta)
+                    if choice.ended:
+                        rest, calls = choice.tools.finish()
+                        delta += rest
+                        if calls:
+                            reason = "tool_calls"
+                        calls = (calls if tool_choice.parallel else calls[:1]) or None
                 if ids:
                     if last is None:
                         m.ttft.observe(now - arrival)
@@ -317,13 +373,18 @@ class Frontend:
                         for _ in ids:
                             m.itl.observe((now - last) / len(ids))
                     last = now
-                ended = detok.stopped or out.finished
-                yield Event(delta, ids, reason, self._usage(out, prompt_tokens, completion, cached, placement))
+                if choice.ended:
+                    running -= 1
+                    choice.reason = reason
+                ended = running == 0
+                usage = self._usage(choices, prompt_tokens, cached, placement)
+                yield Event(delta, ids, reason, usage, out.index, logprobs, out.prompt_logprobs, calls,
+                            prompt_ids if out.prompt_logprobs is not None else None)
                 if ended:
                     m.e2e.observe(time.monotonic() - arrival)
                     m.prompt_tokens.inc(prompt_tokens)
-                    m.generation_tokens.inc(completion)
-                    m.success(reason)
+                    m.generation_tokens.inc(usage.completion_tokens)
+                    m.success(choices[0].reason)
                     return
         finally:
             stream.cancel()
@@ -335,14 +396,30 @@ class Frontend:
                     m.routed(decision.reason, decision.predicted_cached_tokens, cached)
 
     @staticmethod
-    def _usage(out: RequestOutput, prompt_tokens: int, completion: int, cached: int,
-               placement: Placement | None) -> Usage:
-        """The usage an event reports: `completion` and `cached` as the front end counts them (a stop string
-        cuts the completion short), the speculation and KV store counters as the engine reported them."""
+    def _usage(choices: list[_Choice], prompt_tokens: int, cached: int, placement: Placement | None) -> Usage:
+        """The usage an event reports, all choices together (as OpenAI counts them): completion tokens as the
+        front end counts them (a stop string cuts a choice short), the speculation and KV store counters as the
+        engine reported them."""
         decision = placement.decision if placement is not None else None
         routing = None if decision is None else RoutingUsage(
             reason=decision.reason, predicted_cached_tokens=decision.predicted_cached_tokens,
             predicted_imported_tokens=decision.predicted_imported_tokens)
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, cached_tokens=cached,
-                     imported_tokens=out.num_imported_tokens, spec_rounds=out.num_spec_rounds,
-                     draft_tokens=out.num_draft_tokens, accepted_tokens=out.num_accepted_tokens, routing=routing)
+        outs = [c.out for c in choices if c.out is not None]
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(c.completion for c in choices),
+                     cached_tokens=cached, imported_tokens=max(o.num_imported_tokens for o in outs),
+                     spec_rounds=sum(o.num_spec_rounds for o in outs),
+                     draft_tokens=sum(o.num_draft_tokens for o in outs),
+                     accepted_tokens=sum(o.num_accepted_tokens for o in outs), routing=routing)
+
+
+class _Choice:
+    """One choice's state on its way out: its detokenizer (stop strings), its tool-call parser (None: the output
+    is plain text), its latest engine output and completion tokens."""
+    __slots__ = ("detok", "tools", "out", "completion", "ended", "reason")
+
+    def __init__(self, detok: IncrementalDetokenizer, tools):
+        self.detok, self.tools = detok, tools
+        self.out: RequestOutput | None = None
+        self.completion = 0
+        self.ended = False
+        self.reason: str | None = None

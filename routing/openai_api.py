@@ -9,8 +9,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from specserve.actors.engine.messages import Usage
+from specserve.actors.engine.messages import TokenLogprobs, Usage
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.metrics import app_view, render, serve_shard, start_publisher
 from specserve.cluster.priority import use_default_priority
@@ -26,7 +27,8 @@ from specserve.routing.errors import APIError, api_error_of
 from specserve.routing.frontend import Frontend
 from specserve.routing.http_guard import RequestGuard, frontend_of
 from specserve.routing.protocol import ChatCompletionRequest, CompletionRequest, refuse_unserved
-from specserve.routing.request import FieldNames, PreparedRequest, RequestFields
+from specserve.routing.request import FieldNames, PreparedRequest, RequestFields, ToolChoice
+from specserve.routing.tools import ToolCall
 
 log = logging.getLogger(__name__)
 app = FastAPI(title="specserve", docs_url=None, redoc_url=None)
@@ -91,10 +93,75 @@ def request_fields(body: ChatCompletionRequest | CompletionRequest, headers: Map
     prompt = body.as_prompt()
     refuse_unserved(body.model_extra)
     chat = isinstance(body, ChatCompletionRequest)
-    return RequestFields(protocol="http", names=HTTP_FIELD_NAMES, id_prefix="chatcmpl-" if chat else "cmpl-",
-                         model=body.model, prompt=prompt, sampling=body.sampling_params(), speculate=body.speculate,
+    sampling = body.sampling_params()
+    names = HTTP_FIELD_NAMES
+    if sampling.structured is not None:
+        names = replace(names, structured=body.structured_output()[1])
+    return RequestFields(protocol="http", names=names, id_prefix="chatcmpl-" if chat else "cmpl-",
+                         model=body.model, prompt=prompt, sampling=sampling, speculate=body.speculate,
                          draft_method=body.draft_method, timeout_s=_client_timeout(headers),
-                         session=headers.get(session_header))
+                         session=headers.get(session_header),
+                         tool_choice=body.tool_selection()[1] if chat else ToolChoice())
+
+
+# ---- rendering (pure: the unit tests call these) ----------------------------------------------------------------
+def chat_logprobs(logprobs: list[TokenLogprobs], token_text: Callable[[int], str]) -> list[dict]:
+    """Chat `logprobs.content` entries of some tokens: each token's text, logprob, UTF-8 bytes and alternatives."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+class CompletionLogprobs:
+    """Completions `logprobs` ({tokens, token_logprobs, top_logprobs, text_offset}) of one choice, built as its
+    tokens arrive: `take` gives what was added since the last take (a streamed chunk's), `offset` runs on."""
+
+    def __init__(self, token_text: Callable[[int], str]):
+        self.token_text = token_text
+        self.offset = 0  # characters of the choice's text before the next token
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+
+    def add(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
+        """One token; `logprobs` None for the prompt's first token (nothing precedes it)."""
+        text = self.token_text(token_id)
+        self.tokens.append(text)
+        self.token_logprobs.append(None if logprobs is None else logprobs.logprob)
+        self.top_logprobs.append(None if logprobs is None else {self.token_text(t): v for t, v in logprobs.top})
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+
+    def add_all(self, token_ids: list[int], logprobs: list[TokenLogprobs | None]) -> None:
+        for token_id, lp in zip(token_ids, logprobs, strict=True):
+            self.add(token_id, lp)
+
+    def take(self) -> dict:
+        out = {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+               "text_offset": self.text_offset}
+        self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
+        return out
+
+
+def tool_calls_json(calls: list[ToolCall], *, streamed: bool = False) -> list[dict]:
+    """OpenAI `tool_calls`: of a message, or (streamed) of a delta, where each call carries its index."""
+    return [{**({"index": i} if streamed else {}), "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
+
+
+class _ChoiceText:
+    """One choice of a non-streamed response, gathered from its events."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
+        self.reason: str | None = None
+        self.tool_calls: list[ToolCall] = []
 
 
 def _client_timeout(headers: Mapping[str, str]) -> float | None:
@@ -233,60 +300,132 @@ class OpenAIIngress:
                 await events.aclose()
                 raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(first, events, request_id, chat=chat, include_usage=include_usage,
-                                                  return_token_ids=body.return_token_ids),
+            return StreamingResponse(self._stream(body, first, events, request_id, chat=chat,
+                                                  include_usage=include_usage),
                                      media_type="text/event-stream")
-        text, token_ids, reason, usage = "", [], None, None
+        choices = [_ChoiceText(i) for i in range(body.n)]
+        usage, prompt_ids, prompt_logprobs = None, None, None
         async with aclosing(events):
-            async for delta, ids, finish_reason, u in events:
-                text += delta
-                token_ids += ids
-                reason, usage = finish_reason or reason, u
-        created = int(time.time())
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                      "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-            obj = "text_completion"
-        if body.return_token_ids:
-            choice["token_ids"] = token_ids
-        return {"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                "choices": [choice], "usage": openai_usage(usage)}
+            async for ev in events:
+                c = choices[ev.index]
+                c.text += ev.text
+                c.token_ids += ev.token_ids
+                c.logprobs += ev.logprobs or ()
+                c.reason = ev.finish_reason or c.reason
+                c.tool_calls += ev.tool_calls or ()
+                usage = ev.usage
+                if ev.prompt_logprobs is not None:
+                    prompt_ids, prompt_logprobs = ev.prompt_token_ids, ev.prompt_logprobs
+        rendered = []
+        for c in choices:
+            if chat:
+                message = {"role": "assistant", "content": c.text or (None if c.tool_calls else "")}
+                if c.tool_calls:
+                    message["tool_calls"] = tool_calls_json(c.tool_calls)
+                logprobs = ({"content": chat_logprobs(c.logprobs, self.fe.token_texts), "refusal": None}
+                            if body.logprobs else None)
+                choice = {"index": c.index, "message": message, "finish_reason": c.reason, "logprobs": logprobs}
+            else:
+                text, logprobs = c.text, None
+                if body.logprobs is not None:
+                    lp = CompletionLogprobs(self.fe.token_texts)
+                    if body.echo:
+                        if prompt_ids is not None:
+                            lp.add_all(prompt_ids, prompt_logprobs)
+                        lp.offset = len(self._echo_text(body))  # the completion starts after the echoed text
+                    lp.add_all(c.token_ids, c.logprobs)
+                    logprobs = lp.take()
+                if body.echo:
+                    text = self._echo_text(body) + text
+                choice = {"index": c.index, "text": text, "finish_reason": c.reason, "logprobs": logprobs}
+            if body.return_token_ids:
+                choice["token_ids"] = c.token_ids
+            rendered.append(choice)
+        return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name, "choices": rendered,
+                "usage": openai_usage(usage)}
 
-    async def _stream(self, first, events, request_id: str, *, chat: bool, include_usage: bool,
-                      return_token_ids: bool) -> AsyncIterator[str]:
+    def _echo_text(self, body: CompletionRequest) -> str:
+        """The prompt as `echo` returns it: the client's text, or its token ids decoded."""
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            return prompt[0]
+        return prompt if isinstance(prompt, str) else self.fe.tokenizer.decode(prompt)
+
+    async def _stream(self, body: ChatCompletionRequest | CompletionRequest, first, events, request_id: str, *,
+                      chat: bool, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        texts = self.fe.token_texts
+        want_logprobs = bool(body.logprobs) if chat else body.logprobs is not None
+        echo = not chat and body.echo
+        completion_logprobs = [CompletionLogprobs(texts) for _ in range(body.n)] if not chat else []
 
-        def chunk(delta_text: str | None, reason: str | None, *, first: bool = False, ids=None) -> dict:
+        def chunk(index: int, delta: dict | str, reason: str | None, *, logprobs=None, ids=None) -> dict:
             if chat:
-                delta = ({"role": "assistant", "content": ""} if first else
-                         {"content": delta_text} if delta_text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+                choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": reason, "logprobs": None}
-            if return_token_ids and ids is not None:
+                choice = {"index": index, "text": delta, "finish_reason": reason, "logprobs": logprobs}
+            if body.return_token_ids and ids is not None:
                 choice["token_ids"] = ids
             out = {"id": request_id, "object": obj, "created": created, "model": self.model_name, "choices": [choice]}
             if include_usage:
                 out["usage"] = None
             return out
 
+        def render(ev) -> dict | None:
+            calls = ev.tool_calls
+            if not (ev.text or ev.finish_reason or calls or (want_logprobs and ev.logprobs) or
+                    (body.return_token_ids and ev.token_ids)):
+                return None
+            if chat:
+                delta = {"content": ev.text} if ev.text else {}
+                if calls:
+                    delta["tool_calls"] = tool_calls_json(calls, streamed=True)
+                logprobs = ({"content": chat_logprobs(ev.logprobs or [], texts), "refusal": None}
+                            if want_logprobs else None)
+                return chunk(ev.index, delta, ev.finish_reason, logprobs=logprobs, ids=ev.token_ids)
+            logprobs = None
+            if want_logprobs:
+                lp = completion_logprobs[ev.index]
+                lp.add_all(ev.token_ids, ev.logprobs or [])
+                logprobs = lp.take()
+            return chunk(ev.index, ev.text, ev.finish_reason, logprobs=logprobs, ids=ev.token_ids)
+
+        def opening(ev) -> list[dict]:
+            """The chunks before the first event's: each choice's role (chat), or its echoed prompt."""
+            if chat:
+                return [chunk(i, {"role": "assistant", "content": ""}, None) for i in range(body.n)]
+            if not echo:
+                return []
+            prompt_text, opened = self._echo_text(body), []
+            for i in range(body.n):
+                logprobs = None
+                if want_logprobs:
+                    lp = completion_logprobs[i]
+                    if ev is not None and ev.prompt_logprobs is not None:
+                        lp.add_all(ev.prompt_token_ids, ev.prompt_logprobs)
+                    logprobs = lp.take()
+                    lp.offset = len(prompt_text)  # the completion starts after the echoed text
+                opened.append(chunk(i, prompt_text, None, logprobs=logprobs))
+            return opened
+
         usage = None
         try:
-            if chat:
-                yield _sse(chunk(None, None, first=True))
+            for c in opening(first):
+                yield _sse(c)
+
             async def all_events():
                 if first is not None:
                     yield first
                 async for ev in events:
                     yield ev
 
-            async for delta, ids, reason, usage in all_events():
-                if delta or reason or (return_token_ids and ids):
-                    yield _sse(chunk(delta, reason, ids=ids))
+            async for ev in all_events():
+                usage = ev.usage
+                rendered = render(ev)
+                if rendered is not None:
+                    yield _sse(rendered)
             if include_usage:
                 yield _sse({"id": request_id, "object": obj, "created": created, "model": self.model_name,
                             "choices": [], "usage": openai_usage(usage)})

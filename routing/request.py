@@ -17,6 +17,19 @@ from specserve.routing.prompts import Prompt
 Protocol = Literal["http", "grpc"]
 
 
+@dataclass(frozen=True)
+class ToolChoice:
+    """How the model may call the prompt's tools (OpenAI `tool_choice`): not at all, if it likes (the output is
+    parsed for calls), at least one call, or a call of the function `name` (both forced by a grammar)."""
+    mode: Literal["none", "auto", "required", "function"] = "none"
+    name: str | None = None  # the function, for mode "function"
+    parallel: bool = True  # False: at most one call (OpenAI `parallel_tool_calls`)
+
+    @property
+    def forced(self) -> bool:
+        return self.mode in ("required", "function")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FieldNames:
     """How a protocol spells the fields that `prepare` checks, for the errors that name them. (The prompt's
@@ -24,6 +37,9 @@ class FieldNames:
     stop_token_ids: str
     draft_method: str
     request_id: str = "request_id"
+    logit_bias: str = "logit_bias"
+    structured: str = "response_format"  # the field that asked for a structured output
+    tool_choice: str = "tool_choice"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +57,7 @@ class RequestFields:
     client_request_id: str = ""  # echoed back, never used as ours
     timeout_s: float | None = None  # the client's (gRPC deadline, HTTP X-Request-Timeout)
     session: str | None = None  # the session key (router.session_header)
+    tool_choice: ToolChoice = ToolChoice()  # the tools are the prompt's (Prompt.tools)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +72,7 @@ class PreparedRequest:
     session: str | None
     deadline: float | None  # monotonic
     arrival: float  # monotonic
+    tool_choice: ToolChoice = ToolChoice()  # "auto" and the forced modes: the output is parsed into tool calls
 
     @property
     def reply_id(self) -> str:

@@ -333,6 +333,14 @@ def format_multiturn(res: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def serve_overrides(text: str) -> dict[str, Any]:
+    """--serve "KEY=VAL,...": dotted config keys with YAML-typed values, as `specserve bench --serve` reads them."""
+    from specserve.tools.bench.cli import parse_overrides
+    from specserve.tools.bench.runner import typed
+
+    return typed(parse_overrides(text, "--serve"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specserve bench-kv", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["micro", "multiturn", "all"], default="all")
@@ -350,9 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prefix_tokens % 16 or args.prefix_tokens < 16:
         parser.error("--prefix-tokens must be a positive multiple of 16")
-    from specserve.tools.bench import _parse_overrides, _typed
-
-    overrides = _typed(_parse_overrides(args.serve, "--serve")) if args.serve else {}
+    overrides = serve_overrides(args.serve)
     out: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:], "started": time.time()}
     if args.part in ("micro", "all"):
         out["micro"] = run_micro(args.model, args.dtype, args.prefix_tokens, args.repeats,

@@ -141,11 +141,13 @@ def _kill_verifier(server):
 
 
 def _kill_draft_worker(server):
-    killed = _kill("specserve-draft-worker-", restart=False)  # its replica fails its health check
+    from specserve.actors.drafter import WORKER_NAME_PREFIX
+
+    killed = _kill(WORKER_NAME_PREFIX, restart=False)  # its replica fails its health check
 
     def back() -> bool:
         client = _verifier_stats(server).get("drafter_client") or {}
-        return bool(_named("specserve-draft-worker-")) and killed not in {n for n, _ in _named(killed)} \
+        return bool(_named(WORKER_NAME_PREFIX)) and killed not in {n for n, _ in _named(killed)} \
             and client.get("workers", 0) >= 1
     return back
 
@@ -168,10 +170,10 @@ def _kill_redis(server, down_s: float = 3.0):
 
 
 def _kill_holder(server):
-    from specserve.cluster.kv.holder import HOLDER_NAMESPACE
+    from specserve.cluster.kv.holder import HOLDER_NAMESPACE, holder_name_prefix
 
-    fragment = f"specserve-kv-holder-{server.config.server.app_name}-"
-    killed = _kill(fragment, restart=True, namespace=HOLDER_NAMESPACE)  # its entries become misses
+    prefix = holder_name_prefix(server.config.server.app_name)
+    killed = _kill(prefix, restart=True, namespace=HOLDER_NAMESPACE)  # its entries become misses
     return lambda: _answers(killed, "stats", HOLDER_NAMESPACE)
 
 

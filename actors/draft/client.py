@@ -153,9 +153,9 @@ class DrafterClient:
         for i, (seq, k) in enumerate(zip(seqs, ks)):
             if k <= 0:
                 continue
-            att = self._attachment(seq.request_id, usable)
+            att = self._attachment(seq.seq_id, usable)
             p = seq.params
-            req = {"id": seq.request_id, "epoch": att.epoch, "synced": att.synced,
+            req = {"id": seq.seq_id, "epoch": att.epoch, "synced": att.synced,
                    "tokens": seq.token_ids[att.synced:], "k": k,
                    "sampling": None if p.greedy or not self.sampled_drafts else
                    {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p}}
@@ -182,7 +182,7 @@ class DrafterClient:
         return drafts
 
     def _accept(self, seq, reply: dict, k: int) -> Draft | None:
-        att = self._attached.get(seq.request_id)
+        att = self._attached.get(seq.seq_id)
         if att is None:
             return None
         try:
@@ -208,13 +208,12 @@ class DrafterClient:
         sequence cannot be trusted either)."""
         self.stats["invalid"] += 1
         if self.stats["invalid"] <= 10 or self.stats["invalid"] % 1000 == 0:
-            log.warning("drafter reply for %s dropped: %s", seq.request_id, why)
+            log.warning("drafter reply for %s dropped: %s", seq.seq_id, why)
         att.synced, att.epoch = 0, att.epoch + 1
         return None
 
     def _failed(self, worker: str, exc: BaseException, items=()) -> None:
-        timed_out = type(exc).__name__ in ("GetTimeoutError", "TimeoutError")
-        if timed_out:
+        if isinstance(exc, TimeoutError):  # ray.get's GetTimeoutError is one
             # Still alive, probably busy (a long first prefill): rest it, and resync what it was sent.
             self.stats["timeouts"] += 1
             with self._lock:
@@ -232,6 +231,6 @@ class DrafterClient:
         pass  # not called: observes_target is False
 
     def release(self, seq) -> None:
-        att = self._attached.pop(seq.request_id, None)
+        att = self._attached.pop(seq.seq_id, None)
         if att is not None and att.worker in self._links:
-            self._releases.setdefault(att.worker, []).append(seq.request_id)
+            self._releases.setdefault(att.worker, []).append(seq.seq_id)

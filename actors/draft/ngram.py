@@ -59,9 +59,9 @@ class NgramDrafter:
             if k <= 0:
                 drafts.append(None)
                 continue
-            index = self.indexes.get(seq.request_id)
+            index = self.indexes.get(seq.seq_id)
             if index is None:
-                index = self.indexes[seq.request_id] = NgramIndex(self.min_n, self.max_n)
+                index = self.indexes[seq.seq_id] = NgramIndex(self.min_n, self.max_n)
             index.update(seq.token_ids)
             tokens = index.lookup(seq.token_ids, k)
             if self.recycle:
@@ -77,4 +77,4 @@ class NgramDrafter:
             self.recycled.update(zip(input_tokens, target_argmax))
 
     def release(self, seq) -> None:
-        self.indexes.pop(seq.request_id, None)
+        self.indexes.pop(seq.seq_id, None)

@@ -5,7 +5,10 @@ EngineCall); outputs go back to each request's asyncio queue. A consumer that fa
 tokens merged into one chunk (fewer messages under load).
 
 All torch work (loading the model, every forward) happens on the engine thread: with OpenMP, matmuls issued
-from a second thread after another thread has used torch's thread pool ran several times slower.
+from a second thread after another thread has used torch's thread pool ran slower (docs/measurements.md).
+
+A request with n > 1 choices is one stream: its outputs carry their choice's index, and it ends when every
+choice has finished.
 """
 
 from __future__ import annotations
@@ -170,7 +173,8 @@ class AsyncEngine:
         if request_id in self._streams:
             raise RequestRejected(f"duplicate request id {request_id!r}")
         self._streams[request_id] = (loop, q)
-        finished = False
+        finished = False  # every choice finished (or the stream failed)
+        unfinished_choices = set(range(request.params.n))
         try:
             fetched = None
             if self.prefetch is not None:
@@ -185,9 +189,11 @@ class AsyncEngine:
                     if isinstance(it, BaseException):
                         finished = True
                         raise it
-                merged = RequestOutput.merge(items)
-                finished = merged.finished
-                yield merged
+                for out in RequestOutput.merge(items):
+                    if out.finished:
+                        unfinished_choices.discard(out.index)
+                    finished = not unfinished_choices
+                    yield out
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # the client went away: free the sequence's blocks

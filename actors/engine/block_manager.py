@@ -101,8 +101,13 @@ class BlockManager:
             hits.append(block)
         return hits
 
+    def _reusable_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks `seq` may start from: none while it gathers prompt logprobs (its prompt's logits
+        must be computed)."""
+        return [] if seq.prompt_logprobs is not None else self.match_prefix(seq.token_ids, seq.hash_root)
+
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        hits = self.match_prefix(seq.token_ids, seq.hash_root)
+        hits = self._reusable_prefix(seq)
         # Hit blocks sitting in the evictable list are counted as free but will not be taken.
         hits_evictable = sum(1 for b in hits if self.ref_counts[b] == 0)
         need = self.blocks_needed(len(seq)) - len(hits)
@@ -111,7 +116,7 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` blocks for all its current tokens, reusing cached prefix blocks."""
         assert not seq.block_table
-        hits = self.match_prefix(seq.token_ids, seq.hash_root)
+        hits = self._reusable_prefix(seq)
         for block in hits:
             self._ref(block)
         seq.block_table = list(hits)
@@ -127,6 +132,24 @@ class BlockManager:
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self.prefix_queries += seq.num_prompt_tokens
             self.prefix_hits += seq.num_cached_tokens
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give `child` (another choice of `parent`'s request: its tokens are the prompt) the prompt's KV, which
+        `parent` has computed. The child recomputes only the last prompt token, whose logits give its first
+        token: the blocks before that token's block are shared (referenced), and that block is the child's own,
+        as it writes there. Returns (parent's block, child's block) when the child's must first be a copy of the
+        parent's (it holds earlier prompt tokens too), else None. Raises NoFreeBlocksError, leaving `child`
+        without blocks."""
+        assert not child.block_table and len(parent.block_table) * self.block_size >= child.num_prompt_tokens
+        last = child.num_prompt_tokens - 1  # the position the child recomputes
+        own = self._take_block()
+        shared = parent.block_table[:last // self.block_size]
+        for block in shared:
+            self._ref(block)
+        child.block_table = [*shared, own]
+        child.block_hashes = parent.block_hashes[:len(shared)]
+        child.num_computed_tokens = last
+        return (parent.block_table[len(shared)], own) if last % self.block_size else None
 
     def ensure_slots(self, seq: Sequence, num_tokens: int) -> None:
         """Make room for `num_tokens` tokens in total (e.g. before a decode step writes a new token)."""

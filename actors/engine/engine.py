@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.actors.engine.block_manager import BlockManager
-from specserve.actors.engine.messages import RequestOutput
-from specserve.actors.engine.model_runner import ModelRunner
-from specserve.actors.engine.sampler import sample
+from specserve.actors.engine.block_manager import BlockManager, NoFreeBlocksError
+from specserve.actors.engine.messages import RequestOutput, TokenLogprobs
+from specserve.actors.engine.model_runner import ModelRunner, wants_prompt_logits
+from specserve.actors.engine.sampler import apply_processors, sample, token_logprobs
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from specserve.actors.engine.sequence import Sequence, SequenceStatus
@@ -38,19 +38,38 @@ def context_window(hf_config, max_model_len: int = 0) -> int:
     return window
 
 
-def logit_rows(scheduled: list[ScheduledSeq]) -> list[slice | None]:
-    """Each scheduled sequence's rows in the step's logits (see ModelRunner.execute): 1 + k for one verifying
-    k draft tokens, 1 for one that decodes or completes its prompt, None for a chunk that leaves prompt for later.
+def logit_layout(scheduled: list[ScheduledSeq]) -> list[tuple[slice | None, slice | None]]:
+    """Each scheduled sequence's rows in the step's logits (see ModelRunner.execute), as (prompt rows, token
+    rows). Token rows: 1 + k for one verifying k draft tokens, 1 for one that decodes or completes its prompt,
+    None for a chunk that leaves prompt for later. Prompt rows, for a chunk that `wants_prompt_logits`: the rows
+    before its token row, row j giving the logprobs of the prompt token after the chunk's j-th; else None.
     Read before the step advances the sequences."""
-    rows: list[slice | None] = []
+    layout: list[tuple[slice | None, slice | None]] = []
     start = 0
     for item in scheduled:
+        prompt = tokens = None
+        if wants_prompt_logits(item):
+            count = item.num_new_tokens - (1 if item.completes_prompt else 0)
+            prompt = slice(start, start + count)
+            start += count
         if item.num_draft or item.completes_prompt:
-            rows.append(slice(start, start + 1 + item.num_draft))
+            tokens = slice(start, start + 1 + item.num_draft)
             start += 1 + item.num_draft
-        else:
-            rows.append(None)
-    return rows
+        layout.append((prompt, tokens))
+    return layout
+
+
+def logit_rows(scheduled: list[ScheduledSeq]) -> list[slice | None]:
+    """Each scheduled sequence's token rows (see `logit_layout`)."""
+    return [tokens for _, tokens in logit_layout(scheduled)]
+
+
+@dataclass
+class StepLogits:
+    """What a step's forward produced: the raw float32 logits (rows as `logit_layout` says) and, by the index of
+    each scheduled sequence that has a grammar and token rows, the grammar's bitmask rows for those rows."""
+    logits: torch.Tensor
+    masks: dict[int, torch.Tensor]
 
 
 class RequestRejected(ValueError):
@@ -78,7 +97,8 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, eos_token_ids: list[int] | None = None, namespace: str = "",
                  proposer: Proposer | None = None, controller: SpeculationController | None = None,
                  kv_sink: Callable[[list[bytes], torch.Tensor, bytes | None], object] | None = None,
-                 kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None):
+                 kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None,
+                 grammar_compiler=None):
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, namespace=namespace,
                                           enable_prefix_caching=enable_prefix_caching,
@@ -86,7 +106,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.max_model_len = context_window(model.config, max_model_len)
         self.eos_token_ids = set(eos_token_ids or [])
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, list[Sequence]] = {}  # each request's unfinished choices
+        self._to_fork: set[str] = set()  # n > 1 requests whose other choices are not started yet (see _fork)
         self.stats = EngineStats()
         # Speculation: drafts come from `proposer`; `controller` picks k per sequence and holds the aggregate stats.
         self.proposer = proposer
@@ -96,6 +117,13 @@ class LLMEngine:
         self.kv_sink = kv_sink
         # Receives the prefix cache's (stored?, hash) events after each step: the routers' view of this replica.
         self.kv_event_sink = kv_event_sink
+        # Structured outputs (structured.GrammarCompiler, built from the tokenizer); None: requests with
+        # params.structured are rejected. Masks are computed on a worker thread while the forward runs.
+        self.grammar_compiler = grammar_compiler
+        self.mask_worker = None
+        if grammar_compiler is not None:
+            from specserve.actors.engine.structured import MaskWorker  # llguidance: only engines that use it
+            self.mask_worker = MaskWorker(grammar_compiler)
 
     @property
     def spec_stats(self):
@@ -103,13 +131,13 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, model, engine_cfg, eos_token_ids=None, namespace: str = "", proposer=None,
-                    controller=None, kv_sink=None, kv_event_sink=None) -> LLMEngine:
+                    controller=None, kv_sink=None, kv_event_sink=None, grammar_compiler=None) -> LLMEngine:
         return cls(model, block_size=engine_cfg.block_size, num_blocks=engine_cfg.num_blocks,
                    kv_cache_memory_gb=engine_cfg.kv_cache_memory_gb, max_num_seqs=engine_cfg.max_num_seqs,
                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens, max_model_len=engine_cfg.max_model_len,
                    enable_prefix_caching=engine_cfg.enable_prefix_caching, eos_token_ids=eos_token_ids,
                    namespace=namespace, proposer=proposer, controller=controller, kv_sink=kv_sink,
-                   kv_event_sink=kv_event_sink)
+                   kv_event_sink=kv_event_sink, grammar_compiler=grammar_compiler)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -121,38 +149,113 @@ class LLMEngine:
         if not prompt_token_ids:
             raise RequestRejected("prompt is empty")
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        n, prompt_len = params.n, len(prompt_token_ids)
         if params.max_tokens is None:  # the client left it open: fill the window, or the pool if smaller
-            room = min(self.max_model_len, capacity) - len(prompt_token_ids)
+            # Each of the n choices holds its own tokens past the shared prompt: it gets its share of the pool.
+            room = min(self.max_model_len - prompt_len, (capacity - prompt_len) // n)
+            shared = f" shared by n={n} choices" if n > 1 else ""
             if room < 1:
-                raise RequestRejected(f"prompt of {len(prompt_token_ids)} tokens leaves no room to generate "
-                                      f"(context window {self.max_model_len}, KV cache {capacity} tokens)")
+                raise RequestRejected(f"prompt of {prompt_len} tokens leaves no room to generate "
+                                      f"(context window {self.max_model_len}, KV cache {capacity} tokens{shared})")
             params = dataclasses.replace(params, max_tokens=room)
-        total = len(prompt_token_ids) + params.max_tokens
+        total = prompt_len + params.max_tokens
         if total > self.max_model_len:
-            raise RequestRejected(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+            raise RequestRejected(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) = "
                                   f"{total} exceeds the context window of {self.max_model_len} tokens")
-        if total > capacity:
-            raise RequestRejected(f"prompt + max_tokens = {total} tokens exceeds the KV cache capacity of "
-                                  f"{capacity} tokens")
-        seq = Sequence(request_id, prompt_token_ids, params, hash_root)
+        needed = prompt_len + n * params.max_tokens  # the prompt once: the choices share its blocks
+        if needed > capacity:
+            what = ("prompt + max_tokens" if n == 1 else
+                    f"prompt ({prompt_len}) + n ({n}) * max_tokens ({params.max_tokens})")
+            raise RequestRejected(f"{what} = {needed} tokens exceeds the KV cache capacity of {capacity} tokens")
+        seq = Sequence(request_id, prompt_token_ids, params, hash_root)  # choice 0; _fork starts the others
+        seq.grammar = self._grammar_matcher(params)
         seq.num_imported_tokens = imported_tokens
-        self.seqs[request_id] = seq
+        self.seqs[request_id] = [seq]
+        if n > 1:
+            self._to_fork.add(request_id)
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> bool:
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
+        """Abort every choice of the request still running (or not started yet)."""
+        seqs = self.seqs.pop(request_id, None)
+        if seqs is None:
             return False
-        self._finish(seq, "abort")
+        self._to_fork.discard(request_id)
+        for seq in seqs:
+            self._finish(seq, "abort")
         return True
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        """End one choice; the request ends with its last."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.scheduler.remove(seq)
-        self.seqs.pop(seq.request_id, None)
+        live = self.seqs.get(seq.request_id, [])
+        if seq in live:
+            live.remove(seq)
+        if not live:
+            self.seqs.pop(seq.request_id, None)
+            self._to_fork.discard(seq.request_id)
         if self.proposer is not None:
             self.proposer.release(seq)
+
+    def _fork(self, sched: SchedulerOutput) -> None:
+        """Start choices 1 .. n-1 of each n > 1 request whose prompt this step's forward completed. They share
+        the prompt's KV blocks (BlockManager.fork) instead of computing the prompt again. Runs after the forward
+        (the prompt's KV is written) and before the parent commits its first token: the parent's per-sequence
+        state (its grammar matcher) is still the prompt's, and its blocks are still held even if it finishes.
+        The grammar matchers must be at rest here (no mask computation in flight). A choice that finds no
+        sequence slot or free block waits for admission like a new request, first in line: the prefix cache
+        then serves it the prompt's full blocks."""
+        copies: list[tuple[int, int]] = []
+        waiting: list[Sequence] = []
+        for item in sched.scheduled:
+            parent = item.seq
+            if parent.request_id not in self._to_fork or not item.completes_prompt:
+                continue
+            self._to_fork.discard(parent.request_id)
+            for index in range(1, parent.params.n):
+                child = self._new_choice(parent, index)
+                self.seqs[parent.request_id].append(child)
+                if self.scheduler.free_seq_slots:
+                    try:
+                        copy = self.block_manager.fork(parent, child)
+                    except NoFreeBlocksError:
+                        waiting.append(child)
+                        continue
+                    if copy is not None:
+                        copies.append(copy)
+                    self.scheduler.add_running(child)
+                else:
+                    waiting.append(child)
+        if copies:
+            self.runner.copy_blocks([src for src, _ in copies], [dst for _, dst in copies])
+        for child in reversed(waiting):
+            self.scheduler.add(child, first=True)
+
+    @staticmethod
+    def _new_choice(parent: Sequence, index: int) -> Sequence:
+        """Choice `index` of `parent`'s request, at the end of the prompt: its own generator (seeded from the
+        request's seed and `index`), the request's prompt figures, and a fork of the parent's grammar state."""
+        child = Sequence(parent.request_id, parent.token_ids[:parent.num_prompt_tokens], parent.params,
+                         parent.hash_root, index=index)
+        child.arrival_time, child.first_scheduled_time = parent.arrival_time, parent.first_scheduled_time
+        child.num_cached_tokens, child.num_imported_tokens = parent.num_cached_tokens, parent.num_imported_tokens
+        child.prompt_logprobs = None  # choice 0's first output carries them
+        if parent.grammar is not None:
+            child.grammar = parent.grammar.fork()
+        return child
+
+    def _grammar_matcher(self, params: SamplingParams):
+        """The grammar state a request with params.structured starts from (None without)."""
+        if params.structured is None:
+            return None
+        if self.grammar_compiler is None:
+            raise RequestRejected("structured output is not enabled on this engine (no grammar compiler)")
+        try:
+            return self.grammar_compiler.matcher(params.structured)
+        except ValueError as exc:
+            raise RequestRejected(str(exc)) from None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -165,6 +268,8 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         logits = self._execute(sched)
+        if self._to_fork:
+            self._fork(sched)
         outputs = self._postprocess(sched, logits)
         self._observe_step(sched, time.perf_counter() - t0)
         return outputs
@@ -186,29 +291,71 @@ class LLMEngine:
         pending += sum(len(s) for s in self.scheduler.waiting)
         return min(pending, max(0, self.scheduler.max_num_batched_tokens - num_decodes))
 
-    def _execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """The forward: logits of the rows that yield tokens (see `logit_rows`)."""
+    def _execute(self, sched: SchedulerOutput) -> StepLogits:
+        """The forward: logits of the rows that yield tokens (see `logit_layout`), and the grammar masks of
+        those rows, computed meanwhile."""
+        constrained = [i for i, item in enumerate(sched.scheduled)
+                       if item.seq.grammar is not None and (item.num_draft or item.completes_prompt)]
+        pending = None
+        if constrained:
+            pending = self.mask_worker.start([(sched.scheduled[i].seq.grammar, self._draft_tokens(sched.scheduled[i]))
+                                              for i in constrained])
         t0 = time.perf_counter()
         logits = self.runner.execute(sched.scheduled)
         if self.controller is not None and all(it.num_new_tokens == 1 + it.num_draft for it in sched.scheduled):
             # The cost model is fitted on decode/verify steps only: that is where k is chosen, and prefill
             # chunks (many tokens of one sequence) cost less per token and would flatten the slope.
             self.controller.observe_step(sched.num_tokens, time.perf_counter() - t0)
+        masks: dict[int, torch.Tensor] = {}
+        if pending is not None:
+            bitmask, start = pending.result(), 0
+            for i in constrained:
+                rows = 1 + sched.scheduled[i].num_draft
+                masks[i] = bitmask[start:start + rows]
+                start += rows
+        return StepLogits(logits, masks)
+
+    @staticmethod
+    def _draft_tokens(item: ScheduledSeq) -> list[int]:
+        return item.seq.draft.tokens if item.num_draft else []
+
+    def _processed_logits(self, scheduled: list[ScheduledSeq], rows: list[slice | None],
+                          step: StepLogits) -> torch.Tensor:
+        """The step's logits after each request's logits processors (sampler.apply_processors); the raw logits
+        themselves when no request in the step has any."""
+        needs = [i for i, (item, r) in enumerate(zip(scheduled, rows))
+                 if r is not None and item.seq.params.has_processors]
+        if not needs:
+            return step.logits
+        logits = step.logits.clone()
+        for i in needs:
+            seq = scheduled[i].seq
+            logits[rows[i]] = apply_processors(step.logits[rows[i]], seq.params, seq.token_ids,
+                                               seq.num_prompt_tokens, self._draft_tokens(scheduled[i]),
+                                               self.eos_token_ids, step.masks.get(i))
         return logits
 
-    def _postprocess(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+    def _postprocess(self, sched: SchedulerOutput, step: StepLogits) -> list[RequestOutput]:
         """Commit each sequence's new tokens (sampled, or its verified draft), register the blocks it filled,
         finish the sequences that stopped, and hand new blocks and prefix-cache events to their sinks."""
-        rows = logit_rows(sched.scheduled)
+        layout = logit_layout(sched.scheduled)
+        rows = [tokens for _, tokens in layout]
+        raw = step.logits
+        logits = self._processed_logits(sched.scheduled, rows, step)
         sampled = self._sample(sched.scheduled, rows, logits)
         observe = self.proposer is not None and self.proposer.observes_target
         argmax = logits.argmax(dim=-1).tolist() if observe else None
         outputs: list[RequestOutput] = []
         new_blocks: list[tuple[int, bytes, bytes | None]] = []
-        for i, (item, r) in enumerate(zip(sched.scheduled, rows)):
+        for i, (item, (prompt_rows, r)) in enumerate(zip(sched.scheduled, layout)):
             seq = item.seq
             self.stats.prompt_tokens += item.num_new_prompt_tokens
-            if item.num_draft:
+            if prompt_rows is not None:  # row j: the prompt token after this chunk's j-th
+                first = seq.num_computed_tokens + 1
+                targets = seq.token_ids[first:first + prompt_rows.stop - prompt_rows.start]
+                seq.prompt_logprobs[first:first + len(targets)] = token_logprobs(
+                    raw[prompt_rows], targets, seq.params.prompt_logprobs)
+            if seq.draft is not None and r is not None:  # a draft, or the distribution a grammar cut it at
                 tokens = verify_round(seq, logits[r])
             else:
                 seq.num_computed_tokens += item.num_new_tokens
@@ -224,7 +371,8 @@ class LLMEngine:
             self.stats.generated_tokens += len(emitted)
             if reason:
                 self._finish(seq, reason)
-            outputs.append(self._output(seq, emitted, reason))
+            logprobs = token_logprobs(raw[r], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
+            outputs.append(self._output(seq, emitted, reason, logprobs))
         self._export_new_blocks(new_blocks)
         if self.kv_event_sink is not None:
             self.kv_event_sink(self.block_manager.drain_events())
@@ -233,7 +381,7 @@ class LLMEngine:
     @staticmethod
     def _sample(scheduled: list[ScheduledSeq], rows: list[slice | None], logits: torch.Tensor) -> dict[int, list[int]]:
         """One token for each sequence that decodes or completes its prompt without a draft, by its index."""
-        plain = [i for i, (item, r) in enumerate(zip(scheduled, rows)) if r is not None and not item.num_draft]
+        plain = [i for i, (item, r) in enumerate(zip(scheduled, rows)) if r is not None and item.seq.draft is None]
         if not plain:
             return {}
         tokens = sample(logits[[rows[i].start for i in plain]], [scheduled[i].seq.params for i in plain],
@@ -247,6 +395,8 @@ class LLMEngine:
         for token in tokens:
             seq.token_ids.append(token)
             emitted.append(token)
+            if seq.grammar is not None:  # masked to what the grammar allows, so this cannot fail
+                seq.grammar.accept([token])
             reason = self._check_stop(seq, token)
             if reason:
                 break
@@ -260,15 +410,21 @@ class LLMEngine:
             return "stop"
         if token in p.stop_token_ids:
             return "stop"
+        if seq.grammar is not None and seq.grammar.done:
+            return "stop"
         if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
 
     @staticmethod
-    def _output(seq: Sequence, emitted: list[int], reason: str | None) -> RequestOutput:
+    def _output(seq: Sequence, emitted: list[int], reason: str | None,
+                logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
+        """The output of a step that committed `emitted` (the first carries the prompt logprobs, if gathered)."""
         st = seq.spec_stats
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return RequestOutput(
-            seq.request_id, emitted, finished=reason is not None, finish_reason=reason,
+            seq.request_id, emitted, finished=reason is not None, finish_reason=reason, index=seq.index,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens, num_spec_rounds=st.rounds, num_draft_tokens=st.draft_tokens,
             num_accepted_tokens=st.accepted_tokens,

@@ -64,12 +64,31 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @staticmethod
-    def merge(outputs: list[RequestOutput]) -> RequestOutput:
-        """Consecutive outputs of one request as one, for a consumer that fell behind: the per-token fields
-        concatenated, the counters (cumulative) the latest's."""
-        latest = outputs[-1]
-        if len(outputs) > 1:
-            latest.new_token_ids = [t for out in outputs for t in out.new_token_ids]
+    def merge(outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Outputs of one request that a consumer fell behind on, fewer: each run of consecutive outputs of one
+        choice as one output (the per-token fields concatenated, the counters, cumulative, the run's latest),
+        in the order given. Outputs of different choices are never merged: each choice's stream keeps its
+        order, and the request's interleaving of choices is kept too."""
+        merged: list[RequestOutput] = []
+        run: list[RequestOutput] = []
+        for out in outputs:
+            if run and out.index != run[0].index:
+                merged.append(RequestOutput._merge_run(run))
+                run = []
+            run.append(out)
+        if run:
+            merged.append(RequestOutput._merge_run(run))
+        return merged
+
+    @staticmethod
+    def _merge_run(run: list[RequestOutput]) -> RequestOutput:
+        latest = run[-1]
+        if len(run) > 1:
+            latest.new_token_ids = [t for out in run for t in out.new_token_ids]
+            if any(out.logprobs is not None for out in run):
+                latest.logprobs = [lp for out in run for lp in out.logprobs or []]
+            latest.prompt_logprobs = next((out.prompt_logprobs for out in run if out.prompt_logprobs is not None),
+                                          None)
         return latest
 
 

@@ -24,6 +24,12 @@ def kv_geometry(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
+def wants_prompt_logits(item: ScheduledSeq) -> bool:
+    """Whether this step keeps the logits of every row of `item` (a prompt chunk of a request gathering
+    prompt logprobs) rather than only the row that yields a token."""
+    return item.seq.prompt_logprobs is not None and not item.num_draft and item.num_new_prompt_tokens > 0
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0):
         self.model = model
@@ -70,7 +76,9 @@ class ModelRunner:
                         torch.arange(start, end, device=self.device)[:, None])
                 slots = torch.tensor(self._slots(seq.block_table, 0, end), device=self.device)
                 prefills.append(PrefillSpan(row, n, slots, mask))
-            if item.num_draft:  # verification: logits at the last committed token and at every draft token
+            if item.num_draft or wants_prompt_logits(item):
+                # Verification: logits at the last committed token and at every draft token. Prompt logprobs:
+                # at every prompt row.
                 logit_rows.extend(range(row, row + n))
             elif item.completes_prompt:
                 logit_rows.append(row + n - 1)
@@ -106,7 +114,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Forward the batch; returns float32 logits in batch order: one row per sequence that completes its
-        prompt or decodes, 1 + k rows per sequence verifying k draft tokens, none for partial prefill chunks."""
+        prompt or decodes, 1 + k rows per sequence verifying k draft tokens, none for partial prefill chunks,
+        except every row of a chunk that `wants_prompt_logits`."""
         ids, pos, meta, logit_rows = self.prepare(batch)
         set_context(self.kv_cache, meta)
         try:
@@ -145,3 +154,9 @@ class ModelRunner:
         kv = kv.to(self.device, self.kv_cache.k.dtype).transpose(0, 2)  # [layers, 2, n, bs, heads, dim]
         self.kv_cache.k[:, slots] = kv[:, 0].reshape(layers, -1, heads, dim)
         self.kv_cache.v[:, slots] = kv[:, 1].reshape(layers, -1, heads, dim)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy the KV of blocks `src` into blocks `dst`, pairwise (a forked choice's copy of a shared block)."""
+        src_slots, dst_slots = self._block_slots(src), self._block_slots(dst)
+        self.kv_cache.k[:, dst_slots] = self.kv_cache.k[:, src_slots]
+        self.kv_cache.v[:, dst_slots] = self.kv_cache.v[:, src_slots]

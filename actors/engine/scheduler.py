@@ -51,8 +51,22 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, *, first: bool = False) -> None:
+        """Queue `seq` for admission: last, or `first` (a forked choice without blocks of its own, admitted
+        next while its prompt's blocks are fresh in the prefix cache)."""
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Run `seq`, which holds its blocks already (a choice forked from a running sequence)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    @property
+    def free_seq_slots(self) -> int:
+        return max(0, self.max_num_seqs - len(self.running))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -4,7 +4,8 @@ A round, per decoding sequence (the engine calls these around its step):
   1. `draft_round`: the proposer drafts up to k tokens past the sequence's last committed token, k chosen by
      the `SpeculationController` (below).
   2. The engine's forward runs the last committed token plus the k draft tokens, writing KV for all 1 + k.
-  3. `verify_round`: the target's logits decide what commits (`accept_draft`): the accepted prefix of the
+  3. `verify_round`: the target's logits, after the request's logits processors (sampler.apply_processors, row i
+     seeing the history extended by draft[:i]), decide what commits (`accept_draft`): the accepted prefix of the
      draft plus one token of the target's own. The KV of the rejected positions is rolled back by not
      counting it as computed; later forwards overwrite it.
   4. `record_round`: acceptance counts, and the proposer sees what the target predicted.
@@ -41,6 +42,9 @@ if TYPE_CHECKING:  # sequence.py imports this module (SpeculationStats)
 class Draft:
     tokens: list[int]
     probs: torch.Tensor | None = None  # [len(tokens), V] for sampled drafts; None for deterministic ones
+    # A sampled draft cut where its next token broke the grammar: the distribution that token was drawn from.
+    # The target rejects such a token for sure, so its own token is drawn from the residual against it.
+    cut_probs: torch.Tensor | None = None
 
 
 class Proposer(Protocol):
@@ -81,12 +85,29 @@ def draft_round(seqs: list[Sequence], proposer: Proposer, controller: Speculatio
         drafts = proposer.propose(seqs, ks) if any(ks) else [None] * len(seqs)
         controller.observe_draft(max(ks), time.perf_counter() - t0)
     for seq, k, draft in zip(seqs, ks, drafts):
-        if draft is None or k == 0 or not draft.tokens:
-            seq.draft = None
+        # A draft may be left with no tokens but a cut distribution: verified as a round of k = 0.
+        seq.draft = _grammar_cut(seq, draft, k) if draft is not None and k else None
+        if seq.num_draft_tokens == 0:
             seq.rounds_without_draft += 1
         else:
-            seq.draft = Draft(list(draft.tokens[:k]), draft.probs[:k] if draft.probs is not None else None)
             seq.rounds_without_draft = 0
+
+
+def _grammar_cut(seq: Sequence, draft: Draft, k: int) -> Draft | None:
+    """The first k tokens of `draft`, cut before the first one the sequence's grammar forbids (such tokens
+    would only be rejected, and the grammar's masks are defined only along a valid path)."""
+    tokens = list(draft.tokens[:k])
+    probs = draft.probs[:k] if draft.probs is not None else None
+    cut_probs = None
+    if seq.grammar is not None and tokens:
+        valid = seq.grammar.valid_prefix(tokens)
+        if valid < len(tokens):
+            cut_probs = probs[valid] if probs is not None else None
+            tokens = tokens[:valid]
+            probs = probs[:valid] if probs is not None else None
+    if not tokens:
+        return None if cut_probs is None else Draft([], probs[:0], cut_probs)
+    return Draft(tokens, probs, cut_probs)
 
 
 def _draft_limit(seq: Sequence, max_k: int, max_model_len: int) -> int:
@@ -104,7 +125,8 @@ def verify_round(seq: Sequence, target_logits: torch.Tensor) -> list[int]:
     """The tokens `seq` commits after a forward over its last committed token and its draft:
     `target_logits` [k + 1, V] are the target's logits at each of those positions."""
     draft = seq.draft
-    tokens = accept_draft(target_logits, draft.tokens, draft.probs, seq.params, seq.generator)
+    tokens = accept_draft(target_logits, draft.tokens, draft.probs, seq.params, seq.generator,
+                          cut_probs=draft.cut_probs)
     # KV rollback: the forward wrote KV for all 1 + k positions, but only the last committed token's and the
     # accepted draft tokens' is valid. Counting just those as computed leaves the rest to be overwritten.
     seq.num_computed_tokens += len(tokens)
@@ -112,18 +134,23 @@ def verify_round(seq: Sequence, target_logits: torch.Tensor) -> list[int]:
 
 
 def accept_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_probs: torch.Tensor | None,
-                 params: SamplingParams, generator: torch.Generator) -> list[int]:
+                 params: SamplingParams, generator: torch.Generator, *, cut_probs: torch.Tensor | None = None
+                 ) -> list[int]:
     """The accepted prefix of `draft_tokens` plus one target token.
 
-    Greedy: accept while the draft equals the target argmax. Sampled: speculative rejection sampling (Leviathan
+    Greedy: accept while the draft equals the target argmax (of the processed logits). Sampled: speculative rejection sampling (Leviathan
     et al., Chen et al.): accept draft token d at position i with probability min(1, p_i(d) / q_i(d)); on the
     first rejection draw from normalize(max(0, p_i - q_i)); when every draft token passes, draw a bonus token
-    from p_k. p and q are taken after the same logits processors (temperature, top-k, top-p); a deterministic
-    draft (n-gram, greedy draft model) has a one-hot q. The committed tokens are then distributed exactly as
-    plain sampling from the target would produce them.
+    from p_k (from normalize(max(0, p_k - cut_probs)) when the draft's next token was cut for breaking the
+    grammar: it was drawn and would have been rejected). p is the target's distribution after the request's
+    processors (sampler.apply_processors by the caller, then temperature / min_p / top-k / top-p here); q is
+    whatever distribution the draft tokens were drawn from; a deterministic draft (n-gram, greedy draft model)
+    has a one-hot q. The committed tokens are then distributed exactly as plain sampling from the target (with
+    the same processors) would produce them.
 
-    target_logits: float32 [k + 1, V], the target's logits at the last committed token and at each draft token.
-    draft_probs: [k, V] draft distributions (after the same processors), or None for a deterministic draft.
+    target_logits: float32 [k + 1, V], the target's processed logits at the last committed token and at each
+    draft token (row i after the history extended by draft_tokens[:i]).
+    draft_probs: [k, V] draft distributions, or None for a deterministic draft.
     """
     k = len(draft_tokens)
     assert target_logits.shape[0] == k + 1, (target_logits.shape, k)
@@ -155,7 +182,11 @@ def accept_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_pro
             residual = p[i]
         out.append(int(torch.multinomial(residual, 1, generator=generator)))
         return out
-    out.append(int(torch.multinomial(p[k], 1, generator=generator)))
+    last = p[k]
+    if cut_probs is not None:
+        residual = (last - cut_probs.to(p.dtype)).clamp_min(0)
+        last = residual if float(residual.sum()) > 0.0 else last
+    out.append(int(torch.multinomial(last, 1, generator=generator)))
     return out
 
 

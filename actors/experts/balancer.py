@@ -18,7 +18,7 @@ import time
 import ray
 
 from specserve.actors.experts.eplb import LayerPlacement, balance_ratio, rebalance
-from specserve.actors.experts.ray_transport import ActorTransport, Slot, slots_of_actors
+from specserve.actors.experts.ray_transport import LOAD_TIMEOUT_S, ActorTransport, Slot, slots_of_actors
 from specserve.actors.experts.scaling import ActorScaler, ScalingDecision, slots_per_actor
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,20 @@ SWITCH_TIMEOUT_S = 60.0
 
 class ExpertBalancer:
     def __init__(self, transport: ActorTransport, experts_per_layer: dict[int, int], *, redundant_slots: int,
-                 min_gain: float = 0.05, min_tokens: int = 1000, scaler: ActorScaler | None = None):
+                 min_gain: float = 0.05, min_tokens: int = 1000, scaler: ActorScaler | None = None,
+                 call_timeout_s: float = LOAD_TIMEOUT_S):
         """Each actor gets slots_per_actor(experts, actors, `redundant_slots`) slots per layer. A new placement is
         applied only if it lowers the predicted max/mean tokens per actor by at least `min_gain` (moving weights
-        costs), judged on at least `min_tokens` rows (fewer are noise). `scaler`: also resize the actors."""
+        costs), judged on at least `min_tokens` rows (fewer are noise). `scaler`: also resize the actors. An actor
+        that does not answer a load or drop of slots within `call_timeout_s` fails the round (GetTimeoutError),
+        which then ends instead of holding the balancer thread."""
         self.transport = transport
         self.experts_per_layer = experts_per_layer
         self.redundant_slots = redundant_slots
         self.min_gain = min_gain
         self.min_tokens = min_tokens
         self.scaler = scaler
+        self.call_timeout_s = call_timeout_s
         self.last_scaling: ScalingDecision | None = None
         self._seen: dict[tuple, int] = {}  # (actor handle, slot) -> rows it had counted at the last read
         self._read_at = time.monotonic()
@@ -132,16 +136,21 @@ class ExpertBalancer:
         actors = self.transport.actors[:num_actors or self.num_actors]
         new_slots = slots_of_actors(replicas, len(actors))
         # Phase 1: every actor loads the slots it lacks (it keeps serving from the ones it has).
-        loaded = sum(ray.get([a.load_slots.remote(sorted(s)) for a, s in zip(actors, new_slots)]))
+        loaded = sum(ray.get([a.load_slots.remote(sorted(s)) for a, s in zip(actors, new_slots)],
+                             timeout=self.call_timeout_s))
         # Phase 2: the transport switches maps at its next step boundary.
         if not self.transport.propose(replicas).wait(switch_timeout_s) and self.transport.withdraw(replicas):
             log.info("expert balance: no step within %.0fs; placement withdrawn", switch_timeout_s)
-            ray.get([a.hold_slots.remote(self.transport.slots_of(i)) for i, a in enumerate(actors)])
+            self._hold_slots(actors)
             return {"applied": False, "loaded": loaded, "dropped": 0}
         # Phase 3: drop what the new map does not use.
-        dropped = sum(r["dropped"] for r in ray.get([a.hold_slots.remote(self.transport.slots_of(i))
-                                                     for i, a in enumerate(actors)]))
+        dropped = sum(r["dropped"] for r in self._hold_slots(actors))
         return {"applied": True, "loaded": loaded, "dropped": dropped}
+
+    def _hold_slots(self, actors: list) -> list[dict]:
+        """Each actor keeps exactly the slots the transport's map in use gives it."""
+        return ray.get([a.hold_slots.remote(self.transport.slots_of(i)) for i, a in enumerate(actors)],
+                       timeout=self.call_timeout_s)
 
     def run_every(self, period_s: float, stop: threading.Event) -> threading.Thread:
         def loop():

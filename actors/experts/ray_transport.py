@@ -115,6 +115,9 @@ class ExpertActor:
 
 # Expert actors are named (unique per actor) so that operators' tools and `specserve chaos` can find them.
 ACTOR_NAME_PREFIX = "specserve-expert-actor-"
+# How long actors may take to read expert weights from the model files: starting with their slots, or loading
+# the slots of a new placement.
+LOAD_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def start_actors(spec: ActorSpec, owners: dict[Slot, list[int]], num_actors: int
     pg = placement_group([spec.bundle()] * num_actors, strategy="SPREAD" if spread else "PACK")
     ray.get(pg.ready(), timeout=120)
     actors = [spec.start(slots, pg, a) for a, slots in enumerate(slots_of_actors(owners, num_actors))]
-    ray.get([a.ready.remote() for a in actors], timeout=300)
+    ray.get([a.ready.remote() for a in actors], timeout=LOAD_TIMEOUT_S)
     return actors, pg
 
 
@@ -512,7 +515,7 @@ class ActorTransport:
     # balancer then proposes a map that uses them. Shrinking removes actors once the map in use names none. The
     # engine thread only indexes actors its current map names, so the lists change in place, under _lock. --
 
-    def add_actors(self, slots: list[set[Slot]], ready_timeout_s: float = 300.0) -> list[int]:
+    def add_actors(self, slots: list[set[Slot]], ready_timeout_s: float = LOAD_TIMEOUT_S) -> list[int]:
         """Start one actor per entry of `slots`, holding those, and connect to them; returns their indices.
         Actor i goes into bundle i of the first placement group while that group has one (its actor was
         removed), else into a one-bundle group of its own."""

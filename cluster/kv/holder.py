@@ -181,8 +181,13 @@ class KVHolder:
             pass
 
 
+def holder_name_prefix(app_name: str) -> str:
+    """What the names of `app_name`'s holders start with (one holder per node)."""
+    return f"specserve-kv-holder-{app_name}-"
+
+
 def holder_name(app_name: str, node_id: str) -> str:
-    return f"specserve-kv-holder-{app_name}-{node_id[:16]}"
+    return holder_name_prefix(app_name) + node_id[:16]
 
 
 def holder_actor(app_name: str, node_id: str, redis_config: dict, capacity_bytes: int, events_stream: str = ""):

@@ -29,7 +29,7 @@ def _load(path):
 EXPERTS = ExpertsConfig()  # the configured defaults, where a test does not choose
 
 
-def _with_actors(path, replicated: bool, link: str = "channel", **transport_args):
+def _with_actors(path, *, replicated: bool, link: str = "channel", **transport_args):
     """The model with its experts in two actors: expert e of each layer on actor e % 2, or on both."""
     model = _load(path)
     layers = experts_modules(model)
@@ -155,6 +155,36 @@ def test_live_rebalance_mid_generation_keeps_tokens_and_balances(ray_cluster, tm
             assert ray.get(actor.hold_slots.remote(transport.slots_of(a))) == {"loaded": 0, "dropped": 0}
     finally:
         transport.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class _UnresponsiveExpertActor:
+    """An expert actor stuck loading its slots (a hung disk read): it answers nothing until killed."""
+
+    def load_slots(self, slots) -> int:
+        threading.Event().wait()
+        return 0
+
+
+class _OneActorMap:
+    """What ExpertBalancer.apply reads of a transport: its actors, and the map it switches."""
+
+    def __init__(self, actors):
+        self.actors = actors
+
+
+def test_balancer_round_ends_when_an_actor_does_not_answer(ray_cluster):
+    from ray.exceptions import GetTimeoutError
+
+    from specserve.actors.experts.balancer import ExpertBalancer
+
+    actor = _UnresponsiveExpertActor.remote()
+    try:
+        balancer = ExpertBalancer(_OneActorMap([actor]), {0: 2}, redundant_slots=1, call_timeout_s=1.0)
+        with pytest.raises(GetTimeoutError):
+            balancer.apply({(0, 0): [0], (0, 1): [0]}, switch_timeout_s=1.0)
+    finally:
+        ray.kill(actor)
 
 
 def test_bench_experts_smoke(ray_cluster, tmp_path, capsys):

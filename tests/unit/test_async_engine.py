@@ -1,6 +1,7 @@
 """The engine thread wrapper: streaming, merging, abort on close, errors, without Ray."""
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -80,6 +81,43 @@ def test_concurrent_streams_all_finish(async_engine):
         return await asyncio.gather(*[one(i) for i in range(6)])
     results = asyncio.run(run())
     assert [len(r) for r in results] == [10 + i for i in range(6)]
+
+
+def test_a_stream_of_n_choices_carries_every_choice_and_ends_after_the_last(async_engine):
+    prompt = list(range(3, 17))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, n=3)
+    outs = collect(async_engine, "n3", prompt, params)
+    tokens: dict[int, list[int]] = {}
+    finished: list[int] = []
+    for out in outs:
+        assert out.request_id == "n3" and out.index not in finished  # nothing after a choice's end
+        tokens.setdefault(out.index, []).extend(out.new_token_ids)
+        if out.finished:
+            assert out.finish_reason == "length"
+            finished.append(out.index)
+    # Every choice finished, and the stream ended with the last of them.
+    assert sorted(finished) == [0, 1, 2] and outs[-1].finished
+    single = collect(async_engine, "n1", prompt, dataclasses.replace(params, n=1))
+    assert all(t == [t for o in single for t in o.new_token_ids] for t in tokens.values())
+    state = asyncio.run(async_engine.call(lambda e: (e.has_unfinished(), e.block_manager.num_free_blocks)))
+    assert state == (False, 128)
+
+
+def test_closing_a_stream_of_n_choices_aborts_them_all(async_engine):
+    async def run():
+        gen = async_engine.generate(request("n4", list(range(3, 30)), SamplingParams(
+            max_tokens=40, temperature=0, ignore_eos=True, n=4)))
+        seen = set()
+        while len(seen) < 4:  # every choice started
+            seen.add((await gen.__anext__()).index)
+        await gen.aclose()
+        deadline = time.monotonic() + 30
+        while True:
+            state = await async_engine.call(lambda e: (e.has_unfinished(), e.block_manager.num_free_blocks))
+            if not state[0] or time.monotonic() > deadline:
+                return state
+            await asyncio.sleep(0.01)
+    assert asyncio.run(run()) == (False, 128)
 
 
 def test_build_error_surfaces_in_constructor():

@@ -173,6 +173,16 @@ def test_parse_config_and_bad_args(capsys):
     assert "unknown workload" in err and "LABEL=URL" in err
 
 
+def test_bench_kv_serve_overrides_read_as_bench_serve_reads_them():
+    from specserve.tools.bench_kv import serve_overrides
+
+    assert serve_overrides("kv_store.enabled=false, engine.block_size=32,router.policy=pow2") == {
+        "kv_store.enabled": False, "engine.block_size": 32, "router.policy": "pow2"}
+    assert serve_overrides("") == {}
+    with pytest.raises(BenchError, match="--serve"):
+        serve_overrides("no-equals-sign")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # End to end against a fake server
 # ---------------------------------------------------------------------------------------------------------
@@ -186,7 +196,7 @@ class FakeOpenAIServer:
 
     MODEL = "fake-model"
 
-    def __init__(self, tokens: int = 6, delay: float = 0.004, send_usage: bool = True, fail_every: int = 0,
+    def __init__(self, *, tokens: int = 6, delay: float = 0.004, send_usage: bool = True, fail_every: int = 0,
                  midstream_error: bool = False):
         self.tokens, self.delay, self.send_usage, self.fail_every = tokens, delay, send_usage, fail_every
         self.midstream_error = midstream_error
@@ -214,7 +224,7 @@ class FakeOpenAIServer:
         async def models():
             return {"object": "list", "data": [{"id": self.MODEL, "object": "model"}]}
 
-        async def handle(request: fastapi.Request, chat: bool):
+        async def handle(request: fastapi.Request, *, chat: bool):
             body = await request.json()
             with self.lock:
                 self.seen += 1

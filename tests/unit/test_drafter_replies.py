@@ -96,3 +96,33 @@ def test_hostile_drafter_replies_are_dropped_and_greedy_output_is_unchanged(targ
     assert client.stats["invalid"] >= 4 and link.n >= 5
     assert eng.spec_stats.rounds > 0  # the untouched replies were still used
     eng.block_manager.check_invariants()
+
+
+class UnansweringLink:
+    """A drafter worker whose reply never comes: it misses the deadline (as ray.get raises), or it is gone."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+        self.submitted = 0
+
+    def submit(self, client, requests, releases):
+        self.submitted += 1
+
+    def collect(self, pending, timeout):
+        raise self.error
+
+
+def test_a_late_worker_is_rested_and_a_failed_one_dropped():
+    from ray.exceptions import GetTimeoutError
+
+    from specserve.actors.engine.sequence import Sequence
+
+    late, gone = UnansweringLink(GetTimeoutError("no reply in time")), UnansweringLink(RuntimeError("actor died"))
+    client = DrafterClient(VOCAB, sampled_drafts=False, timeout_s=SpeculativeConfig().timeout_s, rest_s=3600)
+    client.attach_worker("late", late)
+    client.attach_worker("gone", gone)
+    seqs = [Sequence(f"r{i}", [1, 2, 3], SamplingParams(temperature=0)) for i in range(2)]  # one per worker
+    assert client.propose(seqs, [2, 2]) == [None, None]
+    assert (client.stats["timeouts"], client.stats["failures"]) == (1, 1)
+    assert client.workers() == ["late"]  # still attached, but resting: the next step sends it nothing
+    assert client.propose(seqs, [2, 2]) == [None, None] and late.submitted == 1

@@ -24,14 +24,18 @@ from tiny_models import make_tokenizer
 
 
 # ---- protocol ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra, param", [
-    ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"echo": True}, "echo"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"), ({"tools": [{"type": "function"}]}, "tools"),
-    ({"guided_json": {}}, "guided_json"), ({"best_of": 3}, "best_of"),
+@pytest.mark.parametrize("kind, extra, param", [
+    (CompletionRequest, {"suffix": "end"}, "suffix"), (CompletionRequest, {"use_beam_search": True}, "use_beam_search"),
+    (CompletionRequest, {"tools": [{"type": "function"}]}, "tools"), (CompletionRequest, {"top_logprobs": 2},
+                                                                       "top_logprobs"),
+    (ChatCompletionRequest, {"echo": True}, "echo"), (ChatCompletionRequest, {"functions": [{"name": "f"}]},
+                                                       "functions"),
+    (ChatCompletionRequest, {"prompt_logprobs": 1}, "prompt_logprobs"),
+    (ChatCompletionRequest, {"include_stop_str_in_output": True}, "include_stop_str_in_output"),
 ])
-def test_options_that_change_the_output_are_refused_by_name(extra, param):
-    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", **extra})
+def test_options_that_change_the_output_are_refused_by_name(kind, extra, param):
+    prompt = {"messages": [{"role": "user", "content": "hi"}]} if kind is ChatCompletionRequest else {"prompt": "hi"}
+    body = kind.model_validate({"model": "m", **prompt, **extra})
     with pytest.raises(APIError) as info:
         refuse_unserved(body.model_extra)
     assert info.value.status == 400 and info.value.param == param and info.value.message.startswith(param)

@@ -1,8 +1,6 @@
 """KV events through a real Redis stream: order kept, resets purge, a late subscriber replays the stream; the
 KV store's blocks appear as the STORE holder when committed and leave when a holder evicts them."""
 
-import pytest
-import redis
 import torch
 
 from specserve.cluster.kv.holder import KVHolder
@@ -10,21 +8,9 @@ from specserve.cluster.config import KVStoreConfig
 from specserve.cluster.kv.index import KVIndex
 from specserve.cluster.kv.payload import BlockLayout
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
-from specserve.cluster.redis_server import EmbeddedRedis
 from specserve.actors.engine.block_hash import block_hashes
-from specserve.cluster.kv.events import KVEventPublisher, KVEventSubscriber, pack_ops, unpack_ops
-from specserve.routing.prefix_index import STORE, PrefixIndex
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
-@pytest.fixture(scope="module")
-def r(redis_url):
-    return redis.Redis.from_url(redis_url, socket_timeout=2)
+from specserve.cluster.kv.events import STORE, KVEventPublisher, KVEventSubscriber, pack_ops, unpack_ops
+from specserve.routing.prefix_index import PrefixIndex
 
 
 def test_ops_round_trip():
@@ -63,7 +49,7 @@ def test_subscriber_index_follows_publishers(r):
         p.close()
 
 
-def test_store_blocks_follow_commits_and_holder_evictions(r, redis_url):
+def test_store_blocks_follow_commits_and_holder_evictions(r, redis_server):
     layout = BlockLayout("float32", (2, 1, 4, 1, 4))
     hs = block_hashes(list(range(16)), 4, namespace="events")
     index = KVIndex.from_config(r, "events", KVStoreConfig())
@@ -77,7 +63,7 @@ def test_store_blocks_follow_commits_and_holder_evictions(r, redis_url):
     sub.poll()
     assert view.match(hs) == {STORE: 3}
     # a holder evicting the second block tells the routers; a later reset of a replica leaves STORE alone
-    holder = KVHolder("h", {"url": redis_url, "timeout_s": 2.0}, 1 << 20, events_stream="s2")
+    holder = KVHolder("h", {"url": redis_server.url, "timeout_s": 2.0}, 1 << 20, events_stream="s2")
     holder._forget([index.entry_key(hs[1])])
     KVEventPublisher(r, "s2", "replica-a", flush_s=60).close()
     sub.poll()

@@ -4,7 +4,7 @@ import json
 import pickle
 
 from specserve.actors.engine.messages import (GenerateRequest, LoadReport, RequestOutput, RoutingHints,
-                                              RoutingUsage, Usage)
+                                              RoutingUsage, TokenLogprobs, Usage)
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.routing.grpc_api import usage_pb
 from specserve.routing.openai_api import openai_usage
@@ -23,8 +23,24 @@ def test_messages_cross_a_process_boundary_by_pickle():
 def test_outputs_a_slow_consumer_missed_merge_into_one():
     outs = [RequestOutput("r", [5], False, None, 3, 0, 1), RequestOutput("r", [6, 7], False, None, 3, 0, 3),
             RequestOutput("r", [8], True, "length", 3, 0, 4)]
-    merged = RequestOutput.merge(outs)
+    [merged] = RequestOutput.merge(outs)
     assert (merged.new_token_ids, merged.num_output_tokens, merged.finished) == ([5, 6, 7, 8], 4, True)
+
+
+def test_merge_joins_only_consecutive_outputs_of_one_choice_and_keeps_their_logprobs():
+    def out(index, tokens, *, finished=False, prompt_logprobs=None):
+        return RequestOutput("r", tokens, finished, "stop" if finished else None, 3, 0, index=index,
+                             logprobs=[TokenLogprobs(t, -0.5, []) for t in tokens],
+                             prompt_logprobs=prompt_logprobs)
+
+    prompt_lps = [None, TokenLogprobs(4, -1.0, []), TokenLogprobs(5, -2.0, [])]
+    outs = [out(0, [5], prompt_logprobs=prompt_lps), out(0, [6]), out(1, [7]), out(1, [8], finished=True),
+            out(0, [9])]
+    merged = RequestOutput.merge(outs)
+    assert [(m.index, m.new_token_ids, m.finished) for m in merged] == [
+        (0, [5, 6], False), (1, [7, 8], True), (0, [9], False)]
+    assert [lp.token_id for lp in merged[0].logprobs] == [5, 6] and merged[0].prompt_logprobs == prompt_lps
+    assert [lp.token_id for lp in merged[1].logprobs] == [7, 8] and merged[1].prompt_logprobs is None
 
 
 def test_load_report_reads_back_what_serve_carried():

@@ -2,11 +2,9 @@
 
 import time
 
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from specserve.cluster.metrics import FrontendMetrics, MetricsPublisher, published, render, shard, verifier_families
-from specserve.cluster.redis_server import EmbeddedRedis
 
 
 def parse(text: bytes) -> dict:
@@ -60,22 +58,20 @@ def test_replicas_of_one_family_are_merged_with_their_labels():
     assert text.count(b"# TYPE specserve:num_requests_running gauge") == 1
 
 
-def test_publish_read_and_stale_entries_dropped():
-    with EmbeddedRedis() as server:
-        client = redis.Redis.from_url(server.url)
-        fams = verifier_families(engine_stats(), "m")
-        pub = MetricsPublisher(client, "app", {"deployment": "Verifier", "replica": "r1"}, lambda: fams, 60)
-        pub.publish()
-        got = published(client, "app", max_age_s=10)
-        assert [labels for labels, _ in got] == [{"deployment": "Verifier", "replica": "r1"}]
-        assert got[0][1] == fams
-        assert published(client, "app", max_age_s=10, skip_field=pub.field) == []
-        time.sleep(0.05)
-        assert published(client, "app", max_age_s=0.01) == []  # too old: dropped, and deleted
-        assert client.hlen("specserve:app:metrics") == 0
-        pub.publish()
-        pub.close()  # a closed replica leaves at once
-        assert published(client, "app", max_age_s=10) == []
+def test_publish_read_and_stale_entries_dropped(r):
+    fams = verifier_families(engine_stats(), "m")
+    pub = MetricsPublisher(r, "app", {"deployment": "Verifier", "replica": "r1"}, lambda: fams, 60)
+    pub.publish()
+    got = published(r, "app", max_age_s=10)
+    assert [labels for labels, _ in got] == [{"deployment": "Verifier", "replica": "r1"}]
+    assert got[0][1] == fams
+    assert published(r, "app", max_age_s=10, skip_field=pub.field) == []
+    time.sleep(0.05)
+    assert published(r, "app", max_age_s=0.01) == []  # too old: dropped, and deleted
+    assert r.hlen("specserve:app:metrics") == 0
+    pub.publish()
+    pub.close()  # a closed replica leaves at once
+    assert published(r, "app", max_age_s=10) == []
 
 
 def test_sharded_scrapes_of_every_ingress_report_each_replica_once():
@@ -93,32 +89,30 @@ def test_sharded_scrapes_of_every_ingress_report_each_replica_once():
     assert len(shard(ingresses[0], [(labels, []) for labels in others])) == len(others)
 
 
-def test_the_shard_port_serves_this_ingress_and_its_share_over_http():
+def test_the_shard_port_serves_this_ingress_and_its_share_over_http(r):
     import httpx
 
     from specserve.cluster.metrics import serve_shard
     from specserve.cluster.redis_server import free_port
 
-    with EmbeddedRedis() as server:
-        client = redis.Redis.from_url(server.url)
-        others = [{"deployment": "Ingress", "replica": "i1"}] + \
-                 [{"deployment": "Verifier", "replica": f"v{n}"} for n in range(6)]
-        for labels in others:
-            fams = verifier_families(engine_stats(), "m") if labels["deployment"] == "Verifier" else \
-                FrontendMetrics("m").families()
-            MetricsPublisher(client, "app", labels, lambda f=fams: f, 60).publish()
-        own = {"deployment": "Ingress", "replica": "i0"}
-        front = FrontendMetrics("m")
-        front.success("stop")
-        port = free_port()
-        http = serve_shard("127.0.0.1", port, lambda: (own, front.families()), client, "app", 60)
-        try:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).content
-        finally:
-            http.shutdown()
-            http.server_close()
-        replicas = {s.labels["replica"] for f in text_string_to_metric_families(text.decode()) for s in f.samples}
-        expected = {"i0"} | {labels["replica"] for labels, _ in shard(own, [(o, []) for o in others])}
-        assert replicas == expected and "i1" not in replicas and len(expected) < 7
-        assert parse(text)[("specserve:request_success_total", frozenset(
-            {("model_name", "m"), ("deployment", "Ingress"), ("replica", "i0"), ("finished_reason", "stop")}))] == 1
+    others = [{"deployment": "Ingress", "replica": "i1"}] + \
+             [{"deployment": "Verifier", "replica": f"v{n}"} for n in range(6)]
+    for labels in others:
+        fams = verifier_families(engine_stats(), "m") if labels["deployment"] == "Verifier" else \
+            FrontendMetrics("m").families()
+        MetricsPublisher(r, "app", labels, lambda f=fams: f, 60).publish()
+    own = {"deployment": "Ingress", "replica": "i0"}
+    front = FrontendMetrics("m")
+    front.success("stop")
+    port = free_port()
+    http = serve_shard("127.0.0.1", port, lambda: (own, front.families()), r, "app", 60)
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).content
+    finally:
+        http.shutdown()
+        http.server_close()
+    replicas = {s.labels["replica"] for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    expected = {"i0"} | {labels["replica"] for labels, _ in shard(own, [(o, []) for o in others])}
+    assert replicas == expected and "i1" not in replicas and len(expected) < 7
+    assert parse(text)[("specserve:request_success_total", frozenset(
+        {("model_name", "m"), ("deployment", "Ingress"), ("replica", "i0"), ("finished_reason", "stop")}))] == 1

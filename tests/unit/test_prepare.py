@@ -41,6 +41,11 @@ def grpc(*, metadata: dict | None = None, timeout_s: float | None = None, **requ
                        session_header=SESSION)
 
 
+CHAT = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
 def prepare(fe, fields):
     return fe.prepare(fields, tenant="t", arrival=1.0)
 
@@ -108,7 +113,22 @@ OUT_OF_VOCAB = 10 ** 6
     (lambda: grpc(), 400, "input"),
     (lambda: grpc(text="hi", sampling=pb.SamplingParams(max_tokens=0)), 400, "sampling.max_tokens"),
     (lambda: http({"prompt": ["one", "two"]}), 400, "prompt"),
-    (lambda: http({"prompt": "hi", "logprobs": True}), 400, "logprobs"),
+    (lambda: http({"prompt": "hi", "suffix": "x"}), 400, "suffix"),
+    (lambda: http({"messages": CHAT, "top_logprobs": 2}), 400, "top_logprobs"),
+    (lambda: http({"prompt": "hi", "logit_bias": {str(OUT_OF_VOCAB): 5}}), 400, "logit_bias"),
+    (lambda: http({"prompt": "hi", "n": 2, "best_of": 3}), 400, "best_of"),
+    (lambda: http({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}), 400, "min_tokens"),
+    (lambda: http({"prompt": "hi", "guided_regex": "a+", "guided_choice": ["a"]}), 400, "guided_choice"),
+    (lambda: http({"prompt": "hi", "guided_regex": "(a"}), 400, "guided_regex"),
+    (lambda: http({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}}), 400, "response_format"),
+    (lambda: http({"messages": CHAT, "tool_choice": "required"}), 400, "tool_choice"),
+    (lambda: http({"messages": CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {
+        "name": "other"}}}), 400, "tool_choice.function.name"),
+    (lambda: http({"messages": CHAT, "tools": [TOOL], "response_format": {"type": "json_object"}}), 400,
+     "response_format"),
+    (lambda: http({"messages": CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}), 400,
+     "tools[0].function.name"),
     (lambda: http({"prompt": "hi"}, {"x-request-timeout": "-1"}), 400, "x-request-timeout"),
 ])
 def test_errors_name_the_field_as_the_protocol_spells_it(fe, fields, status, param):

@@ -103,3 +103,11 @@ def test_a_cluster_deployment_refuses_a_password_in_the_redis_url(tmp_path):
     rendered = render(cfg)  # the path goes into the Serve config; the password stays in the file
     assert rendered["applications"][0]["args"]["server"]["redis_password_file"] == str(tmp_path / "pw")
     assert "hunter2" not in repr(rendered)
+
+
+def test_local_server_addresses_a_wildcard_bind_at_loopback():
+    ports = {"server.http_port": 8123, "server.grpc_port": 9123, "server.route_prefix": "/app/"}
+    wildcard = LocalServer(SpecserveConfig.load(overrides={"server.host": "0.0.0.0", **ports}))
+    assert (wildcard.url, wildcard.grpc_target) == ("http://127.0.0.1:8123/app", "127.0.0.1:9123")
+    named = LocalServer(SpecserveConfig.load(overrides={"server.host": "10.1.2.3", **ports}))
+    assert (named.url, named.grpc_target) == ("http://10.1.2.3:8123/app", "10.1.2.3:9123")

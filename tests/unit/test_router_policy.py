@@ -7,7 +7,8 @@ import pytest
 
 from specserve.actors.engine.block_hash import block_hashes
 from specserve.cluster.config import RouterConfig
-from specserve.routing.prefix_index import STORE, PrefixIndex
+from specserve.cluster.kv.events import STORE
+from specserve.routing.prefix_index import PrefixIndex
 from specserve.routing.router_policy import ConsistentHashRing, PrefixCostPolicy, ReplicaState, RouteDecision
 from specserve.routing.feedback import Placement, RouteOutcome, RoutingOutcomes
 

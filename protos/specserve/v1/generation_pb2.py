@@ -24,41 +24,55 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf4\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_max_tokens\"L\n\x12SpeculationOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0c\x64raft_method\x18\x02 \x01(\tB\n\n\x08_enabled\"\x9d\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x35\n\x0bspeculation\x18\x06 \x01(\x0b\x32 .specserve.v1.SpeculationOptions\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\tB\x07\n\x05input\"\xad\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fimported_tokens\x18\x04 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x06 \x01(\r\x12\x13\n\x0bspec_rounds\x18\x07 \x01(\r\"\x9e\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specserve.v1.Usage\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.specserve.v1.Model\"e\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xc5\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12N\n\rGenerateUnary\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse\x12O\n\nListModels\x12\x1f.specserve.v1.ListModelsRequest\x1a .specserve.v1.ListModelsResponse\x12I\n\x08Tokenize\x12\x1d.specserve.v1.TokenizeRequest\x1a\x1e.specserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\"n\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12*\n\ntool_calls\x18\x03 \x03(\x0b\x32\x16.specserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"s\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.specserve.v1.Tool\x12\x13\n\x0btool_choice\x18\x03 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc0\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x0e\n\x01n\x18\t \x01(\rH\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\rH\x07\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0b \x01(\rH\x08\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x02H\t\x88\x01\x01\x12\r\n\x05min_p\x18\x0f \x01(\x02\x12\x12\n\nmin_tokens\x18\x10 \x01(\r\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.specserve.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x0bjson_schema\x18\x12 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x13 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x14 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x15 \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nstructuredB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x15\n\x13_repetition_penalty\"L\n\x12SpeculationOptions\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0c\x64raft_method\x18\x02 \x01(\tB\n\n\x08_enabled\"\x9d\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x35\n\x0bspeculation\x18\x06 \x01(\x0b\x32 .specserve.v1.SpeculationOptions\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\tB\x07\n\x05input\"\xad\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x17\n\x0fimported_tokens\x18\x04 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x06 \x01(\r\x12\x13\n\x0bspec_rounds\x18\x07 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.specserve.v1.TopLogprob\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\xc5\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.specserve.v1.TokenLogprob\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.specserve.v1.ToolCall\"\xe3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specserve.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\r\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.specserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.specserve.v1.TokenLogprob\x12*\n\ntool_calls\x18\t \x03(\x0b\x32\x16.specserve.v1.ToolCall\x12%\n\x07\x63hoices\x18\n \x03(\x0b\x32\x14.specserve.v1.Choice\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.specserve.v1.Model\"e\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.specserve.v1.ChatMessagesH\x00\x42\x07\n\x05input\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r*}\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x32\xc5\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12N\n\rGenerateUnary\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse\x12O\n\nListModels\x12\x1f.specserve.v1.ListModelsRequest\x1a .specserve.v1.ListModelsResponse\x12I\n\x08Tokenize\x12\x1d.specserve.v1.TokenizeRequest\x1a\x1e.specserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1436
-  _globals['_FINISHREASON']._serialized_end=1531
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2709
+  _globals['_FINISHREASON']._serialized_end=2834
   _globals['_CHATMESSAGE']._serialized_start=47
-  _globals['_CHATMESSAGE']._serialized_end=91
-  _globals['_CHATMESSAGES']._serialized_start=93
-  _globals['_CHATMESSAGES']._serialized_end=152
-  _globals['_TOKENIDS']._serialized_start=154
-  _globals['_TOKENIDS']._serialized_end=177
-  _globals['_SAMPLINGPARAMS']._serialized_start=180
-  _globals['_SAMPLINGPARAMS']._serialized_end=424
-  _globals['_SPECULATIONOPTIONS']._serialized_start=426
-  _globals['_SPECULATIONOPTIONS']._serialized_end=502
-  _globals['_GENERATEREQUEST']._serialized_start=505
-  _globals['_GENERATEREQUEST']._serialized_end=790
-  _globals['_USAGE']._serialized_start=793
-  _globals['_USAGE']._serialized_end=966
-  _globals['_GENERATERESPONSE']._serialized_start=969
-  _globals['_GENERATERESPONSE']._serialized_end=1127
-  _globals['_LISTMODELSREQUEST']._serialized_start=1129
-  _globals['_LISTMODELSREQUEST']._serialized_end=1148
-  _globals['_MODEL']._serialized_start=1150
-  _globals['_MODEL']._serialized_end=1210
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1212
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1269
-  _globals['_TOKENIZEREQUEST']._serialized_start=1271
-  _globals['_TOKENIZEREQUEST']._serialized_end=1372
-  _globals['_TOKENIZERESPONSE']._serialized_start=1374
-  _globals['_TOKENIZERESPONSE']._serialized_end=1434
-  _globals['_GENERATION']._serialized_start=1534
-  _globals['_GENERATION']._serialized_end=1859
+  _globals['_CHATMESSAGE']._serialized_end=157
+  _globals['_TOOL']._serialized_start=159
+  _globals['_TOOL']._serialized_end=225
+  _globals['_CHATMESSAGES']._serialized_start=227
+  _globals['_CHATMESSAGES']._serialized_end=342
+  _globals['_TOKENIDS']._serialized_start=344
+  _globals['_TOKENIDS']._serialized_end=367
+  _globals['_SAMPLINGPARAMS']._serialized_start=370
+  _globals['_SAMPLINGPARAMS']._serialized_end=1074
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=890
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=938
+  _globals['_SPECULATIONOPTIONS']._serialized_start=1076
+  _globals['_SPECULATIONOPTIONS']._serialized_end=1152
+  _globals['_GENERATEREQUEST']._serialized_start=1155
+  _globals['_GENERATEREQUEST']._serialized_end=1440
+  _globals['_USAGE']._serialized_start=1443
+  _globals['_USAGE']._serialized_end=1616
+  _globals['_TOPLOGPROB']._serialized_start=1618
+  _globals['_TOPLOGPROB']._serialized_end=1680
+  _globals['_TOKENLOGPROB']._serialized_start=1682
+  _globals['_TOKENLOGPROB']._serialized_end=1785
+  _globals['_TOOLCALL']._serialized_start=1787
+  _globals['_TOOLCALL']._serialized_end=1842
+  _globals['_CHOICE']._serialized_start=1845
+  _globals['_CHOICE']._serialized_end=2042
+  _globals['_GENERATERESPONSE']._serialized_start=2045
+  _globals['_GENERATERESPONSE']._serialized_end=2400
+  _globals['_LISTMODELSREQUEST']._serialized_start=2402
+  _globals['_LISTMODELSREQUEST']._serialized_end=2421
+  _globals['_MODEL']._serialized_start=2423
+  _globals['_MODEL']._serialized_end=2483
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2485
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2542
+  _globals['_TOKENIZEREQUEST']._serialized_start=2544
+  _globals['_TOKENIZEREQUEST']._serialized_end=2645
+  _globals['_TOKENIZERESPONSE']._serialized_start=2647
+  _globals['_TOKENIZERESPONSE']._serialized_end=2707
+  _globals['_GENERATION']._serialized_start=2837
+  _globals['_GENERATION']._serialized_end=3162
 # @@protoc_insertion_point(module_scope)

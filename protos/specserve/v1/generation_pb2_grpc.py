@@ -60,15 +60,15 @@ class GenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Streams the generated tokens as they are committed (one message per engine step, several tokens when
-        speculation accepted drafts). The last message carries finish_reason and usage.
+        """Streams the generated tokens as they are committed (one message per engine step and choice, several tokens
+        when speculation accepted drafts). A choice's last message carries its finish_reason, and usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GenerateUnary(self, request, context):
-        """The whole generation in one reply.
+        """The whole generation in one reply (every choice in `choices` when sampling.n > 1).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
