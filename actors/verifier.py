@@ -26,6 +26,7 @@ from specserve.actors.engine.block_hash import root_hash
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.messages import GenerateRequest, LoadReport, RequestOutput
 from specserve.actors.engine.model_runner import kv_geometry
+from specserve.actors.engine.structured import GrammarCompiler
 from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.model_loader import LoadedModel, load_model
 from specserve.cluster.config import SpecserveConfig
@@ -182,8 +183,6 @@ def build_verifier(config: SpecserveConfig) -> VerifierParts:
         vocab_size = loaded.config.get_text_config().vocab_size
         proposer = build_proposer(config, vocab_size)
         eos = eos_ids(loaded.tokenizer, loaded.config)
-        from specserve.actors.engine.structured import GrammarCompiler  # llguidance: structured outputs, tools
-
         engine = LLMEngine.from_config(loaded.model, config.engine, eos_token_ids=eos, namespace=ns.id,
                                        proposer=proposer, controller=build_controller(config, proposer),
                                        kv_sink=kv_store.export if kv_store else None,

@@ -138,10 +138,10 @@ def accept_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_pro
                  ) -> list[int]:
     """The accepted prefix of `draft_tokens` plus one target token.
 
-    Greedy: accept while the draft equals the target argmax (of the processed logits). Sampled: speculative rejection sampling (Leviathan
-    et al., Chen et al.): accept draft token d at position i with probability min(1, p_i(d) / q_i(d)); on the
-    first rejection draw from normalize(max(0, p_i - q_i)); when every draft token passes, draw a bonus token
-    from p_k (from normalize(max(0, p_k - cut_probs)) when the draft's next token was cut for breaking the
+    Greedy: accept while the draft equals the target argmax (of the processed logits). Sampled: speculative
+    rejection sampling (Leviathan et al., Chen et al.): accept draft token d at position i with probability
+    min(1, p_i(d) / q_i(d)); on the first rejection draw from normalize(max(0, p_i - q_i)); when every draft
+    token passes, draw a bonus token from p_k (from normalize(max(0, p_k - cut_probs)) when the draft's next token was cut for breaking the
     grammar: it was drawn and would have been rejected). p is the target's distribution after the request's
     processors (sampler.apply_processors by the caller, then temperature / min_p / top-k / top-p here); q is
     whatever distribution the draft tokens were drawn from; a deterministic draft (n-gram, greedy draft model)
