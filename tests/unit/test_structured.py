@@ -92,7 +92,10 @@ def _walk(compiler, spec, eos, seed, max_steps=300) -> list[int]:
 ])
 def test_valid_specs_pass(spec, compiler):
     check_structured(spec)
-    compiler.matcher(spec)
+    matcher = compiler.matcher(spec)
+    # A fresh matcher of a valid spec can start: not done, and some first token allowed.
+    assert not matcher.done
+    assert _allowed(_mask_now(matcher, compiler.vocab_size), compiler.vocab_size)
 
 
 @pytest.mark.parametrize(("spec", "message"), [
