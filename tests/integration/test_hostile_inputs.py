@@ -78,13 +78,15 @@ CASES = {
     "lone surrogate in chat": ("/v1/chat/completions", chat("\ud800 hi"), 400, "messages.0.content"),
     "lone surrogate in prompt": ("/v1/completions", {"model": NAME, "prompt": "\udfff"}, 400, "prompt"),
     "lone surrogate in stop": ("/v1/completions", {"model": NAME, "prompt": "hi", "stop": ["\ud800"]}, 400, "stop"),
-    "logprobs": ("/v1/chat/completions", chat("hi", logprobs=True, top_logprobs=3), 400, "logprobs"),
-    "echo": ("/v1/completions", {"model": NAME, "prompt": "hi", "echo": True}, 400, "echo"),
-    "response_format": ("/v1/chat/completions", chat("hi", response_format={"type": "json_object"}), 400,
-                        "response_format"),
-    "tools": ("/v1/chat/completions", chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-              "tools"),
-    "presence_penalty": ("/v1/chat/completions", chat("hi", presence_penalty=1.5), 400, "presence_penalty"),
+    # Served options (issue 21) with values out of their range; and one still refused.
+    "logprobs": ("/v1/chat/completions", chat("hi", logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    "echo on chat": ("/v1/chat/completions", chat("hi", echo=True), 400, "echo"),
+    "response_format": ("/v1/chat/completions", chat("hi", response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nope"}}}), 400, "response_format"),
+    "tools": ("/v1/chat/completions", chat("hi", tools=[{"type": "function", "function": {"name": "a b"}}]), 400,
+              "tools[0].function.name"),
+    "presence_penalty": ("/v1/chat/completions", chat("hi", presence_penalty=2.5), 400, "presence_penalty"),
+    "suffix": ("/v1/completions", {"model": NAME, "prompt": "hi", "suffix": "x"}, 400, "suffix"),
     "text longer than any prompt": ("/v1/completions", {"model": NAME, "prompt": "word " * 200_000}, 400, "prompt"),
     # fits the character bound, so it is tokenized (off the event loop) before it is found too long
     "tokenized too long": ("/v1/completions", {"model": NAME, "prompt": "a b " * 40_000}, 400, "prompt"),
