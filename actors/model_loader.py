@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 MARKER = ".complete"  # written last: a model directory without it is unfinished
 
@@ -110,14 +113,59 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """"float32" / "bfloat16" / "float16" -> the torch dtype."""
+def cpu_bf16_support() -> str | None:
+    """The CPU feature that computes bfloat16 matmuls natively (AMX, AVX-512 BF16), or None: without one,
+    oneDNN emulates them and float32 runs faster."""
+    checks = (("AMX", "_is_amx_tile_supported", "amx_bf16"), ("AVX-512 BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
+    flags: set[str] | None = None
+    for name, torch_check, flag in checks:
+        check = getattr(torch.cpu, torch_check, None)  # torch's own probe (cpuinfo), where this torch has it
+        if check is not None:
+            if check():
+                return name
+            continue
+        if flags is None:
+            flags = _cpuinfo_flags()
+        if flag in flags:
+            return name
+    return None
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
+    """model.dtype "auto": the dtype for this hardware, and why. bfloat16 where it is native (a GPU that
+    supports it, a CPU with AMX or AVX-512 BF16), float16 on an older GPU, float32 on other CPUs."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"{torch.cuda.get_device_name(device)} supports bfloat16"
+        return torch.float16, f"{torch.cuda.get_device_name(device)} has no bfloat16"
+    feature = cpu_bf16_support()
+    if feature:
+        return torch.bfloat16, f"the CPU has {feature}"
+    return torch.float32, "the CPU has neither AMX nor AVX-512 BF16 (bfloat16 matmuls would be emulated)"
+
+
+def resolve_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
+    """"auto" (see auto_dtype; `device` defaults to the CPU) / "float32" / "bfloat16" / "float16" -> the
+    torch dtype."""
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device or torch.device("cpu"))[0]
     try:
         return _DTYPES[dtype]
     except (KeyError, TypeError):
-        raise ModelLoadError(f"unsupported dtype '{dtype}' (expected one of: {', '.join(_DTYPES)})") from None
+        raise ModelLoadError(f"unsupported dtype '{dtype}' (expected auto or one of: {', '.join(_DTYPES)})") from None
 
 
 # --------------------------------------------------------------------------- pulling registry models
@@ -372,7 +420,11 @@ def load_model(cfg, attn_implementation: str | None = None) -> LoadedModel:
 
     # Cheap checks first, so a typo does not cost a pull.
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype)
+    if cfg.dtype == "auto":
+        dtype, why = auto_dtype(device)
+        log.info("model.dtype auto: %s on %s: %s", str(dtype).removeprefix("torch."), device, why)
+    else:
+        dtype = resolve_dtype(cfg.dtype)
     path = resolve_model_path(cfg.source, cfg.cache_dir)
     _check_architecture(path)
     # Ray sets OMP_NUM_THREADS from a replica's (fractional) num_cpus, which would leave a CPU replica on one

@@ -24,7 +24,7 @@ from specserve.actors.engine.async_engine import AsyncEngine, StepHealth
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.block_hash import root_hash
 from specserve.actors.engine.engine import LLMEngine
-from specserve.actors.engine.messages import GenerateRequest, LoadReport, RequestOutput
+from specserve.actors.engine.messages import GenerateRequest, LoadReport, RequestOutput, ServedModel
 from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.structured import GrammarCompiler
 from specserve.actors.engine.speculation import SpeculationController
@@ -174,7 +174,8 @@ def build_verifier(config: SpecserveConfig) -> VerifierParts:
     loaded = load_model(config.model, attn_implementation=ATTN_IMPLEMENTATION)
     experts, balancer = build_experts(config, loaded)
     ns = kv_namespace(config, loaded.path, kv_geometry(loaded.config))
-    layout = BlockLayout(ns.dtype, (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
+    # The dtype the model runs in ("auto" resolved on this replica), which is what its KV blocks hold.
+    layout = BlockLayout(str(loaded.dtype).removeprefix("torch."), (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
     kv_store = build_kv_store(config, ns, layout)
     kv_events = build_kv_event_publisher(config)
     try:
@@ -223,9 +224,12 @@ class Verifier:
         if drafter is not None and isinstance(parts.engine.proposer, DrafterClient):
             threading.Thread(target=self._discover_drafters, name="specserve-drafter-discovery", daemon=True).start()
         self.metrics = start_publisher(self.config, "Verifier", self._metric_families)
+        runner = parts.engine.runner
+        self.served_model = ServedModel(dtype=str(runner.dtype).removeprefix("torch."), device=str(runner.device))
         bm = parts.engine.block_manager
-        log.info("verifier ready: %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,
-                 bm.num_blocks, bm.block_size, time.perf_counter() - t0)
+        log.info("verifier ready: %s in %s on %s, %d KV blocks of %d tokens, loaded in %.1fs", self.config.model.name,
+                 self.served_model.dtype, self.served_model.device, bm.num_blocks, bm.block_size,
+                 time.perf_counter() - t0)
 
     def _prefetch(self, prompt_token_ids: list[int], hash_root: bytes | None):
         """The prompt's blocks this replica lacks, from the KV store (on an I/O thread, see AsyncEngine)."""
@@ -263,9 +267,10 @@ class Verifier:
         ns = tenant_namespace(self.namespace.id, tenant, self.config.kv_store.tenant)
         return None if ns == self.namespace.id else root_hash(ns)
 
-    async def ping(self) -> bool:
-        """Readiness: answered once the engine is loaded (Serve routes nothing to a replica before)."""
-        return True
+    async def ping(self) -> ServedModel:
+        """Readiness: answered once the engine is loaded (Serve routes nothing to a replica before), with what
+        this replica runs the model with."""
+        return self.served_model
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """Stream the engine's outputs for one request, as they are (merged when the caller falls behind)."""

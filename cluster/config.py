@@ -30,7 +30,8 @@ class ModelConfig(_Strict):
     # Name served on /v1/models and accepted in requests; defaults to `source`.
     served_name: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # "auto": bfloat16 where the hardware computes it natively, else float32 (CPU) or float16 (GPU).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path = Field(default_factory=default_cache_dir)
     # Torch threads in each replica that holds a model (CPU); 0 = every core the process may use.
     torch_threads: int = Field(0, ge=0)

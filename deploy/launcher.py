@@ -23,7 +23,7 @@ FLAGS = {
     "--model": ("model.source", str, "model: registry name (smollm2-135m), local HF directory or hub id"),
     "--served-name": ("model.served_name", str, "name clients use in requests (default: --model)"),
     "--device": ("model.device", str, "auto | cpu | cuda"),
-    "--dtype": ("model.dtype", str, "float32 | bfloat16 | float16"),
+    "--dtype": ("model.dtype", str, "auto | float32 | bfloat16 | float16"),
     "--cache-dir": ("model.cache_dir", str, "model cache directory"),
     "--torch-threads": ("model.torch_threads", int, "torch threads per replica (0 = default)"),
     "--block-size": ("engine.block_size", int, "KV block size in tokens"),

@@ -21,8 +21,8 @@ from typing import NamedTuple
 from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.engine.engine import context_window
-from specserve.actors.engine.messages import (GenerateRequest, RequestOutput, RoutingHints, RoutingUsage, TokenLogprobs,
-                                              Usage)
+from specserve.actors.engine.messages import (GenerateRequest, RequestOutput, RoutingHints, RoutingUsage, ServedModel,
+                                              TokenLogprobs, Usage)
 from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.model_loader import resolve_model_path
@@ -90,6 +90,7 @@ class Frontend:
         self.draining = False
         self.in_flight = 0
         self.last_output = 0.0  # monotonic time a verifier last streamed to this ingress
+        self.served_model: ServedModel | None = None  # a verifier's last answer to the readiness probe
         self._readiness: asyncio.Task | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class Frontend:
         from ray.serve.exceptions import BackPressureError
 
         try:
-            await asyncio.wait_for(self.verifier.ping.remote(), timeout_s)
+            self.served_model = await asyncio.wait_for(self.verifier.ping.remote(), timeout_s)
             return True
         except BackPressureError:
             return True

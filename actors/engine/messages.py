@@ -3,6 +3,7 @@
     front end --GenerateRequest--> router (reads its RoutingHints) --> verifier --> engine thread (an add command)
     engine --RequestOutput--> verifier --> front end (streamed unchanged), which builds a Usage per event
     verifier --LoadReport--> router (Serve carries it as a dict: `as_dict` / `from_dict` at the two ends)
+    verifier --ServedModel--> front end (the answer to its readiness probe)
 
 A per-request option belongs in SamplingParams (what the engine and sampler obey) or, if only the path around
 the engine reads it, in GenerateRequest; a per-step output in RequestOutput; a usage counter in Usage, rendered by
@@ -32,6 +33,13 @@ class GenerateRequest:
     params: SamplingParams  # max_tokens already bounded by the context window
     tenant: str | None = None  # whose namespace of block hashes (None: the engine's own)
     routing: RoutingHints | None = None  # None: the router does not read the prompt (router.policy round_robin)
+
+
+@dataclass(slots=True, frozen=True)
+class ServedModel:
+    """What a verifier replica runs the model with, as resolved on its own hardware (model.dtype "auto")."""
+    dtype: str  # "bfloat16", "float32", "float16"
+    device: str  # "cpu", "cuda:0"
 
 
 @dataclass(slots=True)

@@ -30,6 +30,9 @@ _SETTLE_NS = 2_000_000_000
 class KVNamespace:
     model: str
     weights_revision: str
+    # model.dtype as configured. "auto" resolves per replica's hardware, which the ingress (hashing for the
+    # router) cannot see; replicas of one namespace whose dtypes differ still never mix blocks, because the
+    # store's index refuses an entry whose layout (dtype, shape) differs from the reader's.
     dtype: str
     block_size: int
     num_layers: int

@@ -178,6 +178,8 @@ def test_health_and_models(tiny):
     assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
     models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
     assert models["data"][0]["id"] == NAME and models["data"][0]["max_model_len"] == 512
+    # What the verifier resolved and runs (served_apps pins float32 on the CPU).
+    assert (models["data"][0]["dtype"], models["data"][0]["device"]) == ("float32", "cpu")
 
 
 def test_client_disconnect_frees_the_sequence(tiny):

@@ -9,9 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+import torch
 from ray import serve
 
 from served_apps import listen_port
+from specserve.actors.model_loader import auto_dtype
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.holder import kill_holders
 from specserve.cluster.redis_server import EmbeddedRedis
@@ -26,7 +28,8 @@ def test_rendered_config_deploys_with_serve_run_and_serves(ray_cluster, tmp_path
     model = make_tiny_model(tmp_path / "model", arch="llama", seed=13)
     with EmbeddedRedis() as redis_server:
         cfg = SpecserveConfig.load(overrides={
-            "model.source": str(model), "model.served_name": NAME, "model.dtype": "float32",
+            # model.dtype stays at its default, auto: resolved on the replica, with the KV store's block layout
+            "model.source": str(model), "model.served_name": NAME,
             "server.app_name": NAME, "server.route_prefix": f"/{NAME}", "server.redis_url": redis_server.url,
             "server.grpc_port": listen_port(), "verifier.num_cpus": 0.5, "ingress.num_cpus": 0.25,
             "verifier.autoscaling": {"min_replicas": 1, "max_replicas": 2}})
@@ -56,6 +59,8 @@ def test_rendered_config_deploys_with_serve_run_and_serves(ray_cluster, tmp_path
             assert status.deployments["Verifier"].status == "HEALTHY"
             details = serve.get_deployment_handle("Verifier", app_name=NAME).stats.remote().result(timeout_s=30)
             assert details["kv_store"] is not None  # built from args alone: the Redis URL reached the replicas
+            card = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+            assert card["dtype"] == str(auto_dtype(torch.device("cpu"))[0]).removeprefix("torch.")
         finally:
             serve.delete(NAME)
             kill_holders(NAME)

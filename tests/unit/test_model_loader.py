@@ -201,6 +201,35 @@ def test_resolve_dtype():
     assert resolve_dtype("float16") is torch.float16
     with pytest.raises(ModelLoadError, match="int3"):
         resolve_dtype("int3")
+    assert resolve_dtype("auto") is ml.auto_dtype(torch.device("cpu"))[0]
+
+
+@pytest.mark.parametrize(("feature", "expected"), [("AMX", torch.bfloat16), ("AVX-512 BF16", torch.bfloat16),
+                                                     (None, torch.float32)])
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, feature, expected):
+    monkeypatch.setattr(ml, "cpu_bf16_support", lambda: feature)
+    dtype, why = ml.auto_dtype(torch.device("cpu"))
+    assert dtype is expected
+    assert (feature in why) if feature else ("emulated" in why)
+
+
+def test_cpu_bf16_support_matches_cpuinfo_flags(monkeypatch):
+    # Without torch's probes, the kernel's CPU flags decide.
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    monkeypatch.setattr(ml, "_cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert ml.cpu_bf16_support() == "AVX-512 BF16"
+    monkeypatch.setattr(ml, "_cpuinfo_flags", lambda: {"avx2", "fma"})
+    assert ml.cpu_bf16_support() is None
+
+
+def test_auto_dtype_loads_and_says_why(tiny_dir, tmp_path, caplog):
+    with caplog.at_level("INFO", logger=ml.log.name):
+        loaded = load_model(_cfg(tiny_dir, tmp_path, dtype="auto"))
+    expected, why = ml.auto_dtype(torch.device("cpu"))
+    assert loaded.dtype is expected
+    assert next(p.dtype for p in loaded.model.parameters()) is expected
+    assert f"model.dtype auto: {str(expected).removeprefix('torch.')} on cpu: {why}" in caplog.text
 
 
 def test_resolve_device(monkeypatch):
