@@ -66,6 +66,15 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_frames(objs, *, done: bool = False) -> str:
+    """Several SSE events as one string: the server sends it as one ASGI body message, which Serve carries to
+    its proxy as one item and the proxy writes with one call (each message costs every hop it crosses)."""
+    return "".join(map(_sse, objs)) + (SSE_DONE if done else "")
+
+
 def openai_usage(u: Usage | None) -> dict:
     """A request's usage as OpenAI's `usage` object, with specserve's additions ({} before any output)."""
     if u is None:
@@ -261,8 +270,12 @@ class OpenAIIngress:
     @app.get("/v1/models")
     async def models(self, raw: Request):
         self._tenant(raw)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.fe.created,
-                                            "owned_by": "specserve", "max_model_len": self.fe.max_model_len}]}
+        card = {"id": self.model_name, "object": "model", "created": self.fe.created, "owned_by": "specserve",
+                "max_model_len": self.fe.max_model_len}
+        served = self.fe.served_model  # the dtype and device a verifier resolved on its hardware, once one answered
+        if served is not None:
+            card.update(dtype=served.dtype, device=served.device)
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
@@ -410,10 +423,11 @@ class OpenAIIngress:
                 opened.append(chunk(i, prompt_text, None, logprobs=logprobs))
             return opened
 
-        usage = None
+        # Chunks are sent together where they are ready together: the opening ones with the first event's, and
+        # the last event's with the usage chunk and [DONE] (see sse_frames).
+        usage, pending, unfinished = None, [], set(range(body.n))
         try:
-            for c in opening(first):
-                yield _sse(c)
+            pending += opening(first)
 
             async def all_events():
                 if first is not None:
@@ -425,16 +439,20 @@ class OpenAIIngress:
                 usage = ev.usage
                 rendered = render(ev)
                 if rendered is not None:
-                    yield _sse(rendered)
+                    pending.append(rendered)
+                if ev.finish_reason:
+                    unfinished.discard(ev.index)
+                if pending and unfinished:  # the stream's last chunks wait for the usage chunk and [DONE]
+                    yield sse_frames(pending)
+                    pending = []
             if include_usage:
-                yield _sse({"id": request_id, "object": obj, "created": created, "model": self.model_name,
-                            "choices": [], "usage": openai_usage(usage)})
-            yield "data: [DONE]\n\n"
+                pending.append({"id": request_id, "object": obj, "created": created, "model": self.model_name,
+                                "choices": [], "usage": openai_usage(usage)})
+            yield sse_frames(pending, done=True)
         except Exception as exc:  # noqa: BLE001 - headers are already sent: report in-band, then end the stream
             err = api_error_of(exc)
             if err.status >= 500:
                 log.exception("stream %s failed", request_id)
-            yield _sse(err.body())
-            yield "data: [DONE]\n\n"
+            yield sse_frames([*pending, err.body()], done=True)
         finally:
             await events.aclose()

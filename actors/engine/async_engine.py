@@ -1,8 +1,8 @@
 """Runs an LLMEngine in its own thread so the replica's event loop stays free for requests and streaming.
 
 Requests, aborts and calls reach the engine thread as commands in its inbox (AddRequest, AbortRequest,
-EngineCall); outputs go back to each request's asyncio queue. A consumer that falls behind gets its pending
-tokens merged into one chunk (fewer messages under load).
+EngineCall); outputs go back to each request's asyncio queue (a step's in one callback per event loop). A
+consumer that falls behind gets its pending tokens merged into one chunk (fewer messages under load).
 
 All torch work (loading the model, every forward) happens on the engine thread: with OpenMP, matmuls issued
 from a second thread after another thread has used torch's thread pool ran slower (docs/measurements.md).
@@ -14,8 +14,10 @@ choice has finished.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -93,6 +95,24 @@ def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result=None,
         loop.call_soon_threadsafe(settle)
     except RuntimeError:  # the caller's loop is closed: nobody is waiting
         pass
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread `name` where the OS shows it (top -H, py-spy, /proc/.../comm; Linux keeps 15
+    characters): the threads it starts (torch's workers) take the name too, so the engine's CPU time can be told
+    from the event loop's (`specserve bench-hops`). Elsewhere, or without libc, nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _put_all(items: list[tuple[str, asyncio.Queue, Any]]) -> None:
+    for _, q, item in items:
+        q.put_nowait(item)
 
 
 class EngineStopped(RuntimeError):
@@ -209,6 +229,21 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
                 self._streams.pop(request_id, None)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one callback per caller loop: each call_soon_threadsafe writes to the loop's wake-up
+        pipe, and a step has an output for every running request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((out.request_id, target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' event loop is closed: nobody is listening
+                for request_id, _, _ in items:
+                    self._streams.pop(request_id, None)
+
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped
 
@@ -282,6 +317,7 @@ class AsyncEngine:
                                f"(a step running that long)") from None
 
     def _run(self) -> None:
+        _name_os_thread("specserve-engine")
         try:
             self.engine = self._build_engine()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the constructor
@@ -322,8 +358,7 @@ class AsyncEngine:
                     self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
                 continue
             self.health.step_succeeded()
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
 
     def _fail_everything_waiting(self, exc: BaseException) -> None:
         """The engine thread is ending: every stream and call still waiting gets `exc` rather than a hang."""
