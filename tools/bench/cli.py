@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 
 from specserve.tools.bench.http_client import BenchError
 from specserve.tools.bench.load import Load
+from specserve.tools.bench.peers import DEFAULT_PORT as DEFAULT_PEER_PORT
+from specserve.tools.bench.peers import PEER_DTYPES, PEERS
 from specserve.tools.bench.report import format_table, table_of, write_json
 from specserve.tools.bench.results import parse_slo
 from specserve.tools.bench.runner import MATRICES, BenchConfig, Target, log, run_bench
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--workload chat,shared-prefix --concurrency 1,4,16 --json out.json | specserve bench --matrix spec "
                "--workload copy --rate 0.5,1,2 --slo ttft_ms=1000,tpot_ms=150 --json spec.json",
     )
-    # Targets keep their command-line order across --url, --target, --serve and --matrix: the first one is
+    # Targets keep their command-line order across --url, --target, --serve, --peer and --matrix: the first one is
     # the baseline of every ratio.
     p.add_argument("--url", dest="items", action="append", type=lambda v: ("url", v), default=[],
                    help="server base URL (repeatable); default " + DEFAULT_URL)
@@ -96,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="LABEL=KEY=VALUE[,KEY=VALUE...]",
                    help="start a specserve server with these config overrides (dotted keys, e.g. "
                         "speculative.method=ngram) for this target's passes, then stop it (repeatable)")
+    p.add_argument("--peer", dest="items", action="append", type=lambda v: ("peer", v), metavar="NAME",
+                   help="install (once, under .cache/peers/), start and stop a peer server on the --serve model "
+                        f"with this machine's settings: {', '.join(PEERS)} (repeatable)")
+    p.add_argument("--peers", dest="items", action="append", type=lambda v: ("peers", v), metavar="NAME[,NAME]",
+                   help="several --peer at once, as a comma list (an empty list adds none)")
+    p.add_argument("--peer-dtype", choices=PEER_DTYPES, default="auto",
+                   help="the peers' dtype (default auto: what specserve's model.dtype auto picks on this machine)")
     p.add_argument("--serve-base", default="", metavar="KEY=VALUE[,KEY=VALUE...]",
                    help="overrides applied to every --serve server (e.g. model.dtype=bfloat16)")
     p.add_argument("--matrix", dest="items", action="append", type=lambda v: ("matrix", v), metavar="NAME",
@@ -155,6 +164,11 @@ def config_of(a: argparse.Namespace) -> BenchConfig:
             if not sep or not label.strip() or not url.strip():
                 raise BenchError(f"bad --target {spec!r}: expected LABEL=URL or LABEL=URL#MODEL")
             targets.append(Target(label.strip(), normalize_url(url.strip()), model=model.strip() or None))
+        elif kind in ("peer", "peers"):
+            for name in [spec.strip()] if kind == "peer" else [x.strip() for x in spec.split(",") if x.strip()]:
+                if name not in PEERS:
+                    raise BenchError(f"unknown peer {name!r} (choose from {', '.join(PEERS)})")
+                targets.append(Target(name, f"http://127.0.0.1:{DEFAULT_PEER_PORT}", peer=name))
         elif kind == "serve":
             label, sep, rest = spec.partition("=")
             if not sep or not label.strip():
@@ -194,7 +208,8 @@ def config_of(a: argparse.Namespace) -> BenchConfig:
                        num_requests=a.num_requests, max_tokens=a.max_tokens, temperature=a.temperature,
                        seed=a.seed, warmup=a.warmup, timeout=a.timeout, endpoint=a.endpoint, api_key=a.api_key,
                        json_path=a.json_path, serve_base=base, tokenizer=a.tokenizer, slo=slo,
-                       max_concurrency=a.max_concurrency, plots=not a.no_plots, stats_wait_s=a.stats_wait)
+                       max_concurrency=a.max_concurrency, plots=not a.no_plots, stats_wait_s=a.stats_wait,
+                       peer_dtype=a.peer_dtype)
 
 
 def start_ray_if_needed(*, needed: bool) -> bool:

@@ -47,6 +47,13 @@ class Target:
     model: str | None = None
     # --serve targets: config overrides (dotted keys) of a server the bench starts for this target's passes.
     serve: dict[str, str] | None = None
+    # --peer targets: the name of a peer server (tools/bench/peers.py) the bench installs, starts and stops.
+    peer: str | None = None
+    peer_settings: str | None = None  # how the bench ran the peer (its settings, command line and environment)
+
+    @property
+    def started_by_bench(self) -> bool:
+        return self.serve is not None or self.peer is not None
 
 
 def typed(overrides: dict[str, str]) -> dict[str, Any]:
@@ -80,6 +87,62 @@ class ServedTarget:
             self.server.stop()
 
 
+class PeerTarget:
+    """A peer server (vLLM CPU, transformers serve) the bench starts for one target on the model the --serve
+    servers run (--serve-base's model), with this hardware's settings, then stops."""
+
+    def __init__(self, target: Target, base: dict[str, str], dtype: str = "auto"):
+        from specserve.tools.bench import peers
+
+        try:
+            self.peer = peers.peer_named(target.peer or "")
+        except peers.PeerError as exc:
+            raise BenchError(str(exc)) from None
+        self.target = target
+        self.base = base
+        self.dtype = dtype
+        self.process = None
+
+    def setup(self) -> None:
+        from specserve.tools.bench import peers
+
+        try:
+            peers.setup(self.peer)
+        except peers.PeerError as exc:
+            raise BenchError(str(exc)) from None
+
+    def model_dir(self) -> str:
+        from specserve.actors.model_loader import resolve_model_path
+        from specserve.cluster.config import SpecserveConfig
+
+        model = SpecserveConfig.load(overrides=typed(self.base)).model
+        return str(resolve_model_path(model.source, model.cache_dir, progress=True))
+
+    def start(self) -> str:
+        from specserve.tools.bench import peers
+
+        model_dir = self.model_dir()
+        self.target.model = self.target.model or model_dir  # peers name the model by the directory they serve
+        try:
+            settings = peers.hardware_settings(self.dtype)
+            line = peers.shell_line(*peers.invocation(self.peer, model_dir, settings))
+            self.target.peer_settings = f"{self.peer.describe(settings)}; {line}"
+            self.process = peers.start(self.peer, model_dir, settings)
+            took = peers.wait_ready(self.process)
+        except peers.PeerError as exc:
+            self.stop()
+            raise BenchError(str(exc)) from None
+        log(f"{self.peer.name}: ready in {took:.1f} s (pid {self.process.pid}, log {self.process.log_path})")
+        return self.process.url
+
+    def stop(self) -> None:
+        from specserve.tools.bench import peers
+
+        if self.process is not None:
+            peers.stop(self.process)
+            self.process = None
+
+
 @dataclass
 class BenchConfig:
     targets: list[Target]
@@ -101,6 +164,7 @@ class BenchConfig:
     max_concurrency: int | None = None  # rate loads: most sessions in flight
     plots: bool = True  # PNGs next to the JSON
     stats_wait_s: float = 2.5  # wait before reading /metrics after a pass (replicas publish every 2 s)
+    peer_dtype: str = "auto"  # --peer servers' dtype: auto is what model.dtype auto picks on this machine
 
     def requests_for(self, load: Load) -> int:
         if self.num_requests:
@@ -196,29 +260,37 @@ def _client(t: Target, cfg: BenchConfig):
 
 async def run_bench(cfg: BenchConfig, passes: list[dict[str, Any]]) -> None:
     """Run every pass, appending finished ones to `passes` (so an interrupted run keeps what it measured)."""
-    clients = {t.label: _client(t, cfg) for t in cfg.targets if t.serve is None}
+    clients = {t.label: _client(t, cfg) for t in cfg.targets if not t.started_by_bench}
     served = {t.label: ServedTarget(t, cfg.serve_base) for t in cfg.targets if t.serve is not None}
+    peer_targets = {t.label: PeerTarget(t, cfg.serve_base, cfg.peer_dtype) for t in cfg.targets if t.peer is not None}
+    started = {**served, **peer_targets}  # servers the bench starts, one at a time, and stops
     try:
         for t in cfg.targets:  # check every running target (and every --serve config) before measuring anything
-            if t.serve is None:
+            if not t.started_by_bench:
                 t.model = await resolve_model(clients[t.label], t.label, t.url, t.model or cfg.model)
+        for p in peer_targets.values():  # install peers (once) before anything is measured
+            await asyncio.to_thread(p.setup)
         plan = plan_sessions(cfg)
         ideal = None  # once a served model is pulled (or from --tokenizer)
         total = len(cfg.targets) * len(plan)
         for t in cfg.targets:
-            if t.label in served:
-                log(f"{t.label}: starting a server with {t.serve}")
-                t.url = await asyncio.to_thread(served[t.label].start)
-                clients[t.label] = _client(t, cfg)
-                t.model = await resolve_model(clients[t.label], t.label, t.url, t.model or cfg.model)
+            if t.label in started:
+                log(f"{t.label}: starting " + (f"a server with {t.serve}" if t.serve is not None else "the peer"))
+                try:
+                    t.url = await asyncio.to_thread(started[t.label].start)
+                    clients[t.label] = _client(t, cfg)
+                    t.model = await resolve_model(clients[t.label], t.label, t.url, t.model or cfg.model)
+                except BaseException:
+                    await asyncio.to_thread(started[t.label].stop)
+                    raise
             if ideal is None:
                 ideal = await asyncio.to_thread(ideal_hit_rates, cfg, plan, served.get(t.label))
             try:
                 await _run_target(t, clients[t.label], cfg, plan, passes, total, ideal)
             finally:
-                if t.label in served:
+                if t.label in started:
                     await clients.pop(t.label).aclose()
-                    await asyncio.to_thread(served[t.label].stop)
+                    await asyncio.to_thread(started[t.label].stop)
     finally:
         for c in clients.values():
             await c.aclose()
