@@ -414,6 +414,14 @@ def _check_architecture(path: Path) -> None:
         )
 
 
+def default_torch_threads() -> int:
+    """model.torch_threads 0: every core this process may run on but one, which the node's other serving
+    processes need (the ingress, Serve's HTTP proxy, Ray's own). A torch thread that shares its core stalls every
+    parallel op of the forward until it runs again: on 2 cores, serving with 1 thread gave 1.05-1.3x the output
+    tok/s of 2 threads and half the TTFT (docs/perf/forward.md)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def load_model(cfg, attn_implementation: str | None = None) -> LoadedModel:
     """Resolve, check and load `cfg` (a ModelConfig): model in eval mode on its device, plus tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -428,8 +436,9 @@ def load_model(cfg, attn_implementation: str | None = None) -> LoadedModel:
     path = resolve_model_path(cfg.source, cfg.cache_dir)
     _check_architecture(path)
     # Ray sets OMP_NUM_THREADS from a replica's (fractional) num_cpus, which would leave a CPU replica on one
-    # thread; 0 means every core this process may run on. Set torch_threads with several replicas per node.
-    torch.set_num_threads(cfg.torch_threads or len(os.sched_getaffinity(0)))
+    # thread: set it from the cores instead (see default_torch_threads). Set torch_threads with several replicas
+    # per node.
+    torch.set_num_threads(cfg.torch_threads or default_torch_threads())
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

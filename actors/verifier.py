@@ -29,6 +29,7 @@ from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.structured import GrammarCompiler
 from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.model_loader import LoadedModel, load_model
+from specserve.actors.packed_linear import pack_linear_weights
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.events import STORE, KVEventPublisher, stream_key
 from specserve.cluster.kv.holder import HolderPayloads, holder_actor, holder_name
@@ -173,6 +174,8 @@ def build_verifier(config: SpecserveConfig) -> VerifierParts:
     Runs on the engine thread: all torch work does (see AsyncEngine)."""
     loaded = load_model(config.model, attn_implementation=ATTN_IMPLEMENTATION)
     experts, balancer = build_experts(config, loaded)
+    if config.model.pack_weights and loaded.device.type == "cpu":  # after the experts took their weights
+        log.info("packed %d linear layers for oneDNN", pack_linear_weights(loaded.model))
     ns = kv_namespace(config, loaded.path, kv_geometry(loaded.config))
     # The dtype the model runs in ("auto" resolved on this replica), which is what its KV blocks hold.
     layout = BlockLayout(str(loaded.dtype).removeprefix("torch."), (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))

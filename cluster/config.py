@@ -33,8 +33,11 @@ class ModelConfig(_Strict):
     # "auto": bfloat16 where the hardware computes it natively, else float32 (CPU) or float16 (GPU).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    # Torch threads in each replica that holds a model (CPU); 0 = every core the process may use.
+    # Torch threads in each replica that holds a model (CPU); 0 = every core the process may use but one, left to
+    # the node's ingress, proxy and Ray (model_loader.default_torch_threads).
     torch_threads: int = Field(0, ge=0)
+    # CPU: pack the linear layers' weights for oneDNN once at load (actors/packed_linear.py); off: torch's F.linear.
+    pack_weights: bool = True
 
     @property
     def name(self) -> str:

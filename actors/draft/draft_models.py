@@ -45,6 +45,13 @@ def check_same_tokenizer(draft_tok, target_tok, draft_name: str, target_name: st
                              f"'{target_name}': speculative decoding needs the same token ids on both sides")
 
 
+def _pack(loaded: LoadedModel, model_cfg) -> None:
+    if model_cfg.pack_weights and loaded.device.type == "cpu":
+        from specserve.actors.packed_linear import pack_linear_weights
+
+        pack_linear_weights(loaded.model)
+
+
 def build_draft_model(method: str, model_cfg, spec_cfg) -> LoadedModel:
     """Load the draft model for `method` (model_cfg: the target's ModelConfig; spec_cfg: SpeculativeConfig)."""
     if method == "model":
@@ -56,12 +63,14 @@ def build_draft_model(method: str, model_cfg, spec_cfg) -> LoadedModel:
 
         target_tok = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.source, model_cfg.cache_dir))
         check_same_tokenizer(draft.tokenizer, target_tok, spec_cfg.draft_model, model_cfg.source)
+        _pack(draft, model_cfg)
         return draft
     if method == "layer_skip":
         loaded = load_model(model_cfg, attn_implementation=ATTN_IMPLEMENTATION)
         n = loaded.config.get_text_config().num_hidden_layers
         keep = list(spec_cfg.layer_skip_layers or default_kept_layers(n, spec_cfg.layer_skip_fraction))
         skip_layers(loaded.model, keep)
+        _pack(loaded, model_cfg)
         return loaded
     if method == "int8":
         cfg = model_cfg.model_copy(update={"dtype": "float32"})

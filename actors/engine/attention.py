@@ -33,7 +33,8 @@ class AttentionMetadata:
     # Short queries batched in one SDPA: decodes (1 token) and verifications (1 + k tokens), padded to Q rows.
     decode_rows: torch.Tensor | None  # [B, Q] query rows of each sequence (padding repeats its last row)
     decode_slots: torch.Tensor | None  # [B, L] cache slots of each sequence's context (padded)
-    decode_mask: torch.Tensor | None  # [B, 1, Q, L] bool, True where a key is attended
+    decode_mask: torch.Tensor | None  # [B, 1, G * Q, L] bool, True where a key is attended; row g * Q + i is
+    # query i of the sequence, seen by the g-th query head of each KV head's group of G (see paged_attention)
     decode_valid: torch.Tensor | None  # [V] positions in the flattened [B * Q] that are real rows
     decode_out_rows: torch.Tensor | None  # [V] the packed-batch row of each of those
     prefills: list[PrefillSpan]
@@ -69,18 +70,26 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     gqa = q.shape[0] != k_cache.shape[1]
 
     if meta.decode_rows is not None:
+        # The G query heads that share a KV head become G * Q query rows of that head: one SDPA task per (sequence,
+        # KV head) instead of per query head, and no expanded K/V (enable_gqa). On CPU this is ~5x faster than
+        # enable_gqa for short queries, and the mask (decode_mask, repeated per group) stays the same.
         b, nq = meta.decode_rows.shape
-        qd = q[:, meta.decode_rows.flatten()].view(q.shape[0], b, nq, q.shape[2]).transpose(0, 1)  # [B, H, Q, D]
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=gqa)
-        od = od.transpose(1, 2).reshape(b * nq, q.shape[0], q.shape[2])  # [B * Q, H, D]
+        heads, dim = q.shape[0], q.shape[2]
+        kv_heads = k_cache.shape[1]
+        group = heads // kv_heads
+        qd = q.index_select(1, meta.decode_rows.flatten()).view(kv_heads, group, b, nq, dim)
+        qd = qd.permute(2, 0, 1, 3, 4).reshape(b, kv_heads, group * nq, dim)
+        width = meta.decode_slots.shape[1]
+        kd = k_cache.index_select(0, meta.decode_slots.flatten()).view(b, width, kv_heads, dim).transpose(1, 2)
+        vd = v_cache.index_select(0, meta.decode_slots.flatten()).view(b, width, kv_heads, dim).transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling)
+        od = od.view(b, kv_heads, group, nq, dim).permute(0, 3, 1, 2, 4).reshape(b * nq, heads, dim)  # [B * Q, H, D]
         out[meta.decode_out_rows] = od[meta.decode_valid]
 
     for span in meta.prefills:
         qp = q[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, n, D]
-        kp = k_cache[span.slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        vp = v_cache[span.slots].transpose(0, 1).unsqueeze(0)
+        kp = k_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vp = v_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
                                             scale=scaling, enable_gqa=gqa)
         out[span.start:span.start + span.length] = op[0].transpose(0, 1)

@@ -39,6 +39,8 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
         layers, kv_heads, head_dim = kv_geometry(model.config)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.query_groups = text_config.num_attention_heads // kv_heads  # query heads per KV head
         if not num_blocks:
             bytes_per_block = 2 * layers * block_size * kv_heads * head_dim * self.dtype.itemsize
             num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // bytes_per_block)
@@ -99,7 +101,7 @@ class ModelRunner:
             keys = torch.arange(width)[None, None, :] <= torch.tensor(last_key)[:, :, None]
             dec_rows = torch.tensor(rows, device=self.device)
             dec_slots = torch.tensor(slots, device=self.device)
-            dec_mask = keys.unsqueeze(1).to(self.device)
+            dec_mask = keys.repeat(1, self.query_groups, 1).unsqueeze(1).to(self.device)
             dec_valid = torch.tensor(valid, device=self.device)
             dec_out = torch.tensor([x for r in decode_rows for x in r], device=self.device)
         meta = AttentionMetadata(

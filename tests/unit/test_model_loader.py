@@ -141,6 +141,18 @@ def test_torch_threads(tiny_dir, tmp_path):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (8, 7)])
+def test_default_torch_threads_leave_a_core_to_the_rest_of_the_node(monkeypatch, tiny_dir, tmp_path, cores, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert ml.default_torch_threads() == threads
+    before = torch.get_num_threads()
+    try:
+        load_model(_cfg(tiny_dir, tmp_path, torch_threads=0))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- errors
 
 

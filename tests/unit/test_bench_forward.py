@@ -1,0 +1,25 @@
+"""bench-forward runs end to end on a tiny real model and reports every figure it promises."""
+
+import json
+
+from specserve.tools import bench_forward
+from tiny_models import make_tiny_model
+
+
+def test_bench_forward_on_a_tiny_model(tmp_path):
+    model = make_tiny_model(tmp_path / "model", arch="llama", seed=5)
+    out = tmp_path / "forward.json"
+    text = tmp_path / "forward.txt"
+    assert bench_forward.main(["--model", str(model), "--dtype", "float32", "--threads", "1", "--prompt-tokens", "12",
+                               "--decode-tokens", "4", "--rounds", "2", "--batch-sizes", "1,3",
+                               "--prefill-tokens", "24", "--kv-cache-gb", "0.01", "--json", str(out),
+                               "--text", str(text)]) == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "float32" and report["threads"] == 1 and report["prompt_tokens"] == 12
+    assert report["bare_ms_per_token"] > 0 and report["engine_ms_per_token"] > 0
+    assert report["decode_ratio"] == report["engine_ms_per_token"] / report["bare_ms_per_token"]
+    assert set(report["batch_steps"]) == {"1", "3"} and min(report["batch_steps"].values()) > 0
+    assert report["prefill_tokens"] == 24 and report["bare_prefill_ms"] > 0 and report["engine_prefill_ms"] > 0
+    lines = text.read_text().splitlines()
+    assert "single-stream decode" in lines[1] and len([x for x in lines if "sequences" in x]) == 2
+    assert lines[-1].startswith("prefill of 24 tokens")

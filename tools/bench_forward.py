@@ -1,0 +1,203 @@
+"""`specserve bench-forward`: the engine's forward against the model's bare forward, in one process.
+
+What it measures, on this machine's cores and the dtype `model.dtype` resolves to:
+- single-stream decode: the engine's step time per token (one greedy sequence: schedule, paged attention, sample)
+  against the bare Hugging Face forward per token (the same weights, its own attention and DynamicCache, argmax),
+  rounds in A-B-B-A order, the median of each side: issue 22's "within 1.2x of the bare forward" ratio;
+- the engine's decode step at each `--batch-sizes` (ms per step, output tok/s);
+- prefill: one chunk of `--prefill-tokens` prompt tokens through the engine against one bare forward over them.
+The engine's model is what a CPU verifier runs (linear weights packed for oneDNN unless --no-pack); the bare one is
+the model as transformers loads it.
+The bare model is a second copy of the weights (the engine's copy runs the paged attention), so the model must fit
+twice. Compare figures of one run: the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from specserve.actors.engine.engine import LLMEngine
+from specserve.actors.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class ForwardReport:
+    model: str
+    dtype: str
+    threads: int
+    prompt_tokens: int
+    packed_linears: int  # the engine's linear layers packed for oneDNN (0: --no-pack, or not packable here)
+    bare_ms_per_token: float = 0.0
+    engine_ms_per_token: float = 0.0
+    decode_ratio: float = 0.0  # engine / bare, single stream
+    batch_steps: dict[int, float] = field(default_factory=dict)  # batch size -> ms per decode step
+    prefill_tokens: int = 0
+    bare_prefill_ms: float = 0.0
+    engine_prefill_ms: float = 0.0
+
+    def text(self) -> str:
+        lines = [f"{self.model} in {self.dtype}, {self.threads} torch threads, prompts of {self.prompt_tokens} tokens, "
+                 f"{self.packed_linears} linear layers of the engine's model packed for oneDNN",
+                 f"single-stream decode: bare forward {self.bare_ms_per_token:.2f} ms/token, engine step "
+                 f"{self.engine_ms_per_token:.2f} ms/token: {self.decode_ratio:.2f}x"]
+        for b, ms in self.batch_steps.items():
+            lines.append(f"engine decode step, {b:>3} sequences: {ms:7.2f} ms, {b / ms * 1e3:7.1f} output tok/s")
+        if self.prefill_tokens:
+            lines.append(f"prefill of {self.prefill_tokens} tokens: bare forward {self.bare_prefill_ms:.1f} ms, engine "
+                         f"{self.engine_prefill_ms:.1f} ms: {self.engine_prefill_ms / self.bare_prefill_ms:.2f}x")
+        return "\n".join(lines)
+
+
+def _prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(100, vocab - 1), vocab, (n,), generator=g).tolist()
+
+
+@torch.inference_mode()
+def bare_decode_ms(model, prompt: list[int], tokens: int) -> float:
+    """ms per token of the plain loop: one forward of the last token over the DynamicCache, argmax."""
+    out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
+    cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    for _ in range(2):  # warm
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / tokens * 1e3
+
+
+def engine_decode_ms(engine: LLMEngine, prompts: list[list[int]], steps: int) -> float:
+    """ms per decode step with len(prompts) greedy sequences running (prefilled first, then 2 warm steps)."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p,
+                           SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    elapsed = (time.perf_counter() - t0) / steps * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed
+
+
+@torch.inference_mode()
+def bare_prefill_ms(model, prompt: list[int]) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True, logits_to_keep=1)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def engine_prefill_ms(engine: LLMEngine, prompt: list[int]) -> float:
+    engine.add_request(f"bench-prefill-{time.monotonic_ns()}", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    t0 = time.perf_counter()
+    engine.step()  # the whole prompt in one chunk (max_num_batched_tokens >= its length)
+    elapsed = (time.perf_counter() - t0) * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed
+
+
+def run(args) -> ForwardReport:
+    from transformers import AutoModelForCausalLM
+
+    from specserve.actors.model_loader import load_model
+    from specserve.actors.packed_linear import pack_linear_weights
+    from specserve.cluster.config import ModelConfig
+
+    loaded = load_model(ModelConfig(source=args.model, dtype=args.dtype, device="cpu", torch_threads=args.threads,
+                                    **({"cache_dir": args.cache_dir} if args.cache_dir else {})))
+    packed = pack_linear_weights(loaded.model) if args.pack else 0  # as a CPU verifier does (model.pack_weights)
+    bare = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.dtype).eval()
+    vocab = loaded.config.get_text_config().vocab_size
+    largest = max(args.batch_sizes)
+    engine = LLMEngine(loaded.model, block_size=16, max_num_seqs=max(largest, 1),
+                       max_num_batched_tokens=max(512, args.prefill_tokens, largest),
+                       kv_cache_memory_gb=args.kv_cache_gb, enable_prefix_caching=False)
+    report = ForwardReport(model=args.model, dtype=str(loaded.dtype).removeprefix("torch."),
+                           threads=torch.get_num_threads(), prompt_tokens=args.prompt_tokens,
+                           packed_linears=packed)
+    bare_ms, engine_ms = [], []
+    for r in range(args.rounds):  # A-B-B-A: drift on a shared machine hits both sides alike
+        prompt = _prompt(args.prompt_tokens, vocab, seed=r)
+        order = ("bare", "engine") if r % 2 == 0 else ("engine", "bare")
+        for side in order:
+            if side == "bare":
+                bare_ms.append(bare_decode_ms(bare, prompt, args.decode_tokens))
+            else:
+                engine_ms.append(engine_decode_ms(engine, [prompt], args.decode_tokens))
+        print(f"round {r + 1}/{args.rounds}: bare {bare_ms[-1]:.2f} ms/token, engine {engine_ms[-1]:.2f}",
+              file=sys.stderr, flush=True)
+    report.bare_ms_per_token = statistics.median(bare_ms)
+    report.engine_ms_per_token = statistics.median(engine_ms)
+    report.decode_ratio = report.engine_ms_per_token / report.bare_ms_per_token
+    for b in args.batch_sizes:
+        report.batch_steps[b] = engine_decode_ms(engine, [_prompt(args.prompt_tokens, vocab, seed=100 + i)
+                                                          for i in range(b)], args.decode_tokens)
+        print(f"batch {b}: {report.batch_steps[b]:.2f} ms/step", file=sys.stderr, flush=True)
+    if args.prefill_tokens:
+        prompt = _prompt(args.prefill_tokens, vocab, seed=7)
+        engine_prefill_ms(engine, prompt), bare_prefill_ms(bare, prompt)  # warm both
+        bare_p, engine_p = [], []
+        for r in range(args.rounds):
+            prompt = _prompt(args.prefill_tokens, vocab, seed=200 + r)
+            sides = [lambda: bare_p.append(bare_prefill_ms(bare, prompt)),
+                     lambda: engine_p.append(engine_prefill_ms(engine, prompt))]
+            for measure in sides if r % 2 == 0 else sides[::-1]:
+                measure()
+        report.prefill_tokens = args.prefill_tokens
+        report.bare_prefill_ms, report.engine_prefill_ms = statistics.median(bare_p), statistics.median(engine_p)
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="specserve bench-forward", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="registry name or local directory (default smollm2-135m)")
+    p.add_argument("--cache-dir", default=None, help="model cache (default: the model loader's)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core, as a replica uses)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=48, help="measured tokens (steps) per round")
+    p.add_argument("--rounds", type=int, default=4, help="single-stream and prefill rounds, A-B-B-A")
+    p.add_argument("--batch-sizes", default="1,4,16", type=lambda s: [int(x) for x in s.split(",") if x])
+    p.add_argument("--prefill-tokens", type=int, default=256, help="0: skip the prefill comparison")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack the engine's linear weights for oneDNN, as a CPU verifier does (default on)")
+    p.add_argument("--kv-cache-gb", type=float, default=0.5)
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--text", default=None, help="write the text report here too")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.decode_tokens < 1 or args.prompt_tokens < 1 or not args.batch_sizes \
+            or min(args.batch_sizes) < 1:
+        p.error("--rounds, --decode-tokens, --prompt-tokens and --batch-sizes must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    text = report.text()
+    print(text)
+    if args.text:
+        with open(args.text, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(report), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
