@@ -418,7 +418,7 @@ def default_torch_threads() -> int:
     """model.torch_threads 0: every core this process may run on but one, which the node's other serving
     processes need (the ingress, Serve's HTTP proxy, Ray's own). A torch thread that shares its core stalls every
     parallel op of the forward until it runs again: on 2 cores, serving with 1 thread gave 1.05-1.3x the output
-    tok/s of 2 threads and half the TTFT (docs/perf/forward.md)."""
+    tok/s of 2 threads and half the TTFT (docs/performance.md, "The forward")."""
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 

