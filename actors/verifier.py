@@ -89,9 +89,7 @@ def build_kv_store(config: SpecserveConfig, namespace: KVNamespace, layout: Bloc
 
         transport = HolderPayloads(local_holder)
     log.info("KV store: namespace %s, payloads in %s", namespace.id, transport.holder)
-    return KVStoreClient(index, transport, layout, timeout_s=kc.timeout_s, retry_after_s=kc.retry_after_s,
-                         admit_after=kc.admit_after, min_import_blocks=kc.min_import_blocks,
-                         max_pending_export_bytes=int(kc.max_pending_export_mb * (1 << 20)))
+    return KVStoreClient.from_config(index, transport, layout, kc)
 
 
 def build_kv_event_publisher(config: SpecserveConfig) -> KVEventPublisher | None:

@@ -88,7 +88,8 @@ class Fetched:
 
 class KVStoreClient:
     def __init__(self, index: KVIndex, transport: PayloadTransport, layout: BlockLayout, *, timeout_s: float,
-                 retry_after_s: float, admit_after: int, min_import_blocks: int, max_pending_export_bytes: int):
+                 retry_after_s: float, admit_after: int, min_import_blocks: int, max_pending_export_bytes: int,
+                 export_batch_s: float = 0.0):
         self.index = index
         self.transport = transport
         self.layout = layout
@@ -97,6 +98,7 @@ class KVStoreClient:
         self.admit_after = admit_after
         self.min_import_blocks = min_import_blocks
         self.max_pending_export_bytes = max_pending_export_bytes
+        self.export_batch_s = export_batch_s
         self.writer = uuid.uuid4().hex[:16]
         self._down_until = 0.0
         self._lock = threading.Lock()
@@ -119,7 +121,8 @@ class KVStoreClient:
                     config: KVStoreConfig) -> "KVStoreClient":
         return cls(index, transport, layout, timeout_s=config.timeout_s, retry_after_s=config.retry_after_s,
                    admit_after=config.admit_after, min_import_blocks=config.min_import_blocks,
-                   max_pending_export_bytes=int(config.max_pending_export_mb * (1 << 20)))
+                   max_pending_export_bytes=int(config.max_pending_export_mb * (1 << 20)),
+                   export_batch_s=config.export_batch_s)
 
     # ---- availability -----------------------------------------------------------------------------------------
     def available(self) -> bool:
@@ -237,16 +240,32 @@ class KVStoreClient:
             item = self._exports.get()
             if item is None:
                 return
-            hashes, kv, tenant, t_queued = item
-            try:
-                self._export(hashes, kv, tenant)
-                self.export_latency.add(time.perf_counter() - t_queued)
-            except Exception as exc:  # noqa: BLE001 - an export that fails is just not stored
-                self._failure(exc, "export")
-                self._count("export_errors")
-            finally:
-                with self._lock:
-                    self._pending_bytes -= len(hashes) * self.layout.nbytes
+            batch, closing = [item], False
+            # Blocks queued within export_batch_s go out together: one claim, transfer and commit instead of one
+            # per engine step. Each round trip is Python work on this thread, which holds the GIL the engine
+            # thread needs between its ops.
+            deadline = time.monotonic() + self.export_batch_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = self._exports.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                    break
+                batch.append(item)
+            for hashes, kv, tenant, t_queued in _by_tenant(batch):
+                try:
+                    self._export(hashes, kv, tenant)
+                    self.export_latency.add(time.perf_counter() - t_queued)
+                except Exception as exc:  # noqa: BLE001 - an export that fails is just not stored
+                    self._failure(exc, "export")
+                    self._count("export_errors")
+                finally:
+                    with self._lock:
+                        self._pending_bytes -= len(hashes) * self.layout.nbytes
+            if closing:
+                return
 
     def _export(self, hashes: list[bytes], kv: torch.Tensor, tenant: str) -> None:
         if not self.available():
@@ -312,3 +331,14 @@ class KVStoreClient:
             "export_latency": self.export_latency.as_dict(),
             "index_size": index_size,
         }
+
+
+def _by_tenant(batch: list[tuple[list[bytes], torch.Tensor, str, float]]):
+    """Queued exports merged per tenant, in queue order: (hashes, blocks, tenant, time the first was queued)."""
+    merged: dict[str, tuple[list[bytes], list[torch.Tensor], float]] = {}
+    for hashes, kv, tenant, t_queued in batch:
+        entry = merged.setdefault(tenant, ([], [], t_queued))
+        entry[0].extend(hashes)
+        entry[1].append(kv)
+    for tenant, (hashes, kvs, t_queued) in merged.items():
+        yield hashes, kvs[0] if len(kvs) == 1 else torch.cat(kvs), tenant, t_queued

@@ -19,7 +19,7 @@ from specserve.cluster.kv.namespace import KV_FORMAT_VERSION, KVNamespace, weigh
 from specserve.cluster.kv.payload import BlockLayout, blocks_to_bytes, bytes_to_block
 from specserve.cluster.kv.store import KVStoreClient, RedisPayloads
 from specserve.cluster.redis_server import EmbeddedRedis
-from specserve.actors.engine.block_hash import block_hashes
+from specserve.actors.engine.block_hash import block_hashes, root_hash
 
 LAYOUT = BlockLayout("float32", (2, 2, 4, 2, 8))
 
@@ -260,6 +260,38 @@ def test_store_round_trip_with_redis_payloads(r):
     assert writer.export(hs[:2], kv[:2]) and writer.flush()  # already stored: claimed by nobody, not re-sent
     assert writer.stats()["export_skipped_blocks"] == 2 and writer.stats()["exported_blocks"] == 4
     writer.close()
+    reader.close()
+
+
+def test_exports_within_the_batch_window_share_one_claim_and_commit_per_tenant(r):
+    writer, reader = _client(r, ns="batched", export_batch_s=0.5), _client(r, ns="batched")
+    claims = []
+    claim = writer.index.claim
+    writer.index.claim = lambda hs, *a, **kw: claims.append(len(hs)) or claim(hs, *a, **kw)  # counts real calls
+    hs = hashes(6)
+    kv = torch.randn(6, *LAYOUT.shape)
+    other_tenant = root_hash("batched/tenant/acme")
+    for i in range(3):  # three engine steps' blocks, one step of another tenant between them
+        assert writer.export(hs[2 * i:2 * i + 2], kv[2 * i:2 * i + 2], hash_root=other_tenant if i == 1 else None)
+    assert writer.flush()
+    assert sorted(claims) == [2, 4]  # default tenant: steps 1 and 3 in one claim; acme: its own
+    default = reader.fetch(hs[:2] + hs[4:])
+    assert default.hashes == hs[:2] + hs[4:]
+    assert all(torch.equal(a, b) for a, b in zip(default.blocks, torch.cat([kv[:2], kv[4:]])))
+    assert writer.stats()["exported_blocks"] == 6
+    writer.close()
+    reader.close()
+
+
+def test_close_during_the_batch_window_still_exports_what_was_queued(r):
+    writer, reader = _client(r, ns="closing", export_batch_s=5.0), _client(r, ns="closing")
+    hs = hashes(2)
+    kv = torch.randn(2, *LAYOUT.shape)
+    assert writer.export(hs, kv)
+    writer.close()
+    writer._exporter.join(timeout=10)
+    assert not writer._exporter.is_alive() and writer.stats()["exported_blocks"] == 2
+    assert reader.fetch(hs).hashes == hs
     reader.close()
 
 
