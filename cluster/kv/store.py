@@ -254,7 +254,7 @@ class KVStoreClient:
                     closing = True
                     break
                 batch.append(item)
-            for hashes, kv, tenant, t_queued in _by_tenant(batch):
+            for hashes, kv, tenant, t_queued, queued in _by_tenant(batch):
                 try:
                     self._export(hashes, kv, tenant)
                     self.export_latency.add(time.perf_counter() - t_queued)
@@ -263,7 +263,7 @@ class KVStoreClient:
                     self._count("export_errors")
                 finally:
                     with self._lock:
-                        self._pending_bytes -= len(hashes) * self.layout.nbytes
+                        self._pending_bytes -= queued * self.layout.nbytes
             if closing:
                 return
 
@@ -334,11 +334,15 @@ class KVStoreClient:
 
 
 def _by_tenant(batch: list[tuple[list[bytes], torch.Tensor, str, float]]):
-    """Queued exports merged per tenant, in queue order: (hashes, blocks, tenant, time the first was queued)."""
-    merged: dict[str, tuple[list[bytes], list[torch.Tensor], float]] = {}
+    """Queued exports merged per tenant, in queue order, each block once: (hashes, blocks, tenant, time the first
+    was queued, blocks queued)."""
+    merged: dict[str, tuple[list[bytes], list[torch.Tensor], float, list[int]]] = {}
     for hashes, kv, tenant, t_queued in batch:
-        entry = merged.setdefault(tenant, ([], [], t_queued))
-        entry[0].extend(hashes)
-        entry[1].append(kv)
-    for tenant, (hashes, kvs, t_queued) in merged.items():
-        yield hashes, kvs[0] if len(kvs) == 1 else torch.cat(kvs), tenant, t_queued
+        entry = merged.setdefault(tenant, ([], [], t_queued, [0]))
+        entry[3][0] += len(hashes)
+        seen = set(entry[0])
+        rows = [i for i, h in enumerate(hashes) if h not in seen]  # recomputed within the window: send it once
+        entry[0].extend(hashes[i] for i in rows)
+        entry[1].append(kv if len(rows) == len(hashes) else kv[rows])
+    for tenant, (hashes, kvs, t_queued, queued) in merged.items():
+        yield hashes, kvs[0] if len(kvs) == 1 else torch.cat(kvs), tenant, t_queued, queued[0]

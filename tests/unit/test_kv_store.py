@@ -279,6 +279,11 @@ def test_exports_within_the_batch_window_share_one_claim_and_commit_per_tenant(r
     assert default.hashes == hs[:2] + hs[4:]
     assert all(torch.equal(a, b) for a, b in zip(default.blocks, torch.cat([kv[:2], kv[4:]])))
     assert writer.stats()["exported_blocks"] == 6
+    # A block recomputed within the window (evicted and computed again) goes out once.
+    more = hashes(2, seed=9)
+    assert writer.export(more, kv[:2]) and writer.export(more[1:], kv[1:2])
+    assert writer.flush() and claims[-1] == 2 and writer.stats()["exported_blocks"] == 8
+    assert writer._pending_bytes == 0
     writer.close()
     reader.close()
 
