@@ -108,6 +108,12 @@ class Frontend:
         load, so the probing is the readiness task's."""
         return self.readiness.ready
 
+    async def served(self) -> ServedModel | None:
+        """What the verifiers run (dtype, device), asking one if no readiness probe has answered yet."""
+        if self.served_model is None:
+            await self._probe(timeout_s=2.0)
+        return self.served_model
+
     async def _probe(self, timeout_s: float) -> bool:
         """Does a verifier answer? A full queue (back-pressure) or a slow answer while outputs are streaming
         still means alive: only a replica that is gone or silent makes an ingress unready."""

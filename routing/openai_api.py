@@ -272,7 +272,7 @@ class OpenAIIngress:
         self._tenant(raw)
         card = {"id": self.model_name, "object": "model", "created": self.fe.created, "owned_by": "specserve",
                 "max_model_len": self.fe.max_model_len}
-        served = self.fe.served_model  # the dtype and device a verifier resolved on its hardware, once one answered
+        served = await self.fe.served()  # the dtype and device a verifier resolved on its hardware
         if served is not None:
             card.update(dtype=served.dtype, device=served.device)
         return {"object": "list", "data": [card]}

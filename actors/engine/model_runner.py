@@ -143,8 +143,8 @@ class ModelRunner:
         """[n, 2, layers, block_size, kv_heads, head_dim] copy of the blocks' KV, on the CPU."""
         slots = self._block_slots(blocks)
         n, (_, layers, bs, heads, dim) = len(blocks), self.block_shape()
-        k = self.kv_cache.k[:, slots].view(layers, n, bs, heads, dim)
-        v = self.kv_cache.v[:, slots].view(layers, n, bs, heads, dim)
+        k = self.kv_cache.k.index_select(1, slots).view(layers, n, bs, heads, dim)
+        v = self.kv_cache.v.index_select(1, slots).view(layers, n, bs, heads, dim)
         return torch.stack([k, v], dim=1).transpose(0, 2).contiguous().to("cpu")
 
     def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
@@ -154,11 +154,11 @@ class ModelRunner:
         slots = self._block_slots(blocks)
         layers, heads, dim = self.kv_cache.k.shape[0], self.kv_cache.k.shape[2], self.kv_cache.k.shape[3]
         kv = kv.to(self.device, self.kv_cache.k.dtype).transpose(0, 2)  # [layers, 2, n, bs, heads, dim]
-        self.kv_cache.k[:, slots] = kv[:, 0].reshape(layers, -1, heads, dim)
-        self.kv_cache.v[:, slots] = kv[:, 1].reshape(layers, -1, heads, dim)
+        self.kv_cache.k.index_copy_(1, slots, kv[:, 0].reshape(layers, -1, heads, dim))
+        self.kv_cache.v.index_copy_(1, slots, kv[:, 1].reshape(layers, -1, heads, dim))
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy the KV of blocks `src` into blocks `dst`, pairwise (a forked choice's copy of a shared block)."""
         src_slots, dst_slots = self._block_slots(src), self._block_slots(dst)
-        self.kv_cache.k[:, dst_slots] = self.kv_cache.k[:, src_slots]
-        self.kv_cache.v[:, dst_slots] = self.kv_cache.v[:, src_slots]
+        self.kv_cache.k.index_copy_(1, dst_slots, self.kv_cache.k.index_select(1, src_slots))
+        self.kv_cache.v.index_copy_(1, dst_slots, self.kv_cache.v.index_select(1, src_slots))
