@@ -116,7 +116,8 @@ def resolve_device(device: str) -> torch.device:
 def cpu_bf16_support() -> str | None:
     """The CPU feature that computes bfloat16 matmuls natively (AMX, AVX-512 BF16), or None: without one,
     oneDNN emulates them and float32 runs faster."""
-    checks = (("AMX", "_is_amx_tile_supported", "amx_bf16"), ("AVX-512 BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
+    checks = (("AMX", "_is_amx_tile_supported", "amx_bf16"),
+              ("AVX-512 BF16", "_is_avx512_bf16_supported", "avx512_bf16"))
     flags: set[str] | None = None
     for name, torch_check, flag in checks:
         check = getattr(torch.cpu, torch_check, None)  # torch's own probe (cpuinfo), where this torch has it

@@ -66,7 +66,7 @@ def pack_linear_weights(model: nn.Module) -> int:
         return 0
     checked: dict[tuple, bool] = {}
     targets = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         for child_name, child in module.named_children():
             if type(child) is not nn.Linear or child.weight.device.type != "cpu" or child.weight.numel() == 0:
                 continue

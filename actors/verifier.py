@@ -172,11 +172,12 @@ def build_verifier(config: SpecserveConfig) -> VerifierParts:
     Runs on the engine thread: all torch work does (see AsyncEngine)."""
     loaded = load_model(config.model, attn_implementation=ATTN_IMPLEMENTATION)
     experts, balancer = build_experts(config, loaded)
-    if config.model.pack_weights and loaded.device.type == "cpu":  # after the experts took their weights
+    if config.model.pack_weights:  # after the experts took their weights; CPU weights only
         log.info("packed %d linear layers for oneDNN", pack_linear_weights(loaded.model))
     ns = kv_namespace(config, loaded.path, kv_geometry(loaded.config))
     # The dtype the model runs in ("auto" resolved on this replica), which is what its KV blocks hold.
-    layout = BlockLayout(str(loaded.dtype).removeprefix("torch."), (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
+    layout = BlockLayout(str(loaded.dtype).removeprefix("torch."),
+                         (2, ns.num_layers, ns.block_size, ns.num_kv_heads, ns.head_dim))
     kv_store = build_kv_store(config, ns, layout)
     kv_events = build_kv_event_publisher(config)
     try:

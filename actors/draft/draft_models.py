@@ -46,7 +46,7 @@ def check_same_tokenizer(draft_tok, target_tok, draft_name: str, target_name: st
 
 
 def _pack(loaded: LoadedModel, model_cfg) -> None:
-    if model_cfg.pack_weights and loaded.device.type == "cpu":
+    if model_cfg.pack_weights:  # CPU weights only (see pack_linear_weights)
         from specserve.actors.packed_linear import pack_linear_weights
 
         pack_linear_weights(loaded.model)

@@ -15,9 +15,14 @@ from specserve.actors.engine.attention import (
 from specserve.actors.engine.scheduler import ScheduledSeq
 
 
+def text_config(config):
+    """The decoder's part of a Hugging Face config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def kv_geometry(config) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of a Hugging Face decoder config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -39,8 +44,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.block_size = block_size
         layers, kv_heads, head_dim = kv_geometry(model.config)
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.query_groups = text_config.num_attention_heads // kv_heads  # query heads per KV head
+        self.query_groups = text_config(model.config).num_attention_heads // kv_heads  # query heads per KV head
         if not num_blocks:
             bytes_per_block = 2 * layers * block_size * kv_heads * head_dim * self.dtype.itemsize
             num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // bytes_per_block)

@@ -336,13 +336,17 @@ class KVStoreClient:
 def _by_tenant(batch: list[tuple[list[bytes], torch.Tensor, str, float]]):
     """Queued exports merged per tenant, in queue order, each block once: (hashes, blocks, tenant, time the first
     was queued, blocks queued)."""
-    merged: dict[str, tuple[list[bytes], list[torch.Tensor], float, list[int]]] = {}
-    for hashes, kv, tenant, t_queued in batch:
-        entry = merged.setdefault(tenant, ([], [], t_queued, [0]))
-        entry[3][0] += len(hashes)
-        seen = set(entry[0])
-        rows = [i for i, h in enumerate(hashes) if h not in seen]  # recomputed within the window: send it once
-        entry[0].extend(hashes[i] for i in rows)
-        entry[1].append(kv if len(rows) == len(hashes) else kv[rows])
-    for tenant, (hashes, kvs, t_queued, queued) in merged.items():
-        yield hashes, kvs[0] if len(kvs) == 1 else torch.cat(kvs), tenant, t_queued, queued[0]
+    groups: dict[str, list[tuple[list[bytes], torch.Tensor, str, float]]] = {}
+    for item in batch:
+        groups.setdefault(item[2], []).append(item)
+    for tenant, items in groups.items():
+        seen: set[bytes] = set()
+        hashes: list[bytes] = []
+        blocks: list[torch.Tensor] = []
+        for item_hashes, kv, _, _ in items:
+            keep = [i for i, h in enumerate(item_hashes) if h not in seen]  # recomputed within the window: once
+            seen.update(item_hashes)
+            hashes += [item_hashes[i] for i in keep]
+            blocks.append(kv if len(keep) == len(item_hashes) else kv[keep])
+        yield (hashes, blocks[0] if len(blocks) == 1 else torch.cat(blocks), tenant, items[0][3],
+               sum(len(item[0]) for item in items))
