@@ -2,9 +2,9 @@
 
 The model runner packs all scheduled tokens of a step into one row (batch 1, positions per token) and sets an
 AttentionMetadata before the forward. For each layer this function writes the new keys/values into the cache
-slots, then attends: the short queries of all sequences (decode tokens, and a verifying sequence's last token plus
-its draft tokens) in one padded, masked SDPA call; prefill chunks one sequence at a time (causal within the chunk,
-full over the cached context before it).
+slots, then attends: the short queries of sequences (decode tokens, and a verifying sequence's last token plus its
+draft tokens, a chain or a tree) in padded, masked SDPA calls, one per size class; prefill chunks one sequence at
+a time (causal within the chunk, full over the cached context before it).
 """
 
 from __future__ import annotations
@@ -28,15 +28,22 @@ class PrefillSpan:
 
 
 @dataclass
+class ShortQueryGroup:
+    """Sequences with a few query rows each (decodes: 1; verifications: 1 + draft tokens, a chain or a tree),
+    attended in one padded, masked SDPA call. The runner groups sequences by query count, so one long draft
+    does not pad every decode of the step to its length."""
+    rows: torch.Tensor  # [B, Q] query rows of each sequence in the packed batch (padding repeats its last row)
+    slots: torch.Tensor  # [B, L] cache slots of each sequence's context (padded)
+    mask: torch.Tensor  # [B, 1, G * Q, L] bool, True where a key is attended; row g * Q + i is query i of the
+    # sequence, seen by the g-th query head of each KV head's group of G (see paged_attention)
+    valid: torch.Tensor  # [V] positions in the flattened [B * Q] that are real rows
+    out_rows: torch.Tensor  # [V] the packed-batch row of each of those
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    # Short queries batched in one SDPA: decodes (1 token) and verifications (1 + k tokens), padded to Q rows.
-    decode_rows: torch.Tensor | None  # [B, Q] query rows of each sequence (padding repeats its last row)
-    decode_slots: torch.Tensor | None  # [B, L] cache slots of each sequence's context (padded)
-    decode_mask: torch.Tensor | None  # [B, 1, G * Q, L] bool, True where a key is attended; row g * Q + i is
-    # query i of the sequence, seen by the g-th query head of each KV head's group of G (see paged_attention)
-    decode_valid: torch.Tensor | None  # [V] positions in the flattened [B * Q] that are real rows
-    decode_out_rows: torch.Tensor | None  # [V] the packed-batch row of each of those
+    short: list[ShortQueryGroup]
     prefills: list[PrefillSpan]
 
 
@@ -69,23 +76,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     gqa = q.shape[0] != k_cache.shape[1]
 
-    if meta.decode_rows is not None:
-        # The G query heads that share a KV head become G * Q query rows of that head: one SDPA task per (sequence,
-        # KV head) instead of per query head, and no expanded K/V (enable_gqa). On CPU this is ~5x faster than
-        # enable_gqa for short queries, and the mask (decode_mask, repeated per group) stays the same.
-        b, nq = meta.decode_rows.shape
-        heads, dim = q.shape[0], q.shape[2]
-        kv_heads = k_cache.shape[1]
-        group = heads // kv_heads
-        qd = q.index_select(1, meta.decode_rows.flatten()).view(kv_heads, group, b, nq, dim)
-        qd = qd.permute(2, 0, 1, 3, 4).reshape(b, kv_heads, group * nq, dim)
-        width = meta.decode_slots.shape[1]
-        kd = k_cache.index_select(0, meta.decode_slots.flatten()).view(b, width, kv_heads, dim).transpose(1, 2)
-        vd = v_cache.index_select(0, meta.decode_slots.flatten()).view(b, width, kv_heads, dim).transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling)
-        od = od.view(b, kv_heads, group, nq, dim).permute(0, 3, 1, 2, 4).reshape(b * nq, heads, dim)  # [B * Q, H, D]
-        out[meta.decode_out_rows] = od[meta.decode_valid]
-
+    for group in meta.short:
+        _short_queries(group, q, k_cache, v_cache, out, scaling)
     for span in meta.prefills:
         qp = q[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, n, D]
         kp = k_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
@@ -95,6 +87,24 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         out[span.start:span.start + span.length] = op[0].transpose(0, 1)
 
     return out.unsqueeze(0), None
+
+
+def _short_queries(group: ShortQueryGroup, q, k_cache, v_cache, out, scaling) -> None:
+    # The G query heads that share a KV head become G * Q query rows of that head: one SDPA task per (sequence,
+    # KV head) instead of per query head, and no expanded K/V (enable_gqa). On CPU this is ~5x faster than
+    # enable_gqa for short queries, and the mask (repeated per group) stays the same.
+    b, nq = group.rows.shape
+    heads, dim = q.shape[0], q.shape[2]
+    kv_heads = k_cache.shape[1]
+    g = heads // kv_heads
+    qd = q.index_select(1, group.rows.flatten()).view(kv_heads, g, b, nq, dim)
+    qd = qd.permute(2, 0, 1, 3, 4).reshape(b, kv_heads, g * nq, dim)
+    width = group.slots.shape[1]
+    kd = k_cache.index_select(0, group.slots.flatten()).view(b, width, kv_heads, dim).transpose(1, 2)
+    vd = v_cache.index_select(0, group.slots.flatten()).view(b, width, kv_heads, dim).transpose(1, 2)
+    od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scaling)
+    od = od.view(b, kv_heads, g, nq, dim).permute(0, 3, 1, 2, 4).reshape(b * nq, heads, dim)  # [B * Q, H, D]
+    out[group.out_rows] = od[group.valid]
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

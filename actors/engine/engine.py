@@ -347,6 +347,7 @@ class LLMEngine:
         argmax = logits.argmax(dim=-1).tolist() if observe else None
         outputs: list[RequestOutput] = []
         new_blocks: list[tuple[int, bytes, bytes | None]] = []
+        kv_moves: tuple[list[int], list[int]] = ([], [])  # (from slots, to slots) of accepted draft-tree paths
         for i, (item, (prompt_rows, r)) in enumerate(zip(sched.scheduled, layout)):
             seq = item.seq
             self.stats.prompt_tokens += item.num_new_prompt_tokens
@@ -356,7 +357,10 @@ class LLMEngine:
                 seq.prompt_logprobs[first:first + len(targets)] = token_logprobs(
                     raw[prompt_rows], targets, seq.params.prompt_logprobs)
             if seq.draft is not None and r is not None:  # a draft, or the distribution a grammar cut it at
-                tokens = verify_round(seq, logits[r])
+                tokens, moves = verify_round(seq, logits[r])
+                if moves:
+                    kv_moves[0].extend(self.runner.slots(seq.block_table, [a for a, _ in moves]))
+                    kv_moves[1].extend(self.runner.slots(seq.block_table, [b for _, b in moves]))
             else:
                 seq.num_computed_tokens += item.num_new_tokens
                 tokens = sampled.get(i)
@@ -373,6 +377,8 @@ class LLMEngine:
                 self._finish(seq, reason)
             logprobs = token_logprobs(raw[r], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
             outputs.append(self._output(seq, emitted, reason, logprobs))
+        if kv_moves[0]:  # before any block of those paths is exported
+            self.runner.copy_slots(*kv_moves)
         self._export_new_blocks(new_blocks)
         if self.kv_event_sink is not None:
             self.kv_event_sink(self.block_manager.drain_events())

@@ -3,6 +3,8 @@ their keys/values live in the paged cache, and returns the logits of the rows th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from specserve.actors.engine.attention import (
@@ -10,9 +12,11 @@ from specserve.actors.engine.attention import (
     AttentionMetadata,
     KVCache,
     PrefillSpan,
+    ShortQueryGroup,
     set_context,
 )
 from specserve.actors.engine.scheduler import ScheduledSeq
+from specserve.actors.engine.speculation import tree_ancestors, tree_depths
 
 
 def text_config(config):
@@ -35,6 +39,13 @@ def wants_prompt_logits(item: ScheduledSeq) -> bool:
     return item.seq.prompt_logprobs is not None and not item.num_draft and item.num_new_prompt_tokens > 0
 
 
+@dataclass
+class _ShortQuery:
+    rows: list[int]  # its rows in the packed batch
+    context: list[int]  # cache slots of its whole context, new tokens included
+    tree: list[int] | None  # a draft tree's parents (its rows after the first are the tree's nodes)
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0):
         self.model = model
@@ -52,15 +63,18 @@ class ModelRunner:
         self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        return self.slots(block_table, range(start, end))
+
+    def slots(self, block_table: list[int], positions) -> list[int]:
+        """The cache slots of a sequence's `positions`."""
         bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+        return [block_table[p // bs] * bs + p % bs for p in positions]
 
     def prepare(self, batch: list[ScheduledSeq]):
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        decode_rows: list[list[int]] = []  # short queries: decodes and verifications
-        decode_ctx: list[list[int]] = []
+        short: list[_ShortQuery] = []  # decodes and verifications
         prefills: list[PrefillSpan] = []
         logit_rows: list[int] = []
         for item in batch:
@@ -68,13 +82,18 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             row = len(input_ids)
             input_ids.extend(seq.token_ids[start:end - item.num_draft])
+            tree = None
             if item.num_draft:
                 input_ids.extend(seq.draft.tokens)
-            positions.extend(range(start, end))
+                tree = seq.draft.parents
+            if tree is not None:  # node j sits at the slot after its predecessor in the list, at position of its depth
+                positions.append(start)
+                positions.extend(start + d for d in tree_depths(tree))
+            else:
+                positions.extend(range(start, end))
             slot_mapping.extend(self._slots(seq.block_table, start, end))
             if n == 1 or item.num_draft:
-                decode_rows.append(list(range(row, row + n)))
-                decode_ctx.append(self._slots(seq.block_table, 0, end))
+                short.append(_ShortQuery(list(range(row, row + n)), self._slots(seq.block_table, 0, end), tree))
             else:
                 mask = None
                 if start > 0:  # chunk after cached context: row i sees keys 0..start+i
@@ -89,33 +108,43 @@ class ModelRunner:
             elif item.completes_prompt:
                 logit_rows.append(row + n - 1)
 
-        dec_rows = dec_slots = dec_mask = dec_valid = dec_out = None
-        if decode_rows:
-            nq = max(len(r) for r in decode_rows)
-            width = max(len(c) for c in decode_ctx)
-            # Query i of a sequence with n queries and context length L sees keys 0 .. L - n + i (causal over
-            # its own draft tokens); padding queries repeat the last one and are dropped afterwards.
-            rows, last_key, slots, valid = [], [], [], []
-            for i, (r, c) in enumerate(zip(decode_rows, decode_ctx)):
-                n = len(r)
-                rows.append(r + [r[-1]] * (nq - n))
-                last_key.append([len(c) - n + min(j, n - 1) for j in range(nq)])
-                slots.append(c + [0] * (width - len(c)))
-                valid.extend(range(i * nq, i * nq + n))
-            keys = torch.arange(width)[None, None, :] <= torch.tensor(last_key)[:, :, None]
-            dec_rows = torch.tensor(rows, device=self.device)
-            dec_slots = torch.tensor(slots, device=self.device)
-            dec_mask = keys.repeat(1, self.query_groups, 1).unsqueeze(1).to(self.device)
-            dec_valid = torch.tensor(valid, device=self.device)
-            dec_out = torch.tensor([x for r in decode_rows for x in r], device=self.device)
+        # Sequences are grouped by size class of their query count (1, 2, 3-4, 5-8, ...): a group pads to its
+        # longest, and attention cost grows with the padded count.
+        classes: dict[int, list[_ShortQuery]] = {}
+        for sq in short:
+            classes.setdefault(1 << (len(sq.rows) - 1).bit_length(), []).append(sq)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, device=self.device),
-            decode_rows=dec_rows, decode_slots=dec_slots, decode_mask=dec_mask, decode_valid=dec_valid,
-            decode_out_rows=dec_out, prefills=prefills,
+            short=[self._short_group(group) for _, group in sorted(classes.items())], prefills=prefills,
         )
         ids = torch.tensor([input_ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
         return ids, pos, meta, logit_rows
+
+    def _short_group(self, group: list[_ShortQuery]) -> ShortQueryGroup:
+        nq = max(len(sq.rows) for sq in group)
+        width = max(len(sq.context) for sq in group)
+        # Query i of a sequence with n queries and context length L sees keys 0 .. L - n + i (causal over its own
+        # draft tokens); a tree's node rows see the committed context and their ancestors only. Padding queries
+        # repeat the last one and are dropped afterwards.
+        rows, last_key, slots, valid = [], [], [], []
+        for i, sq in enumerate(group):
+            n = len(sq.rows)
+            rows.append(sq.rows + [sq.rows[-1]] * (nq - n))
+            last_key.append([len(sq.context) - n + min(j, n - 1) for j in range(nq)])
+            slots.append(sq.context + [0] * (width - len(sq.context)))
+            valid.extend(range(i * nq, i * nq + n))
+        keys = torch.arange(width)[None, None, :] <= torch.tensor(last_key)[:, :, None]
+        for i, sq in enumerate(group):
+            if sq.tree is not None:
+                n = len(sq.rows)
+                base = len(sq.context) - n  # the key of the last committed token
+                keys[i, 1:n, base + 1:base + n] = tree_ancestors(sq.tree)
+        return ShortQueryGroup(
+            rows=torch.tensor(rows, device=self.device), slots=torch.tensor(slots, device=self.device),
+            mask=keys.repeat(1, self.query_groups, 1).unsqueeze(1).to(self.device),
+            valid=torch.tensor(valid, device=self.device),
+            out_rows=torch.tensor([x for sq in group for x in sq.rows], device=self.device))
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
@@ -163,6 +192,13 @@ class ModelRunner:
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy the KV of blocks `src` into blocks `dst`, pairwise (a forked choice's copy of a shared block)."""
-        src_slots, dst_slots = self._block_slots(src), self._block_slots(dst)
-        self.kv_cache.k.index_copy_(1, dst_slots, self.kv_cache.k.index_select(1, src_slots))
-        self.kv_cache.v.index_copy_(1, dst_slots, self.kv_cache.v.index_select(1, src_slots))
+        self._copy(self._block_slots(src), self._block_slots(dst))
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the KV of slots `src` into slots `dst`, pairwise, in every layer (all read before any is written:
+        the two may overlap)."""
+        self._copy(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
+
+    def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.kv_cache.k.index_copy_(1, dst, self.kv_cache.k.index_select(1, src))
+        self.kv_cache.v.index_copy_(1, dst, self.kv_cache.v.index_select(1, src))

@@ -45,6 +45,70 @@ class Draft:
     # A sampled draft cut where its next token broke the grammar: the distribution that token was drawn from.
     # The target rejects such a token for sure, so its own token is drawn from the residual against it.
     cut_probs: torch.Tensor | None = None
+    # A draft tree: parents[i] in [-1, i) is node i's parent (-1: the sequence's last committed token); None: a
+    # chain. Nodes are best-first (every parent before its children, siblings with distinct tokens), so the first
+    # N nodes are a tree too. Trees are deterministic drafts (probs None).
+    parents: list[int] | None = None
+    # scores[i]: the proposer's estimate that node i is accepted (None: the engine's per-sequence estimate).
+    scores: list[float] | None = None
+
+    def __post_init__(self):
+        if self.parents is not None:
+            if len(self.parents) != len(self.tokens) or self.probs is not None:
+                raise ValueError("a draft tree needs one parent per token and no draft distributions")
+            if any(not -1 <= p < i for i, p in enumerate(self.parents)):
+                raise ValueError(f"draft tree parents must precede their children: {self.parents}")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError("a draft's scores need one per token")
+
+    def truncated(self, n: int) -> Draft:
+        """The first n tokens (a tree's first n nodes are a tree: parents come first)."""
+        return Draft(self.tokens[:n], self.probs[:n] if self.probs is not None else None, None,
+                     self.parents[:n] if self.parents is not None else None,
+                     self.scores[:n] if self.scores is not None else None)
+
+    def within_depth(self, depth: int) -> Draft | None:
+        """The draft without tokens deeper than `depth` (None if nothing is left)."""
+        if self.parents is None:
+            return self.truncated(depth) if depth > 0 and self.tokens else None
+        depths = tree_depths(self.parents)
+        keep = [j for j, d in enumerate(depths) if d <= depth]
+        if len(keep) == len(self.tokens):
+            return self
+        if not keep:
+            return None
+        index = {j: i for i, j in enumerate(keep)}
+        return Draft([self.tokens[j] for j in keep], None, None, [index.get(self.parents[j], -1) for j in keep],
+                     [self.scores[j] for j in keep] if self.scores is not None else None)
+
+    def main_path(self) -> Draft:
+        """A tree's chain of first children (the best-first path); a chain itself."""
+        if self.parents is None:
+            return self
+        keep, node = [], -1
+        for j, p in enumerate(self.parents):
+            if p == node:
+                keep.append(j)
+                node = j
+        return Draft([self.tokens[j] for j in keep], None, None, None,
+                     [self.scores[j] for j in keep] if self.scores is not None else None)
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each node's depth: 1 for a child of the last committed token."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def tree_ancestors(parents: list[int]) -> torch.Tensor:
+    """[N, N] bool: row i is True at node i and at its ancestors, the draft tokens node i attends to."""
+    anc = torch.eye(len(parents), dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            anc[i] |= anc[p]
+    return anc
 
 
 class Proposer(Protocol):
@@ -76,13 +140,18 @@ def draft_round(seqs: list[Sequence], proposer: Proposer, controller: Speculatio
     alphas = [s.acceptance.value for s in seqs]
     idle = [s.rounds_without_draft for s in seqs]
     if proposer.drafts_are_free:  # look first, then choose k within what was found
-        drafts = proposer.propose(seqs, limits)
-        limits = [min(lim, len(d.tokens)) if d else 0 for lim, d in zip(limits, drafts)]
-        ks = controller.choose(alphas, limits, idle, other_tokens)
+        # A tree may have more tokens than levels: `limits` bound its depth, the room left in the window its size.
+        sizes = [min(controller.max_k, max_model_len - len(seq)) if lim else 0 for seq, lim in zip(seqs, limits)]
+        drafts = [_chain_if_needed(seq, d.within_depth(lim) if d is not None else None)
+                  for seq, d, lim in zip(seqs, proposer.propose(seqs, sizes), limits)]
+        limits = [len(d.tokens) if d else 0 for d in drafts]
+        values = [_node_values(seq, d) if d is not None else None for seq, d in zip(seqs, drafts)]
+        ks = controller.choose(alphas, limits, idle, other_tokens, node_values=values)
     else:  # drafting costs a forward per token: choose k first
         ks = controller.choose(alphas, limits, idle, other_tokens)
         t0 = time.perf_counter()
         drafts = proposer.propose(seqs, ks) if any(ks) else [None] * len(seqs)
+        drafts = [_chain_if_needed(seq, d) for seq, d in zip(seqs, drafts)]
         controller.observe_draft(max(ks), time.perf_counter() - t0)
     for seq, k, draft in zip(seqs, ks, drafts):
         # A draft may be left with no tokens but a cut distribution: verified as a round of k = 0.
@@ -93,9 +162,28 @@ def draft_round(seqs: list[Sequence], proposer: Proposer, controller: Speculatio
             seq.rounds_without_draft = 0
 
 
+def _chain_if_needed(seq: Sequence, draft: Draft | None) -> Draft | None:
+    """A tree reduced to its main path for a request whose logits processors or grammar read the history: they
+    are applied along one path of draft tokens (sampler.apply_processors, the grammar's masks)."""
+    if draft is None or draft.parents is None:
+        return draft
+    if seq.grammar is not None or seq.params.has_processors:
+        return draft.main_path()
+    return draft
+
+
+def _node_values(seq: Sequence, draft: Draft) -> list[float] | None:
+    """The expected acceptance of each node of `draft` for the controller: the proposer's scores, calibrated by
+    how this sequence's earlier scored drafts fared; None (the per-token acceptance model) without scores."""
+    if draft.scores is None:
+        return None
+    c = seq.acceptance.calibration
+    return [min(c * x, 0.999) for x in draft.scores]
 def _grammar_cut(seq: Sequence, draft: Draft, k: int) -> Draft | None:
     """The first k tokens of `draft`, cut before the first one the sequence's grammar forbids (such tokens
     would only be rejected, and the grammar's masks are defined only along a valid path)."""
+    if draft.parents is not None or seq.grammar is None:  # trees have no grammar (see _chain_if_needed)
+        return draft.truncated(k) if draft.tokens else None
     tokens = list(draft.tokens[:k])
     probs = draft.probs[:k] if draft.probs is not None else None
     cut_probs = None
@@ -121,16 +209,71 @@ def _draft_limit(seq: Sequence, max_k: int, max_model_len: int) -> int:
     return max(0, min(remaining - 1, max_k))
 
 
-def verify_round(seq: Sequence, target_logits: torch.Tensor) -> list[int]:
-    """The tokens `seq` commits after a forward over its last committed token and its draft:
+def verify_round(seq: Sequence, target_logits: torch.Tensor) -> tuple[list[int], list[tuple[int, int]]]:
+    """The tokens `seq` commits after a forward over its last committed token and its draft, and the KV moves
+    (from position, to position) that put an accepted tree path's KV where its tokens now are.
     `target_logits` [k + 1, V] are the target's logits at each of those positions."""
     draft = seq.draft
-    tokens = accept_draft(target_logits, draft.tokens, draft.probs, seq.params, seq.generator,
-                          cut_probs=draft.cut_probs)
+    start = seq.num_computed_tokens  # the last committed token's position
+    moves: list[tuple[int, int]] = []
+    if draft.parents is None:
+        tokens = accept_draft(target_logits, draft.tokens, draft.probs, seq.params, seq.generator,
+                              cut_probs=draft.cut_probs)
+    else:
+        # Node j's KV was written at position start + 1 + j; the accepted path's d-th node belongs at start + d.
+        tokens, path = accept_tree(target_logits, draft.tokens, draft.parents, seq.params, seq.generator)
+        moves = [(start + 1 + j, start + 1 + d) for d, j in enumerate(path) if j != d]
     # KV rollback: the forward wrote KV for all 1 + k positions, but only the last committed token's and the
     # accepted draft tokens' is valid. Counting just those as computed leaves the rest to be overwritten.
     seq.num_computed_tokens += len(tokens)
-    return tokens
+    return tokens, moves
+
+
+def accept_tree(target_logits: torch.Tensor, tokens: list[int], parents: list[int], params: SamplingParams,
+                generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """The committed tokens of a verified draft tree (a path of accepted nodes plus one target token) and the
+    accepted nodes. Row 0 of `target_logits` is the last committed token's, row 1 + j node j's.
+
+    Greedy: follow the child whose token is the target's argmax, as long as there is one. Sampled (the nodes
+    are deterministic drafts): at each node, try its children in order, accepting child c with probability
+    r(c) / sum(r) where r starts as the target's distribution p at the node and loses the mass of each rejected
+    child; when all are rejected, draw from r. Each token is then distributed as p, so the committed tokens are
+    distributed exactly as plain sampling would produce them (recursive rejection sampling with one-hot drafts,
+    as in SpecInfer / SpecTr-style multi-candidate verification)."""
+    children: dict[int, list[int]] = {}
+    for j, p in enumerate(parents):
+        children.setdefault(p, []).append(j)
+    out: list[int] = []
+    path: list[int] = []
+    node = -1
+    if params.greedy:
+        target = target_logits.argmax(dim=-1).tolist()
+        while True:
+            t = target[node + 1]
+            out.append(t)
+            node = next((c for c in children.get(node, ()) if tokens[c] == t), -2)
+            if node == -2:
+                return out, path
+            path.append(node)
+    p = processed_logits(target_logits.float().cpu(), params).softmax(dim=-1)
+    while True:
+        residual = p[node + 1].clone()
+        accepted = -2
+        for c in children.get(node, ()):
+            d = tokens[c]
+            u = float(torch.rand((), generator=generator))
+            if u * float(residual.sum()) < float(residual[d]):
+                accepted = c
+                break
+            residual[d] = 0.0
+        if accepted == -2:
+            if float(residual.sum()) <= 0.0:  # every token of mass drafted and rejected: only by rounding
+                residual = p[node + 1]
+            out.append(int(torch.multinomial(residual, 1, generator=generator)))
+            return out, path
+        out.append(tokens[accepted])
+        path.append(accepted)
+        node = accepted
 
 
 def accept_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_probs: torch.Tensor | None,
@@ -197,10 +340,15 @@ def record_round(seq: Sequence, k: int, tokens: list[int], proposer: Proposer, c
     if target_argmax is not None:
         proposer.observe(seq, [seq.token_ids[-1]] + (seq.draft.tokens if k else []), target_argmax)
     accepted = len(tokens) - 1
-    seq.spec_stats.record(k, accepted)
-    controller.method_stats.record(k, accepted)
+    draft = seq.draft if k else None
+    # A tree's levels play the part of a chain's positions: acceptance by position is acceptance by depth.
+    levels = max(tree_depths(draft.parents)) if draft is not None and draft.parents is not None else k
+    seq.spec_stats.record(k, accepted, levels)
+    controller.method_stats.record(k, accepted, levels)
     if seq.acceptance is not None:
-        seq.acceptance.update(k, accepted)
+        seq.acceptance.update(levels, accepted)
+        if draft is not None and draft.scores is not None:
+            seq.acceptance.calibrate(sum(draft.scores), accepted)
 
 
 # ---- how much to speculate ----------------------------------------------------------------------------------
@@ -214,17 +362,19 @@ class SpeculationStats:
     accepted_at: list[int] = field(default_factory=list)
     k_chosen: dict[int, int] = field(default_factory=dict)  # k -> decode rounds that chose it (0 included)
 
-    def record(self, k: int, accepted: int) -> None:
+    def record(self, k: int, accepted: int, levels: int | None = None) -> None:
+        """A round that verified k draft tokens and accepted `accepted`; `levels`: a tree's depth (a chain's k)."""
         self.k_chosen[k] = self.k_chosen.get(k, 0) + 1
         if k == 0:
             return
+        levels = k if levels is None else levels
         self.rounds += 1
         self.draft_tokens += k
         self.accepted_tokens += accepted
-        while len(self.drafted_at) < k:
+        while len(self.drafted_at) < levels:
             self.drafted_at.append(0)
             self.accepted_at.append(0)
-        for i in range(k):
+        for i in range(levels):
             self.drafted_at[i] += 1
             if i < accepted:
                 self.accepted_at[i] += 1
@@ -262,6 +412,18 @@ class AcceptanceEstimate:
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
         self.successes = 0.0
         self.trials = 0.0
+        # Scored drafts (trees): accepted tokens against the sum of the proposer's scores, discounted per round.
+        self.scored_accepted = 0.0
+        self.scored_predicted = 0.0
+
+    def calibrate(self, predicted: float, accepted: int) -> None:
+        self.scored_accepted = self.decay * self.scored_accepted + accepted
+        self.scored_predicted = self.decay * self.scored_predicted + predicted
+
+    @property
+    def calibration(self) -> float:
+        """How far to trust a proposer's scores for this sequence: accepted / predicted, pulled toward 1."""
+        return (self.scored_accepted + self.prior_weight) / (self.scored_predicted + self.prior_weight)
 
     def update(self, k: int, accepted: int) -> None:
         if k <= 0:
@@ -337,20 +499,27 @@ class SpeculationController:
     def _seconds(self, tokens: int, max_k: int) -> float:
         return max(self.verify_cost(tokens) + (self.draft_cost(max_k) if max_k else 0.0), 1e-6)
 
-    def choose(self, alphas: list[float], limits: list[int], idle_rounds: list[int], other_tokens: int = 0) -> list[int]:
+    def choose(self, alphas: list[float], limits: list[int], idle_rounds: list[int], other_tokens: int = 0, *,
+               node_values: list[list[float] | None] | None = None) -> list[int]:
         """k per sequence. limits: the most each sequence may draft (remaining tokens, draft available);
-        idle_rounds: rounds since the sequence last drafted (to probe a sequence whose estimate fell to k=0)."""
+        idle_rounds: rounds since the sequence last drafted (to probe a sequence whose estimate fell to k=0);
+        node_values[i], when given: the expected acceptance of each of sequence i's draft tokens in order (a scored
+        draft, e.g. a tree), used instead of the per-token model alphas[i]^depth."""
         caps = [min(self.max_k, lim) for lim in limits]
         if not self.adaptive or not caps:
             return caps
         top = max(caps)
-        # expected[i][k]: expected committed tokens of sequence i drafting k (cumulative powers of its alpha).
+        # expected[i][k]: expected committed tokens of sequence i verifying its first k draft tokens.
         expected = []
-        for a, c in zip(alphas, caps):
+        for i, (a, c) in enumerate(zip(alphas, caps)):
             row, term = [1.0], 1.0
-            for _ in range(c):
-                term *= a
-                row.append(row[-1] + term)
+            values = node_values[i] if node_values is not None else None
+            for j in range(c):
+                if values is not None:
+                    row.append(row[-1] + values[j])
+                else:
+                    term *= a
+                    row.append(row[-1] + term)
             expected.append(row)
         base_tokens = other_tokens + len(caps)
         # Best uniform k first (captures the fixed draft cost), then a per-sequence pass that lowers k where
