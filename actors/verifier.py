@@ -20,6 +20,7 @@ from ray import serve
 
 from specserve.actors.draft.client import DrafterClient, DrafterWorkerLink
 from specserve.actors.draft.ngram import NgramDrafter
+from specserve.actors.draft.suffix import SuffixDrafter
 from specserve.actors.engine.async_engine import AsyncEngine, StepHealth
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.block_hash import root_hash
@@ -110,6 +111,9 @@ def build_proposer(config: SpecserveConfig, vocab_size: int):
     sp = config.speculative
     if sp.method == "ngram":
         return NgramDrafter(sp.ngram_min, sp.ngram_max, recycle=sp.recycle)
+    if sp.method == "suffix":
+        return SuffixDrafter(max_depth=sp.suffix_max_depth, max_global_tokens=sp.suffix_max_global_tokens,
+                             spec_factor=sp.suffix_spec_factor, min_token_prob=sp.suffix_min_token_prob)
     if sp.remote:
         return DrafterClient(vocab_size, sampled_drafts=sp.draft_sampling == "sampled", timeout_s=sp.timeout_s)
     return None
@@ -122,7 +126,7 @@ def build_controller(config: SpecserveConfig, proposer) -> SpeculationController
     sp = config.speculative
     # A probe of a sequence at k=0 is nearly free for n-gram drafts; a drafter replica must first catch up on
     # every token since its last round, so probe those rarely.
-    return SpeculationController(sp.num_speculative_tokens, adaptive=sp.adaptive,
+    return SpeculationController(sp.max_draft_tokens, adaptive=sp.adaptive,
                                  prior_acceptance=proposer.prior_acceptance,
                                  probe_every=16 if proposer.drafts_are_free else 64)
 

@@ -63,12 +63,14 @@ class EngineConfig(_Strict):
 
 
 class SpeculativeConfig(_Strict):
-    # none | ngram (prompt lookup + recycled target guesses, inside the verifier) | model (a small checkpoint with
-    # the target's tokenizer) | layer_skip (the target with a subset of its layers) | int8 (int8 copy of the
-    # target, CPU). The model methods run in drafter replicas.
-    method: Literal["none", "ngram", "model", "layer_skip", "int8"] = "ngram"
-    # Most draft tokens per round (adaptive) or the k of every round (adaptive: false).
-    num_speculative_tokens: int = Field(4, ge=1, le=16)
+    # none | ngram (prompt lookup + recycled target guesses, inside the verifier) | suffix (draft trees from suffix
+    # trees over the request and over recent outputs of its tenant, inside the verifier) | model (a small
+    # checkpoint with the target's tokenizer) | layer_skip (the target with a subset of its layers) | int8 (int8
+    # copy of the target, CPU). The model methods run in drafter replicas.
+    method: Literal["none", "ngram", "suffix", "model", "layer_skip", "int8"] = "ngram"
+    # Most draft tokens verified per round, a chain's length or a tree's size (adaptive), or the k of every round
+    # (adaptive: false). Unset: 16 for suffix trees, 4 for the chain methods.
+    num_speculative_tokens: int | None = Field(None, ge=1, le=64)
     adaptive: bool = True
     # method=model: registry name, local directory or hub id of the draft checkpoint.
     draft_model: str | None = None
@@ -81,6 +83,13 @@ class SpeculativeConfig(_Strict):
     ngram_min: int = Field(1, ge=1)
     ngram_max: int = Field(3, ge=1)
     recycle: bool = True  # n-gram: extend drafts with recycled target guesses (Token Recycling)
+    # suffix: longest pattern matched (the suffix trees' depth); tokens of finished outputs kept for the global
+    # trees over all tenants (oldest request evicted first); a draft of a pattern of m tokens has at most
+    # spec_factor * m tokens; branches less likely than min_token_prob are not drafted.
+    suffix_max_depth: int = Field(24, ge=2, le=128)
+    suffix_max_global_tokens: int = Field(200_000, ge=0)
+    suffix_spec_factor: float = Field(1.0, gt=0)
+    suffix_min_token_prob: float = Field(0.1, ge=0, lt=1)
     draft_kv_cache_memory_gb: float = Field(0.25, gt=0)
     # A drafter call slower than this is given up for the round (the sequence decodes without a draft).
     timeout_s: float = Field(2.0, gt=0)
@@ -91,6 +100,12 @@ class SpeculativeConfig(_Strict):
     @property
     def remote(self) -> bool:
         return self.method in ("model", "layer_skip", "int8")
+
+    @property
+    def max_draft_tokens(self) -> int:
+        if self.num_speculative_tokens is not None:
+            return self.num_speculative_tokens
+        return 16 if self.method == "suffix" else 4
 
 
 class AutoscalingConfig(_Strict):

@@ -54,6 +54,15 @@ def test_multiturn_and_long_workloads():
     assert len({p[:64] for p in long}) == 10  # distinct from the first block on: no prefix hits
 
 
+def test_agentic_workload_repeats_one_tool_prompt_with_small_changes():
+    sessions = wl.agentic_workload(12, seed=1, turns=4)
+    assert len(sessions) == 3 and all(s.turns == 4 for s in sessions)
+    assert len({s.messages[0]["content"] for s in sessions}) == 1  # one system prompt with the tools
+    tasks = [s.messages[1]["content"] for s in sessions]
+    assert len(set(tasks)) == 3 and all("@example.com" in t for t in tasks)
+    assert all(s.follow_ups[0].startswith("Tool result: {") for s in sessions)
+
+
 def test_chat_prompts_short_and_varied():
     prompts = [s.messages[0]["content"] for s in wl.chat_workload(200, 0)]
     assert len(set(prompts)) == 200  # no repeats within a few hundred

@@ -451,12 +451,59 @@ def long_workload(n: int, seed: int = 0, documents: int = 12) -> list[Session]:
     return out
 
 
+_AGENT_SYSTEM = (
+    "You are an operations agent for an online shop. You act only through tools. To call a tool, answer with one "
+    "line of JSON: {\"tool\": NAME, \"arguments\": {...}}. When the task is done, answer with one line of JSON: "
+    "{\"tool\": \"finish\", \"arguments\": {\"summary\": TEXT}}.\n"
+    "Tools:\n"
+    "- lookup_order(order_id: string): the order's status, items, carrier and tracking number.\n"
+    "- lookup_customer(email: string): the customer's name, tier and open tickets.\n"
+    "- issue_refund(order_id: string, amount: number, reason: string): refunds part or all of an order.\n"
+    "- send_email(to: string, subject: string, body: string): emails a customer.\n"
+    "- finish(summary: string): ends the task."
+)
+_AGENT_TASKS = [
+    "Customer {email} says order {order} arrived damaged. Check the order, refund the damaged item and email them.",
+    "Customer {email} asks where order {order} is. Look it up and email them the tracking number.",
+    "Order {order} for {email} was charged twice. Verify the order and refund the duplicate charge, then tell them.",
+]
+_AGENT_STATUS = ["shipped", "delivered", "delayed at the depot", "out for delivery"]
+_AGENT_ITEMS = ["desk lamp", "coffee grinder", "wool blanket", "bike light", "water bottle", "phone stand"]
+
+
+def agentic_workload(n: int, seed: int = 0, turns: int = 4) -> list[Session]:
+    """An agent loop: the same tool-use prompt again and again with small changes (order numbers, customers,
+    items), each conversation a task followed by tool results as the next turns. Its replies repeat each other's
+    structure across conversations: where a global suffix tree of earlier outputs pays."""
+    rng = _rng("agentic", seed)
+    out = []
+    for _ in range(math.ceil(n / turns)):
+        name = rng.choice(_FIRST_NAMES)
+        email = f"{name.lower()}.{rng.randrange(100, 999)}@example.com"
+        order = f"A-{rng.randrange(10 ** 5, 10 ** 6)}"
+        item = rng.choice(_AGENT_ITEMS)
+        price = rng.randrange(12, 90) + 0.99
+        results = [
+            f'Tool result: {{"order_id": "{order}", "status": "{rng.choice(_AGENT_STATUS)}", "items": '
+            f'[{{"name": "{item}", "price": {price}}}], "carrier": "ParcelNet", "tracking": '
+            f'"PN{rng.randrange(10 ** 8, 10 ** 9)}"}}',
+            f'Tool result: {{"email": "{email}", "name": "{name}", "tier": "{rng.choice(["standard", "gold"])}", '
+            f'"open_tickets": {rng.randrange(0, 3)}}}',
+            'Tool result: {"ok": true}',
+        ]
+        task = rng.choice(_AGENT_TASKS).format(email=email, order=order)
+        out.append(Session([{"role": "system", "content": _AGENT_SYSTEM}, {"role": "user", "content": task}],
+                           _take(results, turns - 1)))
+    return out
+
+
 WORKLOADS: dict[str, Callable[[int, int], list[Session]]] = {
     "chat": chat_workload,
     "shared-prefix": shared_prefix_workload,
     "multiturn": multiturn_workload,
     "copy": copy_workload,
     "long": long_workload,
+    "agentic": agentic_workload,
 }
 
 
