@@ -1,4 +1,5 @@
-"""Drafter deployment: drafts tokens for the verifiers with a draft model (method model, layer_skip, int8).
+"""Drafter deployment: drafts tokens for the verifiers with a draft model (method model, layer_skip, int8), or
+from suffix trees shared by all the verifiers (method suffix, suffix_in: drafter).
 
 A Serve deployment gives the drafters replicas, health checks, restarts and scaling of their own. The per-step
 path must not pay a Serve handle call (several times the cost of a plain actor call), so each replica starts one
@@ -43,15 +44,23 @@ class DrafterWorker:
         use_default_priority()
         cfg = SpecserveConfig.model_validate(config)
         sp = cfg.speculative
+        self.method = sp.method
+        self._last_call: dict[str, float] = {}
+        if sp.method == "suffix":
+            from specserve.actors.draft.suffix import SuffixDrafter
+            from specserve.actors.draft.suffix_worker import SuffixDraftWorker
+
+            self.drafter = SuffixDraftWorker(SuffixDrafter.from_config(sp))
+            log.info("draft worker ready: suffix trees for %s", cfg.model.name)
+            return
         loaded = build_draft_model(sp.method, cfg.model, sp)
         self.drafter = ModelDrafter(loaded.model, block_size=cfg.engine.block_size,
                                     kv_cache_memory_gb=sp.draft_kv_cache_memory_gb,
                                     max_model_len=cfg.engine.max_model_len)
-        self.method = sp.method
-        self._last_call: dict[str, float] = {}
         log.info("draft worker ready: %s (%s), %d KV blocks", cfg.model.name, sp.method, self.drafter.bm.num_blocks)
 
-    def draft(self, client: str, requests: list[dict], releases: list[str]) -> list[dict]:
+    def draft(self, client: str, requests: list, releases: list) -> list:
+        """protocol.DraftRequest / DraftRelease in, one protocol.DraftReply per request out."""
         self._last_call[client] = time.monotonic()
         return self.drafter.draft_batch(client, requests, releases)
 

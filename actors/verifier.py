@@ -109,13 +109,16 @@ def build_kv_event_publisher(config: SpecserveConfig) -> KVEventPublisher | None
 def build_proposer(config: SpecserveConfig, vocab_size: int):
     """The engine's source of drafts: n-gram in this process, a client of drafter replicas, or none."""
     sp = config.speculative
-    if sp.method == "ngram":
-        return NgramDrafter(sp.ngram_min, sp.ngram_max, recycle=sp.recycle)
-    if sp.method == "suffix":
-        return SuffixDrafter(max_depth=sp.suffix_max_depth, max_global_tokens=sp.suffix_max_global_tokens,
-                             spec_factor=sp.suffix_spec_factor, min_token_prob=sp.suffix_min_token_prob)
     if sp.remote:
-        return DrafterClient(vocab_size, sampled_drafts=sp.draft_sampling == "sampled", timeout_s=sp.timeout_s)
+        # Suffix-tree workers draft without a model: ask first, size each tree from its scores, like in-process.
+        suffix = {"prior_acceptance": SuffixDrafter.prior_acceptance, "drafts_are_free": True} \
+            if sp.method == "suffix" else {}
+        return DrafterClient(vocab_size, sampled_drafts=sp.draft_sampling == "sampled", timeout_s=sp.timeout_s,
+                             **suffix)
+    if sp.method == "ngram":
+        return NgramDrafter(sp.ngram_min, sp.ngram_max, recycle=sp.recycle, recycle_width=sp.recycle_width)
+    if sp.method == "suffix":
+        return SuffixDrafter.from_config(sp)
     return None
 
 

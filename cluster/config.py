@@ -83,9 +83,14 @@ class SpeculativeConfig(_Strict):
     ngram_min: int = Field(1, ge=1)
     ngram_max: int = Field(3, ge=1)
     recycle: bool = True  # n-gram: extend drafts with recycled target guesses (Token Recycling)
+    # n-gram: > 1 keeps each token's top guesses and drafts a tree of them where prompt lookup finds nothing.
+    recycle_width: int = Field(1, ge=1, le=16)
     # suffix: longest pattern matched (the suffix trees' depth); tokens of finished outputs kept for the global
     # trees over all tenants (oldest request evicted first); a draft of a pattern of m tokens has at most
     # spec_factor * m tokens; branches less likely than min_token_prob are not drafted.
+    # suffix: where the trees live: in each verifier, or in the drafter replicas, where each tenant's global tree
+    # learns from the outputs of every verifier.
+    suffix_in: Literal["verifier", "drafter"] = "verifier"
     suffix_max_depth: int = Field(24, ge=2, le=128)
     suffix_max_global_tokens: int = Field(200_000, ge=0)
     suffix_spec_factor: float = Field(1.0, gt=0)
@@ -99,7 +104,8 @@ class SpeculativeConfig(_Strict):
 
     @property
     def remote(self) -> bool:
-        return self.method in ("model", "layer_skip", "int8")
+        """Drafts come from drafter replicas."""
+        return self.method in ("model", "layer_skip", "int8") or (self.method == "suffix" and self.suffix_in == "drafter")
 
     @property
     def max_draft_tokens(self) -> int:
@@ -343,7 +349,8 @@ class SpecserveConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     verifier: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(max_queued_requests=128))
-    # Drafter replicas (speculative.method model / layer_skip / int8); num_cpus/num_gpus go to the draft worker.
+    # Drafter replicas (speculative.method model / layer_skip / int8, or suffix in drafters); num_cpus/num_gpus go to
+    # the draft worker.
     drafter: DeploymentConfig = Field(default_factory=DeploymentConfig)
     # The ingress's work per request is waiting: many requests per replica, and a bounded queue in Serve's proxy
     # (beyond it a request is refused with 503 rather than wait unboundedly).

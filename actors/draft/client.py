@@ -18,19 +18,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specserve.actors.draft.model_drafter import ModelDrafter, probs_tensor
+from specserve.actors.draft.model_drafter import probs_tensor
+from specserve.actors.draft.protocol import DraftRelease, DraftReply, DraftRequest, DraftSampling
 from specserve.actors.engine.speculation import Draft
 
 log = logging.getLogger(__name__)
 
 
 class InProcessDrafterLink:
-    """A ModelDrafter in this process (tests, single-process tools)."""
+    """A drafter worker's core (ModelDrafter, SuffixDraftWorker) in this process (tests, single-process tools)."""
 
-    def __init__(self, drafter: ModelDrafter):
+    def __init__(self, drafter):
         self.drafter = drafter
 
-    def submit(self, client: str, requests: list[dict], releases: list[str]):
+    def submit(self, client: str, requests: list[DraftRequest], releases: list[DraftRelease]):
         return self.drafter.draft_batch(client, requests, releases)
 
     def collect(self, pending, timeout: float):
@@ -44,7 +45,7 @@ class DrafterWorkerLink:
     def __init__(self, actor):
         self.actor = actor
 
-    def submit(self, client: str, requests: list[dict], releases: list[str]):
+    def submit(self, client: str, requests: list[DraftRequest], releases: list[DraftRelease]):
         return self.actor.draft.remote(client, requests, releases)
 
     def collect(self, pending, timeout: float):
@@ -74,6 +75,22 @@ def invalid_draft(tokens, probs, k: int, vocab_size: int) -> str | None:
     return None
 
 
+def invalid_tree(parents, scores, n: int) -> str | None:
+    """Why a drafter's tree (parents, scores of its n tokens) cannot be used, or None."""
+    if parents is not None:
+        if not isinstance(parents, (list, tuple)) or len(parents) != n:
+            return f"parents must be a list of {n}"
+        for i, p in enumerate(parents):
+            if not isinstance(p, (int, np.integer)) or isinstance(p, bool) or not -1 <= p < i:
+                return f"parent {p!r} of token {i} is not an earlier token or -1"
+    if scores is not None:
+        if not isinstance(scores, (list, tuple)) or len(scores) != n:
+            return f"scores must be a list of {n}"
+        if not all(isinstance(x, (float, int)) and not isinstance(x, bool) and 0.0 <= x <= 1.0 for x in scores):
+            return "scores must be numbers in [0, 1]"
+    return None
+
+
 @dataclass
 class Attachment:
     worker: str
@@ -82,11 +99,14 @@ class Attachment:
 
 
 class DrafterClient:
-    drafts_are_free = False
-    observes_target = False
+    """`drafts_are_free`: the workers draft without a forward per token (suffix trees), so the engine asks them
+    first and sizes each draft from what came back (see speculation.Proposer)."""
+
+    observes_target = 0
 
     def __init__(self, vocab_size: int, *, sampled_drafts: bool, timeout_s: float, prior_acceptance: float = 0.6,
-                 rest_s: float = 5.0):
+                 rest_s: float = 5.0, drafts_are_free: bool = False):
+        self.drafts_are_free = drafts_are_free
         self.client_id = uuid.uuid4().hex
         self.vocab_size = vocab_size
         self.sampled_drafts = sampled_drafts
@@ -97,7 +117,7 @@ class DrafterClient:
         self._links: dict[str, object] = {}
         self._resting: dict[str, float] = {}
         self._attached: dict[str, Attachment] = {}
-        self._releases: dict[str, list[str]] = {}
+        self._releases: dict[str, list[DraftRelease]] = {}
         self.stats = {"calls": 0, "call_s": 0.0, "failures": 0, "timeouts": 0, "stale": 0, "resyncs": 0,
                       "invalid": 0}
 
@@ -149,16 +169,15 @@ class DrafterClient:
         usable = self._usable()
         if not usable:
             return drafts
-        groups: dict[str, list[tuple[int, dict]]] = {}
+        groups: dict[str, list[tuple[int, DraftRequest]]] = {}
         for i, (seq, k) in enumerate(zip(seqs, ks)):
             if k <= 0:
                 continue
             att = self._attachment(seq.seq_id, usable)
             p = seq.params
-            req = {"id": seq.seq_id, "epoch": att.epoch, "synced": att.synced,
-                   "tokens": seq.token_ids[att.synced:], "k": k,
-                   "sampling": None if p.greedy or not self.sampled_drafts else
-                   {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p}}
+            sampling = None if p.greedy or not self.sampled_drafts else DraftSampling(p.temperature, p.top_k, p.top_p)
+            req = DraftRequest(seq.seq_id, att.epoch, att.synced, seq.token_ids[att.synced:], k, sampling,
+                               seq.num_prompt_tokens, seq.hash_root)
             groups.setdefault(att.worker, []).append((i, req))
         t0 = time.perf_counter()
         pending = {}
@@ -176,32 +195,35 @@ class DrafterClient:
                 self._failed(worker, exc, groups[worker])
                 continue
             for (i, req), reply in zip(groups[worker], replies):
-                drafts[i] = self._accept(seqs[i], reply, req["k"])
+                drafts[i] = self._accept(seqs[i], reply, req.k)
         self.stats["calls"] += 1
         self.stats["call_s"] += time.perf_counter() - t0
         return drafts
 
-    def _accept(self, seq, reply: dict, k: int) -> Draft | None:
+    def _accept(self, seq, reply: DraftReply, k: int) -> Draft | None:
         att = self._attached.get(seq.seq_id)
         if att is None:
             return None
-        try:
-            resync, epoch, base = bool(reply["resync"]), reply["epoch"], reply["base"]
-            tokens, probs = reply["tokens"], reply["probs"]
-        except (KeyError, TypeError) as exc:
-            return self._invalid(seq, att, f"malformed reply ({type(exc).__name__}: {exc})")
-        if resync:  # the worker lost this sequence's state: send everything next time
+        if not isinstance(reply, DraftReply):
+            return self._invalid(seq, att, f"malformed reply ({type(reply).__name__})")
+        if reply.resync:  # the worker lost this sequence's state: send everything next time
             att.synced, att.epoch = 0, att.epoch + 1
             self.stats["resyncs"] += 1
             return None
-        why = invalid_draft(tokens, probs, k, self.vocab_size)
+        tokens, probs = reply.tokens, reply.probs
+        why = invalid_draft(tokens, probs, k, self.vocab_size) or invalid_tree(reply.parents, reply.scores,
+                                                                               len(tokens))
+        if why is None and reply.parents is not None and probs is not None:
+            why = "a draft tree with draft distributions"
         if why:
             return self._invalid(seq, att, why)
         att.synced = len(seq)
-        if epoch != att.epoch or base != len(seq) or not tokens:
+        if reply.epoch != att.epoch or reply.base != len(seq) or not tokens:
             self.stats["stale"] += int(bool(tokens))
             return None
-        return Draft([int(t) for t in tokens], probs_tensor(probs, self.vocab_size))
+        return Draft([int(t) for t in tokens], probs_tensor(probs, self.vocab_size), None,
+                     [int(p) for p in reply.parents] if reply.parents is not None else None,
+                     [float(x) for x in reply.scores] if reply.scores is not None else None)
 
     def _invalid(self, seq, att: Attachment, why: str) -> None:
         """A reply that is no usable draft: decode without one, and resync the worker (its state for this
@@ -219,7 +241,7 @@ class DrafterClient:
             with self._lock:
                 self._resting[worker] = time.monotonic() + self.rest_s
             for _, req in items:
-                att = self._attached.get(req["id"])
+                att = self._attached.get(req.id)
                 if att is not None:
                     att.synced, att.epoch = 0, att.epoch + 1
         else:
@@ -227,10 +249,11 @@ class DrafterClient:
             log.warning("drafter worker %s failed (%s); decoding without it", worker[:8], exc)
             self.detach_worker(worker)
 
-    def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None:
-        pass  # not called: observes_target is False
+    def observe(self, seq, input_tokens: list[int], guesses) -> None:
+        pass  # not called: observes_target is 0
 
     def release(self, seq) -> None:
         att = self._attached.pop(seq.seq_id, None)
         if att is not None and att.worker in self._links:
-            self._releases.setdefault(att.worker, []).append(seq.seq_id)
+            tokens = seq.token_ids[att.synced:] if att.synced else []  # nothing synced: nothing to complete
+            self._releases.setdefault(att.worker, []).append(DraftRelease(seq.seq_id, tokens))

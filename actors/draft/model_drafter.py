@@ -1,7 +1,7 @@
 """Drafts from a model: a small model with the target's tokenizer, or a cheap copy of the target (layer-skip,
 int8). Runs in a drafter replica and keeps each sequence's draft KV in a paged cache of its own.
 
-The protocol (one batched call per verifier step, see client.py) carries, per sequence: the attachment epoch,
+The protocol (protocol.py: one batched call per verifier step) carries, per sequence: the attachment epoch,
 `synced` (how many committed tokens the drafter was last told about), the committed tokens since then, and k.
 The drafter keeps the KV of its own earlier drafts where they match what was committed (accepted tokens) and
 rolls the rest back. A request it cannot apply (state evicted, replica restarted, epoch changed) is answered
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from specserve.actors.draft.protocol import DraftReply, DraftRequest
 from specserve.actors.engine.block_manager import BlockManager, NoFreeBlocksError
 from specserve.actors.engine.engine import context_window
 from specserve.actors.engine.model_runner import ModelRunner
@@ -54,20 +55,21 @@ class ModelDrafter:
         if state is not None:
             self.bm.free(state.seq)
 
-    def _sync(self, client: str, req: dict) -> DraftState | None:
-        key = (client, req["id"])
+    def _sync(self, client: str, req: DraftRequest) -> DraftState | None:
+        key = (client, req.id)
         state = self.states.get(key)
-        sampling = req.get("sampling")
-        params = SamplingParams(max_tokens=None, **sampling) if sampling else None
-        if req["synced"] == 0:
+        sampling = req.sampling
+        params = SamplingParams(max_tokens=None, temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p) if sampling else None
+        if req.synced == 0:
             if state is not None:
                 self.bm.free(state.seq)
-            state = DraftState(Sequence(req["id"], [], SamplingParams(max_tokens=None)), req["epoch"], 0, params)
+            state = DraftState(Sequence(req.id, [], SamplingParams(max_tokens=None)), req.epoch, 0, params)
             self.states[key] = state
-        elif state is None or state.epoch != req["epoch"] or state.committed < req["synced"]:
+        elif state is None or state.epoch != req.epoch or state.committed < req.synced:
             return None
         state.params = params
-        seq, base, new = state.seq, req["synced"], req["tokens"]
+        seq, base, new = state.seq, req.synced, req.tokens
         # Keep the KV of draft tokens that were accepted (they equal the committed ones); roll back the rest.
         keep = 0
         drafted = seq.token_ids[base:]
@@ -97,25 +99,24 @@ class ModelDrafter:
         return True
 
     # ---- drafting ----------------------------------------------------------------------------------------------
-    def draft_batch(self, client: str, requests: list[dict], releases: list[str] = ()) -> list[dict]:
-        """One reply per request: {id, epoch, base, tokens, probs (float16 [k, V] or None), resync}."""
+    def draft_batch(self, client: str, requests: list[DraftRequest], releases: list = ()) -> list[DraftReply]:
+        """One reply per request: a chain of at most k tokens (with their distributions if sampled), or resync.
+        `releases`: protocol.DraftRelease of sequences that ended."""
         t0 = time.perf_counter()
-        for seq_id in releases:
-            self.release(client, seq_id)
-        replies: dict[str, dict] = {}
+        for release in releases:
+            self.release(client, release.id)
+        replies: dict[str, DraftReply] = {}
         active: list[tuple[DraftState, int]] = []
-        busy = {(client, r["id"]) for r in requests}
+        busy = {(client, r.id) for r in requests}
         for req in requests:
-            reply = {"id": req["id"], "epoch": req["epoch"], "base": None, "tokens": [], "probs": None,
-                     "resync": False}
-            replies[req["id"]] = reply
+            reply = replies[req.id] = DraftReply(req.id, req.epoch)
             state = self._sync(client, req)
             if state is None:
-                reply["resync"] = True
+                reply.resync = True
                 self.stats["resyncs"] += 1
                 continue
-            reply["base"] = state.committed
-            k = min(req["k"], self.max_model_len - state.committed)
+            reply.base = state.committed
+            k = min(req.k, self.max_model_len - state.committed)
             if k > 0 and self._reserve(state, state.committed + k - 1, busy):
                 active.append((state, k))
         probs: dict[str, list[torch.Tensor]] = {s.seq.request_id: [] for s, _ in active}
@@ -136,14 +137,14 @@ class ModelDrafter:
                 seq.token_ids.append(token)
         for state, _ in active:
             reply = replies[state.seq.request_id]
-            reply["tokens"] = state.seq.token_ids[state.committed:]
+            reply.tokens = state.seq.token_ids[state.committed:]
             if probs[state.seq.request_id]:
-                reply["probs"] = torch.stack(probs[state.seq.request_id]).to(torch.float16).numpy()
-            self.stats["draft_tokens"] += len(reply["tokens"])
+                reply.probs = torch.stack(probs[state.seq.request_id]).to(torch.float16).numpy()
+            self.stats["draft_tokens"] += len(reply.tokens)
         self.stats["calls"] += 1
         self.stats["sequences"] += len(requests)
         self.stats["busy_s"] += time.perf_counter() - t0
-        return [replies[r["id"]] for r in requests]
+        return [replies[r.id] for r in requests]
 
 
 def probs_tensor(probs: np.ndarray | None, vocab_size: int) -> torch.Tensor | None:

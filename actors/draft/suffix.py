@@ -312,7 +312,7 @@ class SuffixDrafter:
 
     drafts_are_free = True
     prior_acceptance = 0.3
-    observes_target = False
+    observes_target = 0
 
     def __init__(self, *, max_depth: int = 24, max_global_tokens: int = 200_000, spec_factor: float = 1.0,
                  min_token_prob: float = 0.1, max_request_tokens: int = 8192, prompt_context: int = 8):
@@ -342,6 +342,12 @@ class SuffixDrafter:
         self.global_tokens = 0
         self._max_pattern: dict[int, int] = {}
 
+    @classmethod
+    def from_config(cls, spec) -> SuffixDrafter:
+        """From the suffix_* fields of a cluster.config.SpeculativeConfig."""
+        return cls(max_depth=spec.suffix_max_depth, max_global_tokens=spec.suffix_max_global_tokens,
+                   spec_factor=spec.suffix_spec_factor, min_token_prob=spec.suffix_min_token_prob)
+
     # ---- Proposer ----
     def propose(self, seqs: list, ks: list[int]) -> list[Draft | None]:
         drafts: list[Draft | None] = []
@@ -369,8 +375,8 @@ class SuffixDrafter:
             drafts.append(Draft(best[0], parents=best[1], scores=best[2]) if best is not None else None)
         return drafts
 
-    def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None:
-        """Not used (observes_target is False): the trees learn from committed tokens only."""
+    def observe(self, seq, input_tokens: list[int], guesses) -> None:
+        """Not used (observes_target is 0): the trees learn from committed tokens only."""
 
     def release(self, seq) -> None:
         """Drop the request's tree; a finished request's output joins its tenant's global tree."""

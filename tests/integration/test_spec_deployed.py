@@ -69,16 +69,19 @@ def wait_for_drafter(name, timeout=240):
     raise AssertionError("the verifier never attached a drafter worker")
 
 
-@pytest.mark.parametrize("method", ["ngram", "model", "layer_skip", "int8"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "suffix@drafter", "model", "layer_skip", "int8"])
 def test_every_draft_method_is_token_identical_through_the_deployed_path(ray_cluster, model_dir, reference, method):
-    name = f"spec-{method.replace('_', '-')}"
+    name = f"spec-{method.replace('_', '-').replace('@', '-')}"
+    method, _, suffix_in = method.partition("@")
     overrides = {"speculative.method": method, "engine.block_size": 4, "engine.num_blocks": 200,
                  "drafter.num_cpus": 0.5, "speculative.adaptive": method != "model"}
     if method == "model":
         overrides["speculative.draft_model"] = str(model_dir)  # same tokenizer; here the checkpoint itself
+    if suffix_in:
+        overrides["speculative.suffix_in"] = suffix_in
     server = start_app(ray_cluster, str(model_dir), name, **overrides)
     try:
-        if method != "ngram":
+        if method not in ("ngram", "suffix") or suffix_in == "drafter":
             wait_for_drafter(name)
         results = asyncio.run(complete_all(server.url, name))
         for res, expected in zip(results, reference):

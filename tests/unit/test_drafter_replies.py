@@ -2,11 +2,13 @@
 the vocabulary, too many tokens, bad probabilities or a malformed reply are dropped (the sequence decodes without
 a draft that round); greedy output stays token-identical."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from specserve.actors.draft.client import DrafterClient, InProcessDrafterLink, invalid_draft
+from specserve.actors.draft.client import DrafterClient, InProcessDrafterLink, invalid_draft, invalid_tree
 from specserve.actors.draft.draft_models import build_draft_model
 from specserve.actors.draft.model_drafter import ModelDrafter
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
@@ -41,14 +43,28 @@ def test_invalid_draft_names_each_problem():
     assert "non-negative" in invalid_draft([1, 2], bad, 4, VOCAB)
 
 
+def test_invalid_tree_names_each_problem():
+    assert invalid_tree(None, None, 3) is None
+    assert invalid_tree([-1, 0, 0], [0.9, 0.5, 0.2], 3) is None
+    assert "list of 3" in invalid_tree([-1, 0], None, 3)
+    assert "not an earlier token" in invalid_tree([-1, 1, 0], None, 3)
+    assert "not an earlier token" in invalid_tree([-1, True, 0], None, 3)
+    assert "not an earlier token" in invalid_tree([-2, 0, 0], None, 3)
+    assert "scores must be a list of 3" in invalid_tree(None, [0.5], 3)
+    assert "in [0, 1]" in invalid_tree(None, [0.5, float("nan"), 0.1], 3)
+
+
 class HostileLink(InProcessDrafterLink):
     """A real draft model whose replies are then corrupted, in turn, in every way the client must catch."""
 
     CORRUPTIONS = [
-        lambda r: {**r, "tokens": [VOCAB + 5] + list(r["tokens"][1:])},
-        lambda r: {**r, "tokens": [-3] + list(r["tokens"][1:])},
-        lambda r: {**r, "tokens": list(r["tokens"]) * 10},
-        lambda r: {k: v for k, v in r.items() if k != "epoch"},
+        lambda r: replace(r, tokens=[VOCAB + 5] + list(r.tokens[1:])),
+        lambda r: replace(r, tokens=[-3] + list(r.tokens[1:])),
+        lambda r: replace(r, tokens=list(r.tokens) * 10),
+        lambda r: vars(r),  # not a DraftReply at all
+        lambda r: replace(r, parents=[0] * len(r.tokens)),  # a "tree" whose first node is its own parent
+        lambda r: replace(r, parents=[-1] * len(r.tokens)),  # a tree with draft distributions (sampled)
+        lambda r: replace(r, scores=[2.0] * len(r.tokens)),
         lambda r: r,  # some replies pass untouched: speculation still runs
     ]
 
@@ -60,7 +76,7 @@ class HostileLink(InProcessDrafterLink):
         replies = super().submit(client, requests, releases)
         out = []
         for r in replies:
-            if r["tokens"]:
+            if r.tokens:
                 r = self.CORRUPTIONS[self.n % len(self.CORRUPTIONS)](r)
                 self.n += 1
             out.append(r)
@@ -93,7 +109,7 @@ def test_hostile_drafter_replies_are_dropped_and_greedy_output_is_unchanged(targ
     client.attach_worker("hostile", link)
     eng = engine(client)
     assert eng.generate(prompts, params) == expected
-    assert client.stats["invalid"] >= 4 and link.n >= 5
+    assert client.stats["invalid"] >= 7 and link.n >= 8
     assert eng.spec_stats.rounds > 0  # the untouched replies were still used
     eng.block_manager.check_invariants()
 

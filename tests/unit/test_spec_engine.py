@@ -11,7 +11,9 @@ from specserve.actors.draft.client import DrafterClient, InProcessDrafterLink
 from specserve.actors.draft.draft_models import build_draft_model, default_kept_layers
 from specserve.actors.draft.model_drafter import ModelDrafter
 from specserve.actors.draft.ngram import NgramDrafter
+from specserve.actors.draft.protocol import DraftRelease, DraftRequest
 from specserve.actors.draft.suffix import SuffixDrafter
+from specserve.actors.draft.suffix_worker import SuffixDraftWorker
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampler import processed_logits
@@ -152,19 +154,40 @@ def test_drafter_resyncs_lost_state_and_drops_stale_replies(target_dir, draft_di
                                SpeculativeConfig(method="layer_skip"))
     prop = ModelDrafter(loaded.model, block_size=BLOCK, max_model_len=0, num_blocks=50)
     tokens = prompt_set()[1]
-    first = prop.draft_batch("c", [{"id": "s", "epoch": 1, "synced": 0, "tokens": tokens, "k": 3, "sampling": None}])
-    assert first[0]["base"] == len(tokens) and len(first[0]["tokens"]) == 3
+    first = prop.draft_batch("c", [DraftRequest("s", 1, 0, tokens, 3)])
+    assert first[0].base == len(tokens) and len(first[0].tokens) == 3
     # The verifier accepted the first draft token and corrected the second: the drafter keeps KV for one.
-    committed = [first[0]["tokens"][0], 1]
-    again = prop.draft_batch("c", [{"id": "s", "epoch": 1, "synced": len(tokens), "tokens": committed, "k": 2,
-                                      "sampling": None}])
-    assert again[0]["base"] == len(tokens) + 2 and not again[0]["resync"]
+    committed = [first[0].tokens[0], 1]
+    again = prop.draft_batch("c", [DraftRequest("s", 1, len(tokens), committed, 2)])
+    assert again[0].base == len(tokens) + 2 and not again[0].resync
     # Unknown sequence, or a different epoch, with a delta: ask for a resync.
-    for req in ({"id": "x", "epoch": 1, "synced": 5, "tokens": [1], "k": 2},
-                {"id": "s", "epoch": 2, "synced": len(tokens) + 2, "tokens": [1], "k": 2}):
-        assert prop.draft_batch("c", [dict(req, sampling=None)])[0]["resync"]
-    prop.draft_batch("c", [], releases=["s"])
+    for req in (DraftRequest("x", 1, 5, [1], 2), DraftRequest("s", 2, len(tokens) + 2, [1], 2)):
+        assert prop.draft_batch("c", [req])[0].resync
+    prop.draft_batch("c", [], releases=[DraftRelease("s")])
     assert not prop.states and prop.bm.num_free_blocks == 50
+
+
+def test_suffix_drafter_replica_is_token_identical_and_shares_outputs_across_verifiers(target_dir, reference):
+    """Suffix trees in a drafter worker: two verifiers' clients attach to one; greedy output is unchanged, and a
+    request on the second verifier drafts from the outputs the first verifier's requests left in the tenant's
+    global tree."""
+    worker = SuffixDraftWorker(SuffixDrafter(max_depth=12))
+    engines = []
+    for _ in range(2):
+        client = DrafterClient(384, sampled_drafts=False, timeout_s=SpeculativeConfig().timeout_s,
+                               drafts_are_free=True)
+        client.attach_worker("w0", InProcessDrafterLink(worker))
+        engines.append(make_engine(target_dir, client, k=8, adaptive=False))
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    assert engines[0].generate(prompt_set(), params) == reference
+    # Finished outputs were kept (releases travel with a client's next call: the last one is still queued).
+    assert worker.drafter.global_tokens > 0 and len(worker.states) <= 1
+    assert engines[1].generate(prompt_set(), params) == reference
+    first, second = engines[0].spec_stats, engines[1].spec_stats
+    # The second pass finds whole outputs in the global tree: far more accepted per round.
+    assert second.accepted_tokens / second.rounds > 2 * first.accepted_tokens / first.rounds, (first, second)
+    for engine in engines:
+        engine.block_manager.check_invariants()
 
 
 def test_draft_model_with_another_tokenizer_is_refused(tmp_path, target_dir):
