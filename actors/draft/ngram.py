@@ -7,12 +7,17 @@ sequence's last n tokens (longest n first) and propose the tokens that followed 
 Recycled candidates (after Token Recycling): every verifier forward yields the target's argmax after each
 input token, including at draft positions that were later rejected. They are kept in a table token -> the
 target's latest guess of the next token, shared by all sequences, and chained to extend or replace a lookup.
+With `recycle_width` > 1 the table keeps each token's top guesses with their probabilities, and a sequence
+without a lookup match drafts a tree of them instead.
 Runs inside the verifier: it costs microseconds, so a remote call would only add latency.
 """
 
 from __future__ import annotations
 
-from specserve.actors.engine.speculation import Draft
+import heapq
+import itertools
+
+from specserve.actors.engine.speculation import Draft, TargetGuesses
 
 
 class NgramIndex:
@@ -42,16 +47,27 @@ class NgramIndex:
 
 
 class NgramDrafter:
+    """`recycle_width` > 1: where prompt lookup finds nothing, draft a tree from the recycled table instead of a
+    chain: each token's `recycle_width` likeliest successors (with the target's probabilities, the tokens'
+    scores), expanded best-first."""
+
     drafts_are_free = True
     prior_acceptance = 0.3
 
-    def __init__(self, min_n: int, max_n: int, *, recycle: bool):
+    def __init__(self, min_n: int, max_n: int, *, recycle: bool, recycle_width: int = 1,
+                 min_token_prob: float = 0.05):
         if not 1 <= min_n <= max_n:
             raise ValueError("n-gram sizes need 1 <= min_n <= max_n")
+        if recycle_width < 1:
+            raise ValueError("recycle_width must be >= 1")
         self.min_n, self.max_n, self.recycle = min_n, max_n, recycle
-        self.observes_target = recycle
+        self.recycle_width = recycle_width if recycle else 1
+        self.min_token_prob = min_token_prob
+        self.observes_target = self.recycle_width if recycle else 0
         self.indexes: dict[str, NgramIndex] = {}
-        self.recycled: dict[int, int] = {}
+        # token -> the target's latest guesses of the next token (most likely first), with their probabilities
+        # when drafting trees.
+        self.recycled: dict[int, tuple[list[int], list[float] | None]] = {}
 
     def propose(self, seqs: list, ks: list[int]) -> list[Draft | None]:
         drafts: list[Draft | None] = []
@@ -64,17 +80,46 @@ class NgramDrafter:
                 index = self.indexes[seq.seq_id] = NgramIndex(self.min_n, self.max_n)
             index.update(seq.token_ids)
             tokens = index.lookup(seq.token_ids, k)
+            if self.recycle and not tokens and self.recycle_width > 1:
+                drafts.append(self._recycled_tree(seq.token_ids[-1], k))
+                continue
             if self.recycle:
                 last = tokens[-1] if tokens else seq.token_ids[-1]
                 while len(tokens) < k and last in self.recycled:
-                    last = self.recycled[last]
+                    last = self.recycled[last][0][0]
                     tokens.append(last)
             drafts.append(Draft(tokens) if tokens else None)
         return drafts
 
-    def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None:
+    def _recycled_tree(self, last: int, k: int) -> Draft | None:
+        """Up to k tokens best-first from the recycled guesses after `last` (score: the product of the target's
+        probabilities along the path; children of a node are distinct, its top guesses)."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        scores: list[float] = []
+        heap: list[tuple[float, int, int, int]] = []  # (-score, tie-break, token, parent node)
+        order = itertools.count()
+
+        def push_children(token: int, node: int, score: float) -> None:
+            guesses = self.recycled.get(token)
+            if guesses is not None and guesses[1] is not None:
+                for t, p in zip(*guesses):
+                    if p >= self.min_token_prob:
+                        heapq.heappush(heap, (-score * p, next(order), t, node))
+
+        push_children(last, -1, 1.0)
+        while heap and len(tokens) < k:
+            neg, _, token, parent = heapq.heappop(heap)
+            tokens.append(token)
+            parents.append(parent)
+            scores.append(-neg)
+            push_children(token, len(tokens) - 1, -neg)
+        return Draft(tokens, parents=parents, scores=scores) if tokens else None
+
+    def observe(self, seq, input_tokens: list[int], guesses: TargetGuesses) -> None:
         if self.recycle:
-            self.recycled.update(zip(input_tokens, target_argmax))
+            probs = guesses.probs if guesses.probs is not None else [None] * len(guesses.tokens)
+            self.recycled.update(zip(input_tokens, zip(guesses.tokens, probs)))
 
     def release(self, seq) -> None:
         self.indexes.pop(seq.seq_id, None)

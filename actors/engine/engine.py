@@ -20,6 +20,7 @@ from specserve.actors.engine.sequence import Sequence, SequenceStatus
 from specserve.actors.engine.speculation import (
     Proposer,
     SpeculationController,
+    TargetGuesses,
     draft_round,
     record_round,
     verify_round,
@@ -343,8 +344,8 @@ class LLMEngine:
         raw = step.logits
         logits = self._processed_logits(sched.scheduled, rows, step)
         sampled = self._sample(sched.scheduled, rows, logits)
-        observe = self.proposer is not None and self.proposer.observes_target
-        argmax = logits.argmax(dim=-1).tolist() if observe else None
+        observe = self.proposer.observes_target if self.proposer is not None else 0
+        guesses = TargetGuesses.from_logits(logits, observe) if observe and len(logits) else None
         outputs: list[RequestOutput] = []
         new_blocks: list[tuple[int, bytes, bytes | None]] = []
         kv_moves: tuple[list[int], list[int]] = ([], [])  # (from slots, to slots) of accepted draft-tree paths
@@ -366,7 +367,7 @@ class LLMEngine:
                 tokens = sampled.get(i)
             if r is not None and self.proposer is not None:
                 record_round(seq, item.num_draft, tokens, self.proposer, self.controller,
-                             argmax[r] if argmax is not None else None)
+                             guesses.rows(r) if guesses is not None else None)
             seq.draft = None
             emitted, reason = self._append(seq, tokens or [])
             new_blocks += self.block_manager.register_computed_blocks(seq)  # before _finish frees the blocks

@@ -119,13 +119,34 @@ class Proposer(Protocol):
 
     drafts_are_free: bool
     prior_acceptance: float
-    observes_target: bool  # wants `observe` (the target's argmax after each input token) after every forward
+    # How many of the target's likeliest next tokens after each input token `observe` shows it after every
+    # forward (0: not called).
+    observes_target: int
 
     def propose(self, seqs: list, ks: list[int]) -> list[Draft | None]: ...
 
-    def observe(self, seq, input_tokens: list[int], target_argmax: list[int]) -> None: ...
+    def observe(self, seq, input_tokens: list[int], guesses: TargetGuesses) -> None: ...
 
     def release(self, seq) -> None: ...
+
+
+@dataclass
+class TargetGuesses:
+    """The target's likeliest next tokens after each input token of a forward (row i: after input token i), from
+    the logits after the request's processors, most likely first."""
+    tokens: list[list[int]]
+    probs: list[list[float]] | None  # their probabilities; None when only the argmax was asked for
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, top: int) -> TargetGuesses:
+        if top == 1:  # the argmax alone needs no normalisation over the vocabulary
+            return cls([[t] for t in logits.argmax(dim=-1).tolist()], None)
+        values, tokens = logits.topk(top, dim=-1)
+        probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
+        return cls(tokens.tolist(), probs.tolist())
+
+    def rows(self, r: slice) -> TargetGuesses:
+        return TargetGuesses(self.tokens[r], self.probs[r] if self.probs is not None else None)
 
 
 # ---- the round ----------------------------------------------------------------------------------------------
@@ -334,11 +355,11 @@ def accept_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_pro
 
 
 def record_round(seq: Sequence, k: int, tokens: list[int], proposer: Proposer, controller: SpeculationController,
-                 target_argmax: list[int] | None) -> None:
+                 guesses: TargetGuesses | None) -> None:
     """Count a round of `seq` that drafted k tokens (0: it decoded or completed its prompt without a draft) and
-    committed `tokens`; show the proposer the target's argmax after each input token if it observes them."""
-    if target_argmax is not None:
-        proposer.observe(seq, [seq.token_ids[-1]] + (seq.draft.tokens if k else []), target_argmax)
+    committed `tokens`; show the proposer the target's guesses after each input token if it observes them."""
+    if guesses is not None:
+        proposer.observe(seq, [seq.token_ids[-1]] + (seq.draft.tokens if k else []), guesses)
     accepted = len(tokens) - 1
     draft = seq.draft if k else None
     # A tree's levels play the part of a chain's positions: acceptance by position is acceptance by depth.

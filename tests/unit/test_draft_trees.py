@@ -58,7 +58,7 @@ class OracleTreeProposer:
 
     drafts_are_free = True
     prior_acceptance = 0.5
-    observes_target = False
+    observes_target = 0
 
     def __init__(self, truth: dict[tuple, list[int]], width: int, depth: int, miss: float, seed: int = 0):
         self.truth, self.width, self.depth, self.miss = truth, width, depth, miss
@@ -95,7 +95,7 @@ class OracleTreeProposer:
             drafts.append(Draft(tokens, parents=parents, scores=scores))
         return drafts
 
-    def observe(self, seq, input_tokens, target_argmax):
+    def observe(self, seq, input_tokens, guesses):
         pass
 
     def release(self, seq):
@@ -143,7 +143,7 @@ class SupportTreeProposer:
 
     drafts_are_free = True
     prior_acceptance = 0.5
-    observes_target = False
+    observes_target = 0
 
     def __init__(self, trees: dict[int, tuple[list[int], list[int]]]):
         self.trees = trees  # t0 -> (tokens, parents)
@@ -158,7 +158,7 @@ class SupportTreeProposer:
             drafts.append(Draft(tokens[:k], parents=parents[:k]))
         return drafts
 
-    def observe(self, seq, input_tokens, target_argmax):
+    def observe(self, seq, input_tokens, guesses):
         pass
 
     def release(self, seq):

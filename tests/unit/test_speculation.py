@@ -1,5 +1,6 @@
 """Speculation core without a model: verification, rejection sampling statistics, choice of k, n-gram drafts."""
 
+import pytest
 import torch
 
 from chi_square import chi_square_p_value
@@ -12,6 +13,7 @@ from specserve.actors.engine.speculation import (
     ProportionalCost,
     SpeculationController,
     SpeculationStats,
+    TargetGuesses,
     accept_draft,
 )
 
@@ -135,7 +137,31 @@ def test_ngram_lookup_and_recycled_candidates():
     assert prop.propose([seq], [3])[0].tokens == [12, 10, 11]
     other = Sequence("b", [20, 21], SamplingParams())
     assert prop.propose([other], [3]) == [None]
-    prop.observe(other, [21, 22], [22, 23])  # target guessed 22 after 21, 23 after 22
+    prop.observe(other, [21, 22], TargetGuesses([[22], [23]], None))  # target guessed 22 after 21, 23 after 22
     assert prop.propose([other], [3])[0].tokens == [22, 23]
     prop.release(seq)
     assert "a" not in prop.indexes
+
+
+def test_recycled_guesses_make_a_best_first_tree_where_lookup_finds_nothing():
+    prop = NgramDrafter(1, 3, recycle=True, recycle_width=2, min_token_prob=0.1)
+    assert prop.observes_target == 2
+    seq = Sequence("a", [20, 21], SamplingParams())
+    # After 21 the target guessed 30 (0.6) or 31 (0.3); after 30: 40 (0.5) or 41 (0.05, below min_token_prob).
+    prop.observe(seq, [21, 30], TargetGuesses([[30, 31], [40, 41]], [[0.6, 0.3], [0.5, 0.05]]))
+    draft = prop.propose([seq], [8])[0]
+    assert draft.tokens == [30, 31, 40] and draft.parents == [-1, -1, 0]
+    assert draft.scores == pytest.approx([0.6, 0.3, 0.3])
+    assert prop.propose([seq], [2])[0].tokens == [30, 31]  # the budget keeps the likeliest nodes
+    # A lookup match still drafts the lookup chain.
+    looping = Sequence("b", [5, 6, 7, 5, 6], SamplingParams())
+    assert prop.propose([looping], [2])[0].parents is None
+
+
+def test_target_guesses_from_logits():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    assert TargetGuesses.from_logits(logits, 1) == TargetGuesses([[1], [0]], None)
+    top2 = TargetGuesses.from_logits(logits, 2)
+    assert top2.tokens == [[1, 2], [0, 1]]
+    assert top2.probs[0] == pytest.approx(logits[0].softmax(-1)[[1, 2]].tolist())
+    assert top2.rows(slice(1, 2)).tokens == [[0, 1]]

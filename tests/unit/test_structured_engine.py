@@ -97,7 +97,7 @@ class CorruptingProposer:
 
     drafts_are_free = True
     prior_acceptance = 0.9
-    observes_target = False
+    observes_target = 0
 
     def __init__(self, continuations: dict[str, list[int]], bad: int):
         self.continuations, self.bad = continuations, bad
@@ -110,7 +110,7 @@ class CorruptingProposer:
             drafts.append(Draft(rest[:1] + [self.bad] + rest[2:]) if rest else None)
         return drafts
 
-    def observe(self, seq, input_tokens, target_argmax):
+    def observe(self, seq, input_tokens, guesses):
         pass
 
     def release(self, seq):
