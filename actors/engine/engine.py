@@ -357,11 +357,15 @@ class LLMEngine:
                 targets = seq.token_ids[first:first + prompt_rows.stop - prompt_rows.start]
                 seq.prompt_logprobs[first:first + len(targets)] = token_logprobs(
                     raw[prompt_rows], targets, seq.params.prompt_logprobs)
+            token_rows = r  # the raw logits each committed token was chosen from, in order
             if seq.draft is not None and r is not None:  # a draft, or the distribution a grammar cut it at
-                tokens, moves = verify_round(seq, logits[r])
-                if moves:
+                verified = verify_round(seq, logits[r])
+                tokens = verified.tokens
+                if verified.kv_moves:
+                    moves = verified.kv_moves
                     kv_moves[0].extend(self.runner.slots(seq.block_table, [a for a, _ in moves]))
                     kv_moves[1].extend(self.runner.slots(seq.block_table, [b for _, b in moves]))
+                    token_rows = [r.start + j for j in verified.rows]
             else:
                 seq.num_computed_tokens += item.num_new_tokens
                 tokens = sampled.get(i)
@@ -376,7 +380,8 @@ class LLMEngine:
             self.stats.generated_tokens += len(emitted)
             if reason:
                 self._finish(seq, reason)
-            logprobs = token_logprobs(raw[r], emitted, seq.params.logprobs) if seq.params.logprobs is not None else None
+            logprobs = (token_logprobs(raw[token_rows], emitted, seq.params.logprobs)
+                        if seq.params.logprobs is not None else None)
             outputs.append(self._output(seq, emitted, reason, logprobs))
         if kv_moves[0]:  # before any block of those paths is exported
             self.runner.copy_slots(*kv_moves)

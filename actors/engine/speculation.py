@@ -230,24 +230,34 @@ def _draft_limit(seq: Sequence, max_k: int, max_model_len: int) -> int:
     return max(0, min(remaining - 1, max_k))
 
 
-def verify_round(seq: Sequence, target_logits: torch.Tensor) -> tuple[list[int], list[tuple[int, int]]]:
-    """The tokens `seq` commits after a forward over its last committed token and its draft, and the KV moves
-    (from position, to position) that put an accepted tree path's KV where its tokens now are.
-    `target_logits` [k + 1, V] are the target's logits at each of those positions."""
+@dataclass
+class Verified:
+    """What a verified round commits: `tokens`; `rows`, the row of the round's logits each token was chosen
+    from (a chain's are 0, 1, ...; a tree's follow the accepted path); `kv_moves`, (from position, to position)
+    that put an accepted tree path's KV where its tokens now are."""
+    tokens: list[int]
+    rows: list[int]
+    kv_moves: list[tuple[int, int]]
+
+
+def verify_round(seq: Sequence, target_logits: torch.Tensor) -> Verified:
+    """What `seq` commits after a forward over its last committed token and its draft. `target_logits` [k + 1, V]
+    are the target's logits at each of those positions (row 1 + j: draft token j)."""
     draft = seq.draft
     start = seq.num_computed_tokens  # the last committed token's position
-    moves: list[tuple[int, int]] = []
     if draft.parents is None:
         tokens = accept_draft(target_logits, draft.tokens, draft.probs, seq.params, seq.generator,
                               cut_probs=draft.cut_probs)
+        verified = Verified(tokens, list(range(len(tokens))), [])
     else:
         # Node j's KV was written at position start + 1 + j; the accepted path's d-th node belongs at start + d.
         tokens, path = accept_tree(target_logits, draft.tokens, draft.parents, seq.params, seq.generator)
-        moves = [(start + 1 + j, start + 1 + d) for d, j in enumerate(path) if j != d]
+        verified = Verified(tokens, [0] + [1 + j for j in path],
+                            [(start + 1 + j, start + 1 + d) for d, j in enumerate(path) if j != d])
     # KV rollback: the forward wrote KV for all 1 + k positions, but only the last committed token's and the
     # accepted draft tokens' is valid. Counting just those as computed leaves the rest to be overwritten.
     seq.num_computed_tokens += len(tokens)
-    return tokens, moves
+    return verified
 
 
 def accept_tree(target_logits: torch.Tensor, tokens: list[int], parents: list[int], params: SamplingParams,

@@ -127,6 +127,32 @@ def test_greedy_tree_speculation_is_token_identical_to_hf_generate(target_dir, r
     assert engine.block_manager.num_free_blocks == 400
 
 
+def test_logprobs_of_tree_verified_tokens_come_from_their_own_rows(target_dir, reference):
+    """An accepted path off the tree's first branch: each token's logprobs are those of its own context."""
+    proposer = OracleTreeProposer(reference, 3, 3, 0.2, seed=7)
+    engine = make_engine(target_dir, proposer, k=12)
+    prompts = prompt_set()[:3]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=2)
+    for p in prompts:
+        engine.add_request(str(len(p)), p, params)
+    got: dict[str, list] = {str(len(p)): [] for p in prompts}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id].extend(out.logprobs)
+    assert engine.spec_stats.accepted_tokens > 0
+    ref = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    for p in prompts:
+        tokens = reference[tuple(p)]
+        with torch.no_grad():
+            lsm = ref(torch.tensor([p + tokens])).logits[0].float().log_softmax(-1)
+        entries = got[str(len(p))]
+        assert [e.token_id for e in entries] == tokens
+        for i, e in enumerate(entries):
+            row = lsm[len(p) + i - 1]
+            assert abs(e.logprob - float(row[e.token_id])) < 1e-4, i
+            assert [t for t, _ in e.top] == row.topk(2).indices.tolist(), i
+
+
 def test_adaptive_tree_size_stays_token_identical(target_dir, reference):
     proposer = OracleTreeProposer(reference, 3, 4, 0.2, seed=1)
     engine = make_engine(target_dir, proposer, k=16, adaptive=True)

@@ -66,7 +66,7 @@ def check_logprobs(lsm, positions, entries, num_top):
         assert all(abs(a - b) < TOL for (_, a), b in zip(e.top, want.values.tolist())), pos
 
 
-@pytest.mark.parametrize("method", [None, "ngram", "model"])
+@pytest.mark.parametrize("method", [None, "ngram", "suffix", "model"])
 def test_output_logprobs_match_the_hf_forward(target_dir, draft_dir, ref, method):
     proposer = make_proposer(method, target_dir, draft_dir) if method else None
     engine = make_engine(target_dir, proposer, k=3, adaptive=False, max_num_batched_tokens=16)  # chunked prefill
@@ -115,7 +115,7 @@ def reference_greedy(ref, prompt, params, n, eos_ids=()):
     return tokens[len(prompt):]
 
 
-@pytest.mark.parametrize("method", ["ngram", "model"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "model"])
 def test_greedy_with_processors_is_identical_with_and_without_speculation(target_dir, draft_dir, ref, method):
     prompts = prompt_set()
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=1.3),
