@@ -67,7 +67,7 @@ class SpeculativeConfig(_Strict):
     # trees over the request and over recent outputs of its tenant, inside the verifier) | model (a small
     # checkpoint with the target's tokenizer) | layer_skip (the target with a subset of its layers) | int8 (int8
     # copy of the target, CPU). The model methods run in drafter replicas.
-    method: Literal["none", "ngram", "suffix", "model", "layer_skip", "int8"] = "ngram"
+    method: Literal["none", "ngram", "suffix", "model", "layer_skip", "int8"] = "suffix"
     # Most draft tokens verified per round, a chain's length or a tree's size (adaptive), or the k of every round
     # (adaptive: false). Unset: 16 for suffix trees, 4 for the chain methods.
     num_speculative_tokens: int | None = Field(None, ge=1, le=64)
@@ -93,7 +93,7 @@ class SpeculativeConfig(_Strict):
     suffix_in: Literal["verifier", "drafter"] = "verifier"
     suffix_max_depth: int = Field(24, ge=2, le=128)
     suffix_max_global_tokens: int = Field(200_000, ge=0)
-    suffix_spec_factor: float = Field(1.0, gt=0)
+    suffix_spec_factor: float = Field(2.0, gt=0)
     suffix_min_token_prob: float = Field(0.1, ge=0, lt=1)
     draft_kv_cache_memory_gb: float = Field(0.25, gt=0)
     # A drafter call slower than this is given up for the round (the sequence decodes without a draft).

@@ -271,12 +271,12 @@ class SuffixTree:
                 return
             least = min_prob * total
             if child.count >= least:
-                heapq.heappush(heap, (-score * child.count / total, pushed, node.token, child, 0, at + 1, index))
+                heapq.heappush(heap, (-score * (child.count / total), pushed, node.token, child, 0, at + 1, index))
                 pushed += 1
             if node.more is not None:
                 for token, child in node.more.items():
                     if child.count >= least:
-                        heapq.heappush(heap, (-score * child.count / total, pushed, token, child, 0, at + 1, index))
+                        heapq.heappush(heap, (-score * (child.count / total), pushed, token, child, 0, at + 1, index))
                         pushed += 1
 
         push(position[0], position[1], depth, -1, 1.0)
@@ -314,7 +314,7 @@ class SuffixDrafter:
     prior_acceptance = 0.3
     observes_target = 0
 
-    def __init__(self, *, max_depth: int = 24, max_global_tokens: int = 200_000, spec_factor: float = 1.0,
+    def __init__(self, *, max_depth: int = 24, max_global_tokens: int = 200_000, spec_factor: float = 2.0,
                  min_token_prob: float = 0.1, max_request_tokens: int = 8192, prompt_context: int = 8):
         if max_depth < 2:
             raise ValueError(f"max_depth must be >= 2, got {max_depth}")

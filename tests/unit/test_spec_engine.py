@@ -185,7 +185,7 @@ def test_suffix_drafter_replica_is_token_identical_and_shares_outputs_across_ver
     assert engines[1].generate(prompt_set(), params) == reference
     first, second = engines[0].spec_stats, engines[1].spec_stats
     # The second pass finds whole outputs in the global tree: far more accepted per round.
-    assert second.accepted_tokens / second.rounds > 2 * first.accepted_tokens / first.rounds, (first, second)
+    assert second.accepted_tokens / second.rounds > 1.5 * first.accepted_tokens / first.rounds, (first, second)
     for engine in engines:
         engine.block_manager.check_invariants()
 
