@@ -28,6 +28,12 @@ BASE="model.dtype=auto"  # what the server picks by default: bfloat16 with nativ
   --workload chat,copy --concurrency 1,4 --rate 0.5,1,2 --max-tokens 64 \
   --slo ttft_ms=1000,tpot_ms=100 --json speculation.json | tee speculation.txt
 
+# 2b. Draft chains and trees (issue 23): no speculation, n-gram chains and suffix-tree draft trees on short chat,
+#     input copying, multi-turn conversations and an agent loop, at 1, 8 and 16 clients.
+"$SPECSERVE" bench --serve-base "$BASE" --serve none=speculative.method=none --serve ngram=speculative.method=ngram \
+  --serve suffix=speculative.method=suffix --workload chat,copy,multiturn,agentic --concurrency 1,8,16 \
+  --num-requests 16 --max-tokens 128 --json trees.json | tee trees.txt
+
 # 3. Prefix reuse across two verifier replicas: routing policies (KV store on), and round-robin without the
 #    store, on multi-tenant shared system prompts and multi-turn conversations.
 "$SPECSERVE" bench --serve-base "$BASE" --matrix routing \
@@ -43,4 +49,4 @@ BASE="model.dtype=auto"  # what the server picks by default: bfloat16 with nativ
 "$SPECSERVE" soak --set "$BASE" --duration 600 --concurrency 4 --json soak.json | tee soak.txt
 
 # 6. The generated section of docs/performance.md: each run's command, full table and plots.
-"$PYTHON" -m specserve.tools.bench.perf_page ../performance.md . peers speculation prefix long soak
+"$PYTHON" -m specserve.tools.bench.perf_page ../performance.md . peers speculation trees prefix long soak

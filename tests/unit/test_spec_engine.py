@@ -73,6 +73,8 @@ def reference(target_dir):
 def make_proposer(method, target_dir, draft_dir, sampled=False):
     if method == "ngram":
         return NgramDrafter(1, 3, recycle=True)
+    if method == "ngram-tree":  # recycled-guess trees where lookup finds nothing (every guess: tiny models are flat)
+        return NgramDrafter(1, 3, recycle=True, recycle_width=3, min_token_prob=0.0)
     if method == "suffix":
         return SuffixDrafter(max_depth=12)
     spec = SpeculativeConfig(method=method, draft_model=str(draft_dir) if method == "model" else None,
@@ -91,7 +93,8 @@ def make_engine(target_dir, proposer, k=4, adaptive=True, **kw):
                      controller=SpeculationController(k, adaptive=adaptive, prior_acceptance=0.6), **args)
 
 
-@pytest.mark.parametrize("method,adaptive", [("ngram", True), ("ngram", False), ("suffix", True), ("suffix", False),
+@pytest.mark.parametrize("method,adaptive", [("ngram", True), ("ngram", False), ("ngram-tree", False),
+                                             ("suffix", True), ("suffix", False),
                                              ("model", True), ("model", False),
                                              ("layer_skip", False), ("int8", True), ("int8", False)])
 def test_greedy_speculation_is_token_identical_to_hf_generate(target_dir, draft_dir, reference, method, adaptive):
@@ -204,7 +207,7 @@ def test_draft_model_with_another_tokenizer_is_refused(tmp_path, target_dir):
     assert len(kept) == 10 and kept[0] == 0 and kept[-1] == 29 and kept == sorted(set(kept))
 
 
-@pytest.mark.parametrize("method", ["model", "ngram", "suffix"])
+@pytest.mark.parametrize("method", ["model", "ngram", "ngram-tree", "suffix"])
 def test_sampled_speculation_keeps_the_target_distribution(target_dir, draft_dir, method):
     """Joint distribution of the first two sampled tokens (the second from a speculative round) against the
     exact target distribution: chi-square over the 36 cells top_k=6 allows."""
