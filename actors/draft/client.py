@@ -217,9 +217,13 @@ class DrafterClient:
             why = "a draft tree with draft distributions"
         if why:
             return self._invalid(seq, att, why)
-        att.synced = len(seq)
-        if reply.epoch != att.epoch or reply.base != len(seq) or not tokens:
+        if reply.epoch != att.epoch or reply.base != len(seq):
+            # Not the worker's state of this sequence now: count nothing as synced (the next request's delta
+            # will not match, and the worker asks for a resync).
             self.stats["stale"] += int(bool(tokens))
+            return None
+        att.synced = len(seq)
+        if not tokens:
             return None
         return Draft([int(t) for t in tokens], probs_tensor(probs, self.vocab_size), None,
                      [int(p) for p in reply.parents] if reply.parents is not None else None,
@@ -256,4 +260,4 @@ class DrafterClient:
         att = self._attached.pop(seq.seq_id, None)
         if att is not None and att.worker in self._links:
             tokens = seq.token_ids[att.synced:] if att.synced else []  # nothing synced: nothing to complete
-            self._releases.setdefault(att.worker, []).append(DraftRelease(seq.seq_id, tokens))
+            self._releases.setdefault(att.worker, []).append(DraftRelease(seq.seq_id, tokens, seq.finish_reason))

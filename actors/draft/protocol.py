@@ -35,10 +35,11 @@ class DraftRequest:
 
 @dataclass
 class DraftRelease:
-    """The sequence ended: drop its state (a suffix worker first keeps its output, with `tokens`, the committed
-    tokens the worker was not sent yet)."""
+    """The sequence ended: drop its state (a suffix worker first keeps the output of a finished one, with
+    `tokens`, the committed tokens the worker was not sent yet)."""
     id: str
     tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | abort (the engine's)
 
 
 @dataclass

@@ -379,9 +379,10 @@ class SuffixDrafter:
         """Not used (observes_target is 0): the trees learn from committed tokens only."""
 
     def release(self, seq) -> None:
-        """Drop the request's tree; a finished request's output joins its tenant's global tree."""
+        """Drop the request's tree; the output of a request that finished (stop or length: not aborted, whose
+        output may be cut anywhere) joins its tenant's global tree."""
         self.requests.pop(seq.seq_id, None)
-        if seq.finish_reason is None or self.max_global_tokens == 0:
+        if seq.finish_reason in (None, "abort") or self.max_global_tokens == 0:
             return
         n = len(seq.token_ids)
         if n <= seq.num_prompt_tokens:

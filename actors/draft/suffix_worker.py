@@ -26,23 +26,27 @@ class MirroredSequence:
 
 
 class SuffixDraftWorker:
-    """`max_sequences`: mirrored sequences kept, least recently drafted dropped first (their verifier resyncs)."""
+    """`max_mirrored_tokens`: tokens of live sequences mirrored here (each also has its request tree), least
+    recently drafted sequences dropped first beyond it (their verifier resyncs)."""
 
-    def __init__(self, drafter: SuffixDrafter, *, max_sequences: int = 4096):
+    def __init__(self, drafter: SuffixDrafter, *, max_mirrored_tokens: int = 1_000_000):
         self.drafter = drafter
-        self.max_sequences = max_sequences
+        self.max_mirrored_tokens = max_mirrored_tokens
+        self.mirrored_tokens = 0
         self.states: OrderedDict[tuple[str, str], MirroredSequence] = OrderedDict()
         self.stats = {"calls": 0, "sequences": 0, "draft_tokens": 0, "resyncs": 0, "evictions": 0, "busy_s": 0.0}
 
     def release(self, client: str, release: DraftRelease) -> None:
         seq = self.states.pop((client, release.id), None)
         if seq is not None:
+            self.mirrored_tokens -= len(seq.token_ids)
             seq.token_ids.extend(release.tokens)
-            seq.finish_reason = "finished"  # its output joins the tenant's tree
+            seq.finish_reason = release.finish_reason  # a finished one's output joins the tenant's tree
             self.drafter.release(seq)
 
     def _drop(self, key: tuple[str, str]) -> None:
         seq = self.states.pop(key)
+        self.mirrored_tokens -= len(seq.token_ids)
         self.drafter.release(seq)  # no finish_reason: the request tree goes, nothing joins the global tree
 
     def _sync(self, client: str, req: DraftRequest) -> MirroredSequence | None:
@@ -56,6 +60,7 @@ class SuffixDraftWorker:
         elif seq is None or seq.epoch != req.epoch or len(seq.token_ids) != req.synced:
             return None
         seq.token_ids.extend(req.tokens)
+        self.mirrored_tokens += len(req.tokens)
         self.states.move_to_end(key)
         return seq
 
@@ -80,7 +85,7 @@ class SuffixDraftWorker:
             if draft is not None:
                 reply.tokens, reply.parents, reply.scores = draft.tokens, draft.parents, draft.scores
                 self.stats["draft_tokens"] += len(draft.tokens)
-        while len(self.states) > self.max_sequences:
+        while self.mirrored_tokens > self.max_mirrored_tokens and len(self.states) > 1:
             self._drop(next(iter(self.states)))
             self.stats["evictions"] += 1
         self.stats["calls"] += 1

@@ -92,15 +92,18 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
 
-        # 1. Decodes: one token each plus the sequence's draft tokens, if any. A draft is dropped when the budget
-        #    (one token kept for each decode still to come) or the pool cannot take it; when even the one
-        #    token needs a block and none is free, the newest sequences are preempted.
+        # 1. Decodes: one token each plus the sequence's draft tokens, if any. A draft is cut to the budget (one
+        #    token kept for each decode still to come; a draft's first tokens are a draft too), and dropped when
+        #    the pool cannot take it; when even the one token needs a block and none is free, the newest
+        #    sequences are preempted.
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
         for i, seq in enumerate(decodes):
             if seq not in self.running:
                 continue
-            if seq.draft is not None and (seq.num_draft_tokens > budget - (len(decodes) - i)
-                                          or not self.bm.can_append(seq, len(seq) + seq.num_draft_tokens)):
+            room = budget - (len(decodes) - i)
+            if seq.draft is not None and seq.num_draft_tokens > room:
+                seq.draft = seq.draft.truncated(room) if room > 0 and seq.draft.cut_probs is None else None
+            if seq.draft is not None and not self.bm.can_append(seq, len(seq) + seq.num_draft_tokens):
                 seq.draft = None
             while not self.bm.can_append(seq, len(seq)):
                 victim = self.running[-1]

@@ -200,6 +200,8 @@ def _node_values(seq: Sequence, draft: Draft) -> list[float] | None:
         return None
     c = seq.acceptance.calibration
     return [min(c * x, 0.999) for x in draft.scores]
+
+
 def _grammar_cut(seq: Sequence, draft: Draft, k: int) -> Draft | None:
     """The first k tokens of `draft`, cut before the first one the sequence's grammar forbids (such tokens
     would only be rejected, and the grammar's masks are defined only along a valid path)."""
@@ -286,9 +288,10 @@ def accept_tree(target_logits: torch.Tensor, tokens: list[int], parents: list[in
             if node == -2:
                 return out, path
             path.append(node)
-    p = processed_logits(target_logits.float().cpu(), params).softmax(dim=-1)
     while True:
-        residual = p[node + 1].clone()
+        # Only the rows along the walk are read: process each when reached (a tree has many more rows than that).
+        p = processed_logits(target_logits[node + 1:node + 2].float().cpu(), params).softmax(dim=-1)[0]
+        residual = p.clone()
         accepted = -2
         for c in children.get(node, ()):
             d = tokens[c]
@@ -299,7 +302,7 @@ def accept_tree(target_logits: torch.Tensor, tokens: list[int], parents: list[in
             residual[d] = 0.0
         if accepted == -2:
             if float(residual.sum()) <= 0.0:  # every token of mass drafted and rejected: only by rounding
-                residual = p[node + 1]
+                residual = p
             out.append(int(torch.multinomial(residual, 1, generator=generator)))
             return out, path
         out.append(tokens[accepted])

@@ -32,7 +32,8 @@ def target_dir(tmp_path_factory):
 
 
 def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                attn_implementation=ATTN_IMPLEMENTATION).eval()
 
 
 def prompt_set():
@@ -151,6 +152,17 @@ def test_logprobs_of_tree_verified_tokens_come_from_their_own_rows(target_dir, r
             row = lsm[len(p) + i - 1]
             assert abs(e.logprob - float(row[e.token_id])) < 1e-4, i
             assert [t for t, _ in e.top] == row.topk(2).indices.tolist(), i
+
+
+def test_trees_cut_to_the_step_token_budget_stay_token_identical(target_dir, reference):
+    """More draft tokens than the step's budget: the scheduler keeps each tree's first nodes that fit."""
+    proposer = OracleTreeProposer(reference, 3, 4, 0.2, seed=2)
+    engine = make_engine(target_dir, proposer, k=16, max_num_batched_tokens=24)
+    prompts = prompt_set()
+    out = engine.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    assert out == [reference[tuple(p)] for p in prompts]
+    assert engine.spec_stats.accepted_tokens > 0
+    engine.block_manager.check_invariants()
 
 
 def test_adaptive_tree_size_stays_token_identical(target_dir, reference):

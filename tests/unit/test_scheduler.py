@@ -62,3 +62,26 @@ def test_nothing_scheduled_when_idle():
     sched = Scheduler(BlockManager(10, 4), max_num_seqs=2, max_num_batched_tokens=16)
     out = sched.schedule()
     assert out.scheduled == [] and not sched.has_work()
+
+
+def test_drafts_are_cut_to_the_token_budget_not_dropped():
+    from specserve.actors.engine.speculation import Draft
+
+    sched = Scheduler(BlockManager(100, 4), max_num_seqs=8, max_num_batched_tokens=12)
+    a, b = make(5, "a"), make(5, "b")
+    sched.add(a)
+    sched.add(b)
+    run_step(sched, sched.schedule())  # both prefilled: each decodes next
+    a.draft = Draft([1, 2, 3, 4, 5, 6, 7, 8], parents=[-1, 0, 0, 1, 1, 2, 3, 4])
+    b.draft = Draft([9, 10, 11])
+    out = sched.schedule()
+    # a keeps 12 - 1 (b's token) - 1 (its own) = 10 >= 8 tokens; b then has 12 - 9 - 1 = 2 for its 3.
+    assert [(s.num_new_tokens, s.num_draft) for s in out.scheduled] == [(9, 8), (3, 2)]
+    assert b.draft.tokens == [9, 10] and out.num_tokens == 12
+    # A tree longer than the room keeps its first nodes (still a tree); no room at all drops the draft.
+    a.draft = Draft(list(range(1, 13)), parents=[-1, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8])
+    b.draft = Draft([9])
+    out = sched.schedule()
+    assert [(s.num_new_tokens, s.num_draft) for s in out.scheduled] == [(11, 10), (1, 0)]
+    assert a.draft.parents == [-1, 0, 0, 1, 1, 2, 3, 4, 5, 6] and b.draft is None
+    sched.bm.check_invariants()

@@ -280,6 +280,25 @@ def test_an_unfinished_release_only_drops_the_request_tree():
     assert "r" in drafter.requests
     drafter.release(seq)  # no finish_reason: not an output worth keeping
     assert "r" not in drafter.requests and drafter.global_tokens == 0 and not drafter.tenants
+    aborted = FakeSeq("a", [1, 2, 3, 1, 2], 3, finish_reason="abort")  # cut anywhere by the client
+    drafter.release(aborted)
+    assert drafter.global_tokens == 0 and not drafter.tenants
+
+
+def test_the_drafter_worker_bounds_the_tokens_it_mirrors():
+    from specserve.actors.draft.protocol import DraftRelease, DraftRequest
+    from specserve.actors.draft.suffix_worker import SuffixDraftWorker
+
+    worker = SuffixDraftWorker(SuffixDrafter(max_depth=8), max_mirrored_tokens=100)
+    for i in range(5):
+        (reply,) = worker.draft_batch("c", [DraftRequest(f"s{i}", 1, 0, [1, 2, 3] * 10, 4, None, 10)])
+        assert reply.base == 30 and not reply.resync
+    assert worker.mirrored_tokens <= 100 and len(worker.states) == 3  # the two least recent dropped
+    assert worker.stats["evictions"] == 2
+    (stale,) = worker.draft_batch("c", [DraftRequest("s0", 1, 30, [4], 4)])
+    assert stale.resync  # dropped: its verifier sends everything again
+    worker.draft_batch("c", [], [DraftRelease("s4", [7, 8], "stop"), DraftRelease("s3", [], "abort")])
+    assert worker.drafter.global_tokens > 0 and worker.mirrored_tokens == 30  # s4's output kept, s3's not
 
 
 def test_a_changed_token_list_is_indexed_again():
