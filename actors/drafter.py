@@ -50,7 +50,8 @@ class DrafterWorker:
             from specserve.actors.draft.suffix import SuffixDrafter
             from specserve.actors.draft.suffix_worker import SuffixDraftWorker
 
-            self.drafter = SuffixDraftWorker(SuffixDrafter.from_config(sp))
+            self.drafter = SuffixDraftWorker(SuffixDrafter.from_config(sp),
+                                             max_mirrored_tokens=sp.suffix_drafter_max_tokens)
             log.info("draft worker ready: suffix trees for %s", cfg.model.name)
             return
         loaded = build_draft_model(sp.method, cfg.model, sp)

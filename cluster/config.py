@@ -95,6 +95,8 @@ class SpeculativeConfig(_Strict):
     suffix_max_global_tokens: int = Field(200_000, ge=0)
     suffix_spec_factor: float = Field(2.0, gt=0)
     suffix_min_token_prob: float = Field(0.1, ge=0, lt=1)
+    # suffix_in: drafter: tokens of live sequences a drafter replica mirrors (least recently drafted dropped first).
+    suffix_drafter_max_tokens: int = Field(1_000_000, ge=1)
     draft_kv_cache_memory_gb: float = Field(0.25, gt=0)
     # A drafter call slower than this is given up for the round (the sequence decodes without a draft).
     timeout_s: float = Field(2.0, gt=0)

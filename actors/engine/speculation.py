@@ -199,7 +199,16 @@ def _node_values(seq: Sequence, draft: Draft) -> list[float] | None:
     if draft.scores is None:
         return None
     c = seq.acceptance.calibration
-    return [min(c * x, 0.999) for x in draft.scores]
+    values = [min(c * x, 0.999) for x in draft.scores]
+    if c > 1.0 and draft.parents is not None:
+        # Scaled up, siblings could together be worth more than their parent, but at most one of them is
+        # accepted: each child gets at most what its earlier siblings left of its parent's value.
+        used: dict[int, float] = {}
+        for j, p in enumerate(draft.parents):
+            left = (values[p] if p >= 0 else 1.0) - used.get(p, 0.0)
+            values[j] = min(values[j], max(left, 0.0))
+            used[p] = used.get(p, 0.0) + values[j]
+    return values
 
 
 def _grammar_cut(seq: Sequence, draft: Draft, k: int) -> Draft | None:

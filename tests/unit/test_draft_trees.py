@@ -282,6 +282,22 @@ def test_tree_helpers():
         Draft([1, 2], parents=[-1])
 
 
+def test_node_values_of_an_overachieving_sequence_never_exceed_what_one_branch_can_return():
+    from types import SimpleNamespace
+
+    from specserve.actors.engine.speculation import AcceptanceEstimate, _node_values
+
+    est = AcceptanceEstimate(0.5)
+    for _ in range(5):
+        est.calibrate(1.0, 4)  # accepted far more than the scores predicted
+    assert est.calibration > 2
+    seq = SimpleNamespace(acceptance=est)
+    draft = Draft([1, 2, 3, 4], parents=[-1, -1, 0, 0], scores=[0.5, 0.4, 0.3, 0.2])
+    values = _node_values(seq, draft)
+    assert values[0] + values[1] <= 1.0 and values[2] + values[3] <= values[0] + 1e-9
+    assert _node_values(SimpleNamespace(acceptance=AcceptanceEstimate(0.5)), draft) == [0.5, 0.4, 0.3, 0.2]
+
+
 def test_controller_sizes_a_scored_tree_by_its_node_values():
     ctl = SpeculationController(16, prior_acceptance=0.5, verify_cost=(0.02, 0.001))
     likely = [0.9, 0.8, 0.7, 0.6, 0.05, 0.04, 0.03, 0.02]
