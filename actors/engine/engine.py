@@ -361,11 +361,11 @@ class LLMEngine:
             if seq.draft is not None and r is not None:  # a draft, or the distribution a grammar cut it at
                 verified = verify_round(seq, logits[r])
                 tokens = verified.tokens
+                token_rows = [r.start + j for j in verified.rows]
                 if verified.kv_moves:
                     moves = verified.kv_moves
                     kv_moves[0].extend(self.runner.slots(seq.block_table, [a for a, _ in moves]))
                     kv_moves[1].extend(self.runner.slots(seq.block_table, [b for _, b in moves]))
-                    token_rows = [r.start + j for j in verified.rows]
             else:
                 seq.num_computed_tokens += item.num_new_tokens
                 tokens = sampled.get(i)

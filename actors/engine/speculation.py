@@ -214,20 +214,19 @@ def _node_values(seq: Sequence, draft: Draft) -> list[float] | None:
 def _grammar_cut(seq: Sequence, draft: Draft, k: int) -> Draft | None:
     """The first k tokens of `draft`, cut before the first one the sequence's grammar forbids (such tokens
     would only be rejected, and the grammar's masks are defined only along a valid path)."""
+    draft = draft.truncated(k)
+    if not draft.tokens:
+        return None
     if draft.parents is not None or seq.grammar is None:  # trees have no grammar (see _chain_if_needed)
-        return draft.truncated(k) if draft.tokens else None
-    tokens = list(draft.tokens[:k])
-    probs = draft.probs[:k] if draft.probs is not None else None
-    cut_probs = None
-    if seq.grammar is not None and tokens:
-        valid = seq.grammar.valid_prefix(tokens)
-        if valid < len(tokens):
-            cut_probs = probs[valid] if probs is not None else None
-            tokens = tokens[:valid]
-            probs = probs[:valid] if probs is not None else None
-    if not tokens:
-        return None if cut_probs is None else Draft([], probs[:0], cut_probs)
-    return Draft(tokens, probs, cut_probs)
+        return draft
+    valid = seq.grammar.valid_prefix(draft.tokens)
+    if valid == len(draft.tokens):
+        return draft
+    cut_probs = draft.probs[valid] if draft.probs is not None else None
+    kept = draft.truncated(valid)
+    if not kept.tokens:
+        return None if cut_probs is None else Draft([], draft.probs[:0], cut_probs)
+    return Draft(kept.tokens, kept.probs, cut_probs)
 
 
 def _draft_limit(seq: Sequence, max_k: int, max_model_len: int) -> int:
