@@ -38,7 +38,8 @@ def _tiny_mixtral(path: Path, hidden: int, intermediate: int, experts: int, laye
     import torch
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    cfg = MixtralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    cfg = MixtralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                        num_hidden_layers=layers,
                         num_attention_heads=8, num_key_value_heads=4, num_local_experts=experts,
                         num_experts_per_tok=2, max_position_embeddings=1024, sliding_window=None,
                         tie_word_embeddings=False)

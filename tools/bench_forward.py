@@ -5,7 +5,9 @@ What it measures, on this machine's cores and the dtype `model.dtype` resolves t
   against the bare Hugging Face forward per token (the same weights, its own attention and DynamicCache, argmax),
   rounds in A-B-B-A order, the median of each side: issue 22's "within 1.2x of the bare forward" ratio;
 - the engine's decode step at each `--batch-sizes` (ms per step, output tok/s);
-- prefill: one chunk of `--prefill-tokens` prompt tokens through the engine against one bare forward over them.
+- prefill: one chunk of `--prefill-tokens` prompt tokens through the engine against one bare forward over them;
+- the machine's floors for each decode step (`tools/machine_limit.py`): the model's linear layers alone at that many
+  rows, and reading the linear weights once at the measured memory bandwidth.
 The engine's model is what a CPU verifier runs (linear weights packed for oneDNN unless --no-pack); the bare one is
 the model as transformers loads it.
 The bare model is a second copy of the weights (the engine's copy runs the paged attention), so the model must fit
@@ -25,6 +27,7 @@ import torch
 
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.tools import machine_limit
 
 
 @dataclass
@@ -41,6 +44,9 @@ class ForwardReport:
     prefill_tokens: int = 0
     bare_prefill_ms: float = 0.0
     engine_prefill_ms: float = 0.0
+    stream_gb_s: float = 0.0  # memory read bandwidth (0: --no-limits)
+    weight_mb: float = 0.0  # the linear weights a decode step reads
+    linears_ms: dict[int, float] = field(default_factory=dict)  # batch size -> the model's linears alone, ms
 
     def text(self) -> str:
         lines = [f"{self.model} in {self.dtype}, {self.threads} torch threads, prompts of {self.prompt_tokens} tokens, "
@@ -49,6 +55,15 @@ class ForwardReport:
                  f"{self.engine_ms_per_token:.2f} ms/token: {self.decode_ratio:.2f}x"]
         for b, ms in self.batch_steps.items():
             lines.append(f"engine decode step, {b:>3} sequences: {ms:7.2f} ms, {b / ms * 1e3:7.1f} output tok/s")
+        if self.stream_gb_s:
+            read_ms = self.weight_mb / self.stream_gb_s
+            lines.append(f"floors: {self.weight_mb:.0f} MB of linear weights, read once at {self.stream_gb_s:.1f} GB/s "
+                         f"in {read_ms:.2f} ms")
+            for b, ms in self.linears_ms.items():
+                step = self.batch_steps[b]
+                lines.append(f"decode step, {b:>3} sequences: the linears alone {ms:7.2f} ms (engine step "
+                             f"{step / ms:.2f}x), reading the weights {read_ms:.2f} ms (engine step "
+                             f"{step / read_ms:.2f}x)")
         if self.prefill_tokens:
             lines.append(f"prefill of {self.prefill_tokens} tokens: bare forward {self.bare_prefill_ms:.1f} ms, engine "
                          f"{self.engine_prefill_ms:.1f} ms: {self.engine_prefill_ms / self.bare_prefill_ms:.2f}x")
@@ -147,6 +162,10 @@ def run(args) -> ForwardReport:
         report.batch_steps[b] = engine_decode_ms(engine, [_prompt(args.prompt_tokens, vocab, seed=100 + i)
                                                           for i in range(b)], args.decode_tokens)
         print(f"batch {b}: {report.batch_steps[b]:.2f} ms/step", file=sys.stderr, flush=True)
+    if args.limits:
+        limit = machine_limit.measure(loaded.model, args.batch_sizes)
+        report.stream_gb_s, report.weight_mb, report.linears_ms = limit.stream_gb_s, limit.weight_mb, limit.linears_ms
+        print(f"floors: {limit.stream_gb_s:.1f} GB/s, linears {limit.linears_ms}", file=sys.stderr, flush=True)
     if args.prefill_tokens:
         prompt = _prompt(args.prefill_tokens, vocab, seed=7)
         engine_prefill_ms(engine, prompt), bare_prefill_ms(bare, prompt)  # warm both
@@ -175,6 +194,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill-tokens", type=int, default=256, help="0: skip the prefill comparison")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="pack the engine's linear weights for oneDNN, as a CPU verifier does (default on)")
+    p.add_argument("--limits", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the machine's floors for each decode step (default on)")
     p.add_argument("--kv-cache-gb", type=float, default=0.5)
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--text", default=None, help="write the text report here too")

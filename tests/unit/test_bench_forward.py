@@ -20,6 +20,10 @@ def test_bench_forward_on_a_tiny_model(tmp_path):
     assert report["decode_ratio"] == report["engine_ms_per_token"] / report["bare_ms_per_token"]
     assert set(report["batch_steps"]) == {"1", "3"} and min(report["batch_steps"].values()) > 0
     assert report["prefill_tokens"] == 24 and report["bare_prefill_ms"] > 0 and report["engine_prefill_ms"] > 0
+    # The floors: the model's own linears at each batch size, and its linear weights read once.
+    assert report["stream_gb_s"] > 0 and report["weight_mb"] > 0 and set(report["linears_ms"]) == {"1", "3"}
+    assert min(report["linears_ms"].values()) > 0
     lines = text.read_text().splitlines()
-    assert "single-stream decode" in lines[1] and len([x for x in lines if "sequences" in x]) == 2
+    assert "single-stream decode" in lines[1] and len([x for x in lines if "engine decode step" in x]) == 2
+    assert len([x for x in lines if "the linears alone" in x]) == 2 and any(x.startswith("floors:") for x in lines)
     assert lines[-1].startswith("prefill of 24 tokens")

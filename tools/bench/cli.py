@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", dest="items", action="append", type=lambda v: ("serve", v),
                    metavar="LABEL=KEY=VALUE[,KEY=VALUE...]",
                    help="start a specserve server with these config overrides (dotted keys, e.g. "
-                        "speculative.method=ngram) for this target's passes, then stop it (repeatable)")
+                        "speculative.method=ngram; LABEL= for the defaults) for this target's passes, then stop it "
+                        "(repeatable)")
     p.add_argument("--peer", dest="items", action="append", type=lambda v: ("peer", v), metavar="NAME",
                    help="install (once, under .cache/peers/), start and stop a peer server on the --serve model "
                         f"with this machine's settings: {', '.join(PEERS)} (repeatable)")
