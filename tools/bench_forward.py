@@ -7,7 +7,9 @@ What it measures, on this machine's cores and the dtype `model.dtype` resolves t
 - the engine's decode step at each `--batch-sizes` (ms per step, output tok/s);
 - prefill: one chunk of `--prefill-tokens` prompt tokens through the engine against one bare forward over them;
 - the machine's floors for each decode step (`tools/machine_limit.py`): the model's linear layers alone at that many
-  rows, and reading the linear weights once at the measured memory bandwidth.
+  rows, and reading the linear weights once at the measured memory bandwidth;
+- verification: the step at the largest batch size with every sequence verifying k draft tokens, for each
+  `--draft-tokens` k (random drafts, so almost all rejected: the cost of a round, not its gain).
 The engine's model is what a CPU verifier runs (linear weights packed for oneDNN unless --no-pack); the bare one is
 the model as transformers loads it.
 The bare model is a second copy of the weights (the engine's copy runs the paged attention), so the model must fit
@@ -27,6 +29,7 @@ import torch
 
 from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.speculation import Draft, SpeculationController
 from specserve.tools import machine_limit
 
 
@@ -47,6 +50,9 @@ class ForwardReport:
     stream_gb_s: float = 0.0  # memory read bandwidth (0: --no-limits)
     weight_mb: float = 0.0  # the linear weights a decode step reads
     linears_ms: dict[int, float] = field(default_factory=dict)  # batch size -> the model's linears alone, ms
+    verify_batch: int = 0  # the batch size of the verification steps
+    verify_steps: dict[int, float] = field(default_factory=dict)  # draft tokens a sequence -> ms per step
+    verify_drafted: dict[int, float] = field(default_factory=dict)  # k -> draft tokens the engine verified per round
 
     def text(self) -> str:
         lines = [f"{self.model} in {self.dtype}, {self.threads} torch threads, prompts of {self.prompt_tokens} tokens, "
@@ -64,6 +70,10 @@ class ForwardReport:
                 lines.append(f"decode step, {b:>3} sequences: the linears alone {ms:7.2f} ms (engine step "
                              f"{step / ms:.2f}x), reading the weights {read_ms:.2f} ms (engine step "
                              f"{step / read_ms:.2f}x)")
+        for k, ms in self.verify_steps.items():
+            plain = self.batch_steps[self.verify_batch]
+            lines.append(f"engine verify step, {self.verify_batch:>3} sequences x (1 + {k} draft tokens): {ms:7.2f} ms "
+                         f"({ms / plain:.2f}x the decode step)")
         if self.prefill_tokens:
             lines.append(f"prefill of {self.prefill_tokens} tokens: bare forward {self.bare_prefill_ms:.1f} ms, engine "
                          f"{self.engine_prefill_ms:.1f} ms: {self.engine_prefill_ms / self.bare_prefill_ms:.2f}x")
@@ -106,6 +116,27 @@ def engine_decode_ms(engine: LLMEngine, prompts: list[list[int]], steps: int) ->
     while engine.has_unfinished():
         engine.step()
     return elapsed
+
+
+class RandomDrafts:
+    """A proposer (speculation.Proposer) drafting k seeded random tokens for every sequence: verification's cost
+    without its gain (nearly every draft is rejected, so sequences advance one token a step as in plain decode)."""
+    drafts_are_free = True
+    prior_acceptance = 0.5
+    observes_target = 0
+
+    def __init__(self, vocab: int, seed: int = 0):
+        self.vocab, self.generator = vocab, torch.Generator().manual_seed(seed)
+
+    def propose(self, seqs, ks: list[int]) -> list[Draft | None]:
+        return [Draft(torch.randint(min(100, self.vocab - 1), self.vocab, (k,), generator=self.generator).tolist())
+                if k else None for k in ks]
+
+    def observe(self, seq, input_tokens, guesses) -> None:
+        pass
+
+    def release(self, seq) -> None:
+        pass
 
 
 @torch.inference_mode()
@@ -166,6 +197,18 @@ def run(args) -> ForwardReport:
         limit = machine_limit.measure(loaded.model, args.batch_sizes)
         report.stream_gb_s, report.weight_mb, report.linears_ms = limit.stream_gb_s, limit.weight_mb, limit.linears_ms
         print(f"floors: {limit.stream_gb_s:.1f} GB/s, linears {limit.linears_ms}", file=sys.stderr, flush=True)
+    report.verify_batch = largest
+    for k in args.draft_tokens:
+        verifier = LLMEngine(loaded.model, block_size=16, max_num_seqs=largest,
+                             max_num_batched_tokens=max(512, largest * (1 + k)), kv_cache_memory_gb=args.kv_cache_gb,
+                             enable_prefix_caching=False, proposer=RandomDrafts(vocab),
+                             controller=SpeculationController(k, adaptive=False))
+        report.verify_steps[k] = engine_decode_ms(verifier, [_prompt(args.prompt_tokens, vocab, seed=100 + i)
+                                                              for i in range(largest)], args.decode_tokens)
+        stats = verifier.spec_stats
+        report.verify_drafted[k] = stats.draft_tokens / stats.rounds if stats.rounds else 0.0
+        del verifier  # its KV cache
+        print(f"verify k={k}: {report.verify_steps[k]:.2f} ms/step", file=sys.stderr, flush=True)
     if args.prefill_tokens:
         prompt = _prompt(args.prefill_tokens, vocab, seed=7)
         engine_prefill_ms(engine, prompt), bare_prefill_ms(bare, prompt)  # warm both
@@ -192,6 +235,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=4, help="single-stream and prefill rounds, A-B-B-A")
     p.add_argument("--batch-sizes", default="1,4,16", type=lambda s: [int(x) for x in s.split(",") if x])
     p.add_argument("--prefill-tokens", type=int, default=256, help="0: skip the prefill comparison")
+    p.add_argument("--draft-tokens", default="2,4", type=lambda s: [int(x) for x in s.split(",") if x],
+                   help="verification steps at the largest batch size, k draft tokens a sequence (comma list; "
+                        "empty: none)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="pack the engine's linear weights for oneDNN, as a CPU verifier does (default on)")
     p.add_argument("--limits", action=argparse.BooleanOptionalAction, default=True,
@@ -201,8 +247,8 @@ def parse_args(argv=None):
     p.add_argument("--text", default=None, help="write the text report here too")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.decode_tokens < 1 or args.prompt_tokens < 1 or not args.batch_sizes \
-            or min(args.batch_sizes) < 1:
-        p.error("--rounds, --decode-tokens, --prompt-tokens and --batch-sizes must be positive")
+            or min(args.batch_sizes) < 1 or min(args.draft_tokens, default=1) < 1:
+        p.error("--rounds, --decode-tokens, --prompt-tokens, --batch-sizes and --draft-tokens must be positive")
     return args
 
 

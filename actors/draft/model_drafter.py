@@ -21,7 +21,7 @@ from specserve.actors.draft.protocol import DraftReply, DraftRequest
 from specserve.actors.engine.block_manager import BlockManager, NoFreeBlocksError
 from specserve.actors.engine.engine import context_window
 from specserve.actors.engine.model_runner import ModelRunner
-from specserve.actors.engine.sampler import processed_logits
+from specserve.actors.engine.sampler import greedy_tokens, processed_logits
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.scheduler import ScheduledSeq
 from specserve.actors.engine.sequence import Sequence
@@ -129,7 +129,7 @@ class ModelDrafter:
                 seq = state.seq
                 seq.num_computed_tokens = len(seq.token_ids)
                 if state.params is None or state.params.greedy:
-                    token = int(row.argmax())
+                    token = int(greedy_tokens(row))
                 else:
                     q = processed_logits(row, state.params).softmax(-1)
                     token = int(torch.multinomial(q, 1, generator=seq.generator))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from specserve.actors.engine.sampler import processed_logits
+from specserve.actors.engine.sampler import greedy_tokens, processed_logits
 from specserve.actors.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # sequence.py imports this module (SpeculationStats)
@@ -140,7 +140,7 @@ class TargetGuesses:
     @classmethod
     def from_logits(cls, logits: torch.Tensor, top: int) -> TargetGuesses:
         if top == 1:  # the argmax alone needs no normalisation over the vocabulary
-            return cls([[t] for t in logits.argmax(dim=-1).tolist()], None)
+            return cls([[t] for t in greedy_tokens(logits).tolist()], None)
         values, tokens = logits.topk(top, dim=-1)
         probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
         return cls(tokens.tolist(), probs.tolist())
@@ -288,7 +288,7 @@ def accept_tree(target_logits: torch.Tensor, tokens: list[int], parents: list[in
     path: list[int] = []
     node = -1
     if params.greedy:
-        target = target_logits.argmax(dim=-1).tolist()
+        target = greedy_tokens(target_logits).tolist()
         while True:
             t = target[node + 1]
             out.append(t)
@@ -340,7 +340,7 @@ def accept_draft(target_logits: torch.Tensor, draft_tokens: list[int], draft_pro
     k = len(draft_tokens)
     assert target_logits.shape[0] == k + 1, (target_logits.shape, k)
     if params.greedy:
-        target = target_logits.argmax(dim=-1).tolist()
+        target = greedy_tokens(target_logits).tolist()
         out: list[int] = []
         for i, d in enumerate(draft_tokens):
             if d != target[i]:

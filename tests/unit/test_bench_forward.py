@@ -12,7 +12,8 @@ def test_bench_forward_on_a_tiny_model(tmp_path):
     text = tmp_path / "forward.txt"
     assert bench_forward.main(["--model", str(model), "--dtype", "float32", "--threads", "1", "--prompt-tokens", "12",
                                "--decode-tokens", "4", "--rounds", "2", "--batch-sizes", "1,3",
-                               "--prefill-tokens", "24", "--kv-cache-gb", "0.01", "--json", str(out),
+                               "--prefill-tokens", "24", "--draft-tokens", "2", "--kv-cache-gb", "0.01",
+                               "--json", str(out),
                                "--text", str(text)]) == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "float32" and report["threads"] == 1 and report["prompt_tokens"] == 12
@@ -23,7 +24,12 @@ def test_bench_forward_on_a_tiny_model(tmp_path):
     # The floors: the model's own linears at each batch size, and its linear weights read once.
     assert report["stream_gb_s"] > 0 and report["weight_mb"] > 0 and set(report["linears_ms"]) == {"1", "3"}
     assert min(report["linears_ms"].values()) > 0
+    # Verification at the largest batch size: 3 sequences, each verifying 2 draft tokens a step.
+    assert report["verify_batch"] == 3 and set(report["verify_steps"]) == {"2"} and report["verify_steps"]["2"] > 0
+    # Every round verified 2 draft tokens but the last ones of each sequence, cut to the tokens it had left.
+    assert set(report["verify_drafted"]) == {"2"} and 1.5 < report["verify_drafted"]["2"] <= 2.0
     lines = text.read_text().splitlines()
     assert "single-stream decode" in lines[1] and len([x for x in lines if "engine decode step" in x]) == 2
     assert len([x for x in lines if "the linears alone" in x]) == 2 and any(x.startswith("floors:") for x in lines)
+    assert any(x.startswith("engine verify step,   3 sequences x (1 + 2 draft tokens)") for x in lines)
     assert lines[-1].startswith("prefill of 24 tokens")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from specserve.actors.engine.sampler import processed_logits, sample
+from specserve.actors.engine.sampler import greedy_tokens, processed_logits, sample
 from specserve.actors.engine.sampling_params import SamplingParams
 
 
@@ -14,6 +14,21 @@ def gen(seed):
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 1.0]])
     assert sample(logits, [SamplingParams(temperature=0)] * 2, [gen(0), gen(0)]) == [1, 0]
+
+
+def test_greedy_tokens_pick_what_argmax_picks():
+    # Vocabulary-wide rows, ties (the first index wins), rows cut to few values (many ties), NaN and -inf.
+    torch.manual_seed(0)
+    rows = torch.randn(40, 49152)
+    rows[3, [7, 900, 40000]] = 100.0
+    rows[4] = torch.randint(0, 3, (49152,)).float()
+    rows[5] = float("-inf")
+    rows[6, [10, 20]] = float("nan")
+    rows[7, 5:] = float("-inf")
+    for logits in (rows, rows.bfloat16(), rows[9], rows[:1]):
+        assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+    first_two = (rows[4] == 2).nonzero()[0].item()
+    assert greedy_tokens(rows)[[3, 4, 5, 6]].tolist() == [7, first_two, 0, 10]
 
 
 def test_top_k_and_top_p_masks():
