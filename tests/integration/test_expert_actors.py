@@ -3,6 +3,7 @@ Face eager and 64-token greedy generation is token-identical; with an expert act
 output is unchanged (re-sent to a replica when one exists, else after Ray restarts the actor); a served MoE model
 with experts in actors matches HF generate; SmolLM2 with its MLPs split over two actors is token-identical."""
 
+import socket
 import threading
 import time
 
@@ -95,6 +96,21 @@ def test_killed_expert_actor_changes_nothing(ray_cluster, tmp_path, replicated, 
         transport.shutdown()
 
 
+def _kill_for_good(actor, timeout_s: float = 30.0) -> None:
+    """ray.kill(no_restart=True), returning once the actor's process is gone: Ray reports the actor dead before
+    its process exits, and until then the process still answers on its channel."""
+    address = tuple(ray.get(actor.channel_address.remote()))
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(address, timeout=1).close()
+        except OSError:  # refused: nothing listens there any more
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"expert actor's channel {address} still open {timeout_s} s after ray.kill")
+
+
 def test_expert_actor_that_cannot_restart_fails_the_forward_in_bounded_time(ray_cluster, tmp_path):
     """An actor that never comes back must not hold requests for minutes: each layer waits at most
     restart_wait_s (re-sends, a restart), then the forward (the engine step) fails with an error naming it."""
@@ -104,7 +120,7 @@ def test_expert_actor_that_cannot_restart_fails_the_forward_in_bounded_time(ray_
         ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             model(ids)  # served by both actors
-            ray.kill(actors[1], no_restart=True)
+            _kill_for_good(actors[1])
             for _ in range(2):  # and again: nothing piles up behind the first wait
                 t0 = time.monotonic()
                 with pytest.raises(ExpertsUnavailable, match=r"expert actor.*experts\.restart_wait_s"):
