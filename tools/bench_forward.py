@@ -62,7 +62,7 @@ class ForwardReport:
         for b, ms in self.batch_steps.items():
             lines.append(f"engine decode step, {b:>3} sequences: {ms:7.2f} ms, {b / ms * 1e3:7.1f} output tok/s")
         if self.stream_gb_s:
-            read_ms = self.weight_mb / self.stream_gb_s
+            read_ms = machine_limit.MachineLimit(self.stream_gb_s, self.weight_mb).read_floor_ms()
             lines.append(f"floors: {self.weight_mb:.0f} MB of linear weights, read once at {self.stream_gb_s:.1f} GB/s "
                          f"in {read_ms:.2f} ms")
             for b, ms in self.linears_ms.items():

@@ -32,7 +32,7 @@ class MachineLimit:
     linears_ms: dict[int, float] = field(default_factory=dict)  # rows -> the model's linears alone, ms per step
 
     def read_floor_ms(self) -> float:
-        return self.weight_mb / 1e3 / self.stream_gb_s * 1e3
+        return self.weight_mb / self.stream_gb_s  # MB / (GB/s) = ms
 
 
 def _linears(model: nn.Module) -> list[nn.Module]:
