@@ -9,7 +9,9 @@ What it measures, on this machine's cores and the dtype `model.dtype` resolves t
 - the machine's floors for each decode step (`tools/machine_limit.py`): the model's linear layers alone at that many
   rows, and reading the linear weights once at the measured memory bandwidth;
 - verification: the step at the largest batch size with every sequence verifying k draft tokens, for each
-  `--draft-tokens` k (random drafts, so almost all rejected: the cost of a round, not its gain).
+  `--draft-tokens` k (random drafts, so almost all rejected: the cost of a round, not its gain);
+- the attention paths: the decode step at the largest batch size with the compiled paged kernel (the default on
+  CPU, actors/engine/paged_decode.py) and with the SDPA path over gathered K/V, A-B-B-A.
 The engine's model is what a CPU verifier runs (linear weights packed for oneDNN unless --no-pack); the bare one is
 the model as transformers loads it.
 The bare model is a second copy of the weights (the engine's copy runs the paged attention), so the model must fit
@@ -53,10 +55,16 @@ class ForwardReport:
     verify_batch: int = 0  # the batch size of the verification steps
     verify_steps: dict[int, float] = field(default_factory=dict)  # draft tokens a sequence -> ms per step
     verify_drafted: dict[int, float] = field(default_factory=dict)  # k -> draft tokens the engine verified per round
+    paged_kernel: bool = False  # the engine's decodes attend through the compiled kernel (all figures above)
+    attention_batch: int = 0  # the batch size of the comparison below (0: not run)
+    kernel_step_ms: float = 0.0  # decode step with the kernel, median of the A-B-B-A rounds
+    sdpa_step_ms: float = 0.0  # the same with the SDPA path
 
     def text(self) -> str:
+        attention = "the compiled paged kernel" if self.paged_kernel else "SDPA over gathered K/V"
         lines = [f"{self.model} in {self.dtype}, {self.threads} torch threads, prompts of {self.prompt_tokens} tokens, "
-                 f"{self.packed_linears} linear layers of the engine's model packed for oneDNN",
+                 f"{self.packed_linears} linear layers of the engine's model packed for oneDNN, decode attention "
+                 f"through {attention}",
                  f"single-stream decode: bare forward {self.bare_ms_per_token:.2f} ms/token, engine step "
                  f"{self.engine_ms_per_token:.2f} ms/token: {self.decode_ratio:.2f}x"]
         for b, ms in self.batch_steps.items():
@@ -74,6 +82,10 @@ class ForwardReport:
             plain = self.batch_steps[self.verify_batch]
             lines.append(f"engine verify step, {self.verify_batch:>3} sequences x (1 + {k} draft tokens): {ms:7.2f} ms "
                          f"({ms / plain:.2f}x the decode step)")
+        if self.attention_batch:
+            lines.append(f"decode step, {self.attention_batch:>3} sequences, attention through the paged kernel "
+                         f"{self.kernel_step_ms:7.2f} ms, through SDPA over gathered K/V {self.sdpa_step_ms:7.2f} ms: "
+                         f"kernel {self.sdpa_step_ms / self.kernel_step_ms:.2f}x")
         if self.prefill_tokens:
             lines.append(f"prefill of {self.prefill_tokens} tokens: bare forward {self.bare_prefill_ms:.1f} ms, engine "
                          f"{self.engine_prefill_ms:.1f} ms: {self.engine_prefill_ms / self.bare_prefill_ms:.2f}x")
@@ -174,7 +186,7 @@ def run(args) -> ForwardReport:
                        kv_cache_memory_gb=args.kv_cache_gb, enable_prefix_caching=False)
     report = ForwardReport(model=args.model, dtype=str(loaded.dtype).removeprefix("torch."),
                            threads=torch.get_num_threads(), prompt_tokens=args.prompt_tokens,
-                           packed_linears=packed)
+                           packed_linears=packed, paged_kernel=engine.runner.paged_kernel)
     bare_ms, engine_ms = [], []
     for r in range(args.rounds):  # A-B-B-A: drift on a shared machine hits both sides alike
         prompt = _prompt(args.prompt_tokens, vocab, seed=r)
@@ -209,6 +221,17 @@ def run(args) -> ForwardReport:
         report.verify_drafted[k] = stats.draft_tokens / stats.rounds if stats.rounds else 0.0
         del verifier  # its KV cache
         print(f"verify k={k}: {report.verify_steps[k]:.2f} ms/step", file=sys.stderr, flush=True)
+    if engine.runner.paged_kernel and args.compare_attention:
+        prompts = [_prompt(args.prompt_tokens, vocab, seed=300 + i) for i in range(largest)]
+        steps = {True: [], False: []}
+        for r in range(max(2, args.rounds)):  # A-B-B-A
+            for kernel in ((True, False) if r % 2 == 0 else (False, True)):
+                engine.runner.paged_kernel = kernel
+                steps[kernel].append(engine_decode_ms(engine, prompts, args.decode_tokens))
+        engine.runner.paged_kernel = True
+        report.attention_batch = largest
+        report.kernel_step_ms, report.sdpa_step_ms = statistics.median(steps[True]), statistics.median(steps[False])
+        print(f"attention at {largest}: kernel {steps[True]}, SDPA {steps[False]} ms/step", file=sys.stderr, flush=True)
     if args.prefill_tokens:
         prompt = _prompt(args.prefill_tokens, vocab, seed=7)
         engine_prefill_ms(engine, prompt), bare_prefill_ms(bare, prompt)  # warm both
@@ -242,6 +265,8 @@ def parse_args(argv=None):
                    help="pack the engine's linear weights for oneDNN, as a CPU verifier does (default on)")
     p.add_argument("--limits", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the machine's floors for each decode step (default on)")
+    p.add_argument("--compare-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the largest batch's decode step through the paged kernel and through SDPA (default on)")
     p.add_argument("--kv-cache-gb", type=float, default=0.5)
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--text", default=None, help="write the text report here too")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from specserve.actors.engine import paged_decode
+
 ATTN_IMPLEMENTATION = "specserve_paged"
 
 
@@ -41,10 +43,21 @@ class ShortQueryGroup:
 
 
 @dataclass
+class PagedShortQueries:
+    """All short queries of a step for the paged kernel (layout in paged_decode.cpp): no padding, no mask."""
+    rows: torch.Tensor  # [V] int64: packed-batch rows, grouped by sequence
+    row_offsets: torch.Tensor  # [N + 1] int64: sequence i's rows are rows[row_offsets[i]:row_offsets[i + 1]]
+    slots: torch.Tensor  # [sum of context lengths] int64: each sequence's context slots in position order
+    slot_offsets: torch.Tensor  # [N + 1] int64
+    visible: torch.Tensor  # [V] int64: bit d - 1 set where the row sees the sequence's draft token d
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    short: list[ShortQueryGroup]
+    short: list[ShortQueryGroup]  # the SDPA path's groups (empty when `paged` is set)
     prefills: list[PrefillSpan]
+    paged: PagedShortQueries | None = None
 
 
 class KVCache:
@@ -76,6 +89,11 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
     gqa = q.shape[0] != k_cache.shape[1]
 
+    if meta.paged is not None:
+        p = meta.paged
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        paged_decode.attend(q.transpose(0, 1), k_cache, v_cache, p.rows, p.row_offsets, p.slots, p.slot_offsets,
+                            p.visible, scale, out)
     for group in meta.short:
         _short_queries(group, q, k_cache, v_cache, out, scaling)
     for span in meta.prefills:

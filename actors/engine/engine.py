@@ -99,8 +99,10 @@ class LLMEngine:
                  proposer: Proposer | None = None, controller: SpeculationController | None = None,
                  kv_sink: Callable[[list[bytes], torch.Tensor, bytes | None], object] | None = None,
                  kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None,
-                 grammar_compiler=None):
-        self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb)
+                 grammar_compiler=None, paged_kernel: bool | None = None):
+        """`paged_kernel`: see ModelRunner (None: the compiled kernel on CPU where it builds)."""
+        self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb,
+                                  paged_kernel=paged_kernel)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, namespace=namespace,
                                           enable_prefix_caching=enable_prefix_caching,
                                           record_events=kv_event_sink is not None)
@@ -138,7 +140,8 @@ class LLMEngine:
                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens, max_model_len=engine_cfg.max_model_len,
                    enable_prefix_caching=engine_cfg.enable_prefix_caching, eos_token_ids=eos_token_ids,
                    namespace=namespace, proposer=proposer, controller=controller, kv_sink=kv_sink,
-                   kv_event_sink=kv_event_sink, grammar_compiler=grammar_compiler)
+                   kv_event_sink=kv_event_sink, grammar_compiler=grammar_compiler,
+                   paged_kernel=None if engine_cfg.paged_kernel else False)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

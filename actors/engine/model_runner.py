@@ -11,10 +11,12 @@ from specserve.actors.engine.attention import (
     ATTN_IMPLEMENTATION,
     AttentionMetadata,
     KVCache,
+    PagedShortQueries,
     PrefillSpan,
     ShortQueryGroup,
     set_context,
 )
+from specserve.actors.engine import paged_decode
 from specserve.actors.engine.scheduler import ScheduledSeq
 from specserve.actors.engine.speculation import tree_ancestors, tree_depths
 
@@ -47,7 +49,10 @@ class _ShortQuery:
 
 
 class ModelRunner:
-    def __init__(self, model, block_size: int, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0):
+    def __init__(self, model, block_size: int, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
+                 *, paged_kernel: bool | None = None):
+        """`paged_kernel`: attend short queries with the compiled kernel (paged_decode); None: on CPU where it
+        builds. False: the SDPA path."""
         self.model = model
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -61,6 +66,11 @@ class ModelRunner:
             num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // bytes_per_block)
         self.num_blocks = num_blocks
         self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
+        if paged_kernel is None:
+            paged_kernel = self.device.type == "cpu" and paged_decode.available()
+        elif paged_kernel and not (self.device.type == "cpu" and paged_decode.available()):
+            raise RuntimeError("the paged decode kernel runs on CPU only, and must build here (see the log)")
+        self.paged_kernel = paged_kernel
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         return self.slots(block_table, range(start, end))
@@ -108,18 +118,42 @@ class ModelRunner:
             elif item.completes_prompt:
                 logit_rows.append(row + n - 1)
 
-        # Sequences are grouped by size class of their query count (1, 2, 3-4, 5-8, ...): a group pads to its
-        # longest, and attention cost grows with the padded count.
-        classes: dict[int, list[_ShortQuery]] = {}
-        for sq in short:
-            classes.setdefault(1 << (len(sq.rows) - 1).bit_length(), []).append(sq)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, device=self.device),
-            short=[self._short_group(group) for _, group in sorted(classes.items())], prefills=prefills,
-        )
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, device=self.device), short=[],
+                                 prefills=prefills)
+        if self.paged_kernel and short:
+            meta.paged = self._paged_queries(short)
+        elif short:
+            # Sequences are grouped by size class of their query count (1, 2, 3-4, 5-8, ...): a group pads to its
+            # longest, and attention cost grows with the padded count.
+            classes: dict[int, list[_ShortQuery]] = {}
+            for sq in short:
+                classes.setdefault(1 << (len(sq.rows) - 1).bit_length(), []).append(sq)
+            meta.short = [self._short_group(group) for _, group in sorted(classes.items())]
         ids = torch.tensor([input_ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
         return ids, pos, meta, logit_rows
+
+    def _paged_queries(self, short: list[_ShortQuery]) -> PagedShortQueries:
+        rows, row_offsets, slots, slot_offsets, visible = [], [0], [], [0], []
+        for sq in short:
+            rows.extend(sq.rows)
+            row_offsets.append(len(rows))
+            slots.extend(sq.context)
+            slot_offsets.append(len(slots))
+            # Row j sees the draft tokens before it in a chain; in a tree, the node's ancestors and itself.
+            if sq.tree is None:
+                visible.extend((1 << j) - 1 for j in range(len(sq.rows)))
+            else:
+                seen: list[int] = []
+                for node, parent in enumerate(sq.tree):
+                    seen.append((1 << node) | (seen[parent] if parent >= 0 else 0))
+                visible.append(0)
+                visible.extend(seen)
+        # Up to 64 draft tokens (the config's limit): bit 63 is int64's sign bit.
+        visible = [v - (1 << 64) if v >= 1 << 63 else v for v in visible]
+        tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        return PagedShortQueries(rows=tensor(rows), row_offsets=tensor(row_offsets), slots=tensor(slots),
+                                 slot_offsets=tensor(slot_offsets), visible=tensor(visible))
 
     def _short_group(self, group: list[_ShortQuery]) -> ShortQueryGroup:
         nq = max(len(sq.rows) for sq in group)

@@ -110,10 +110,14 @@ def make_engine(target_dir, proposer, *, k=12, adaptive=False, **kw):
                      controller=SpeculationController(k, adaptive=adaptive, prior_acceptance=0.6), **args)
 
 
-@pytest.mark.parametrize("width,depth,miss,k", [(1, 6, 0.2, 6), (2, 4, 0.2, 12), (3, 3, 0.3, 16), (4, 2, 0.0, 8)])
-def test_greedy_tree_speculation_is_token_identical_to_hf_generate(target_dir, reference, width, depth, miss, k):
+@pytest.mark.parametrize("width,depth,miss,k,paged_kernel", [(1, 6, 0.2, 6, None), (2, 4, 0.2, 12, None),
+                                                              (3, 3, 0.3, 16, None), (4, 2, 0.0, 8, None),
+                                                              (2, 4, 0.2, 12, False)])
+def test_greedy_tree_speculation_is_token_identical_to_hf_generate(target_dir, reference, width, depth, miss, k,
+                                                                   paged_kernel):
+    """paged_kernel None: the trees attend through the compiled kernel where it builds; False: the SDPA path."""
     proposer = OracleTreeProposer(reference, width, depth, miss, seed=width * 10 + depth)
-    engine = make_engine(target_dir, proposer, k=k)
+    engine = make_engine(target_dir, proposer, k=k, paged_kernel=paged_kernel)
     prompts = prompt_set()
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     # Concurrent requests, chunked prefill (budget 64), then the same prompts again: prefix-cache hits.

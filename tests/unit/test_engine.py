@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from specserve.actors.engine import paged_decode
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.engine import LLMEngine, RequestRejected
 from specserve.actors.engine.sampling_params import SamplingParams
@@ -29,14 +30,18 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe"])
-def test_greedy_matches_hf_generate_with_batching_chunking_and_prefix_hits(tmp_path_factory, arch):
+@pytest.mark.parametrize("arch,paged_kernel", [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None),
+                                               ("mixtral", None), ("qwen2_moe", None), ("llama", False)])
+def test_greedy_matches_hf_generate_with_batching_chunking_and_prefix_hits(tmp_path_factory, arch, paged_kernel):
+    """paged_kernel None: decodes attend through the compiled kernel where it builds (CPU); False: the SDPA path."""
     ref, ours = load_pair(tmp_path_factory, arch)
     vocab = ref.config.vocab_size
     ps = prompts(vocab, [5, 17, 33, 8, 41, 1, 12, 60])
     ps.append(ps[4][:36] + [5, 6, 7])  # shares 9 blocks of 4 with prompt 4
     # Small step budget: long prompts are prefilled in chunks next to running decodes.
-    engine = LLMEngine(ours, block_size=4, num_blocks=256, max_num_seqs=6, max_num_batched_tokens=24)
+    engine = LLMEngine(ours, block_size=4, num_blocks=256, max_num_seqs=6, max_num_batched_tokens=24,
+                       paged_kernel=paged_kernel)
+    assert engine.runner.paged_kernel == (paged_kernel is None and paged_decode.available())
     out = engine.generate(ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     for p, o in zip(ps, out):
         assert o == hf_greedy(ref, p, 12), f"prompt of {len(p)} tokens diverged"

@@ -93,13 +93,15 @@ def make_engine(target_dir, proposer, k=4, adaptive=True, **kw):
                      controller=SpeculationController(k, adaptive=adaptive, prior_acceptance=0.6), **args)
 
 
-@pytest.mark.parametrize("method,adaptive", [("ngram", True), ("ngram", False), ("ngram-tree", False),
-                                             ("suffix", True), ("suffix", False),
-                                             ("model", True), ("model", False),
-                                             ("layer_skip", False), ("int8", True), ("int8", False)])
-def test_greedy_speculation_is_token_identical_to_hf_generate(target_dir, draft_dir, reference, method, adaptive):
+@pytest.mark.parametrize("method,adaptive,paged_kernel", [
+    ("ngram", True, None), ("ngram", False, None), ("ngram-tree", False, None), ("suffix", True, None),
+    ("suffix", False, None), ("model", True, None), ("model", False, None), ("layer_skip", False, None),
+    ("int8", True, None), ("int8", False, None), ("model", False, False)])
+def test_greedy_speculation_is_token_identical_to_hf_generate(target_dir, draft_dir, reference, method, adaptive,
+                                                              paged_kernel):
+    """paged_kernel None: chains attend through the compiled kernel where it builds; False: the SDPA path."""
     proposer = make_proposer(method, target_dir, draft_dir)
-    engine = make_engine(target_dir, proposer, adaptive=adaptive)
+    engine = make_engine(target_dir, proposer, adaptive=adaptive, paged_kernel=paged_kernel)
     # Concurrent requests of different lengths, continuous batching and chunked prefill (budget 64).
     out = engine.generate(prompt_set(), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     assert out == reference
