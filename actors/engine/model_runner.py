@@ -41,6 +41,11 @@ def wants_prompt_logits(item: ScheduledSeq) -> bool:
     return item.seq.prompt_logprobs is not None and not item.num_draft and item.num_new_prompt_tokens > 0
 
 
+# The kernel marks the draft tokens a query row sees in one int64 bitmask: a step with a longer draft (beyond the
+# config's 64 speculative tokens) attends through the SDPA path.
+MAX_KERNEL_QUERIES = 1 + 64
+
+
 @dataclass
 class _ShortQuery:
     rows: list[int]  # its rows in the packed batch
@@ -120,7 +125,7 @@ class ModelRunner:
 
         meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, device=self.device), short=[],
                                  prefills=prefills)
-        if self.paged_kernel and short:
+        if self.paged_kernel and short and max(len(sq.rows) for sq in short) <= MAX_KERNEL_QUERIES:
             meta.paged = self._paged_queries(short)
         elif short:
             # Sequences are grouped by size class of their query count (1, 2, 3-4, 5-8, ...): a group pads to its
@@ -149,7 +154,7 @@ class ModelRunner:
                     seen.append((1 << node) | (seen[parent] if parent >= 0 else 0))
                 visible.append(0)
                 visible.extend(seen)
-        # Up to 64 draft tokens (the config's limit): bit 63 is int64's sign bit.
+        # Up to 64 draft tokens (MAX_KERNEL_QUERIES): bit 63 is int64's sign bit.
         visible = [v - (1 << 64) if v >= 1 << 63 else v for v in visible]
         tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return PagedShortQueries(rows=tensor(rows), row_offsets=tensor(row_offsets), slots=tensor(slots),

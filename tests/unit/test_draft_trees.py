@@ -65,6 +65,7 @@ class OracleTreeProposer:
         self.truth, self.width, self.depth, self.miss = truth, width, depth, miss
         self.rng = random.Random(seed)
         self.proposed = 0
+        self.largest = 0  # draft tokens in the largest tree proposed
 
     def propose(self, seqs, ks):
         drafts = []
@@ -93,6 +94,7 @@ class OracleTreeProposer:
                     if t == true or self.rng.random() < 0.3:  # the true path grows deeper, some wrong ones too
                         frontier.append((len(tokens) - 1, score / self.width, depth + 1))
             self.proposed += 1
+            self.largest = max(self.largest, len(tokens))
             drafts.append(Draft(tokens, parents=parents, scores=scores))
         return drafts
 
@@ -112,12 +114,14 @@ def make_engine(target_dir, proposer, *, k=12, adaptive=False, **kw):
 
 @pytest.mark.parametrize("width,depth,miss,k,paged_kernel", [(1, 6, 0.2, 6, None), (2, 4, 0.2, 12, None),
                                                               (3, 3, 0.3, 16, None), (4, 2, 0.0, 8, None),
-                                                              (2, 4, 0.2, 12, False)])
+                                                              (2, 4, 0.2, 12, False), (10, 6, 0.2, 80, None)])
 def test_greedy_tree_speculation_is_token_identical_to_hf_generate(target_dir, reference, width, depth, miss, k,
                                                                    paged_kernel):
-    """paged_kernel None: the trees attend through the compiled kernel where it builds; False: the SDPA path."""
+    """paged_kernel None: the trees attend through the compiled kernel where it builds; False: the SDPA path.
+    k=80: trees of more draft tokens than the kernel's bitmask holds, which go through the SDPA path."""
     proposer = OracleTreeProposer(reference, width, depth, miss, seed=width * 10 + depth)
-    engine = make_engine(target_dir, proposer, k=k, paged_kernel=paged_kernel)
+    engine = make_engine(target_dir, proposer, k=k, paged_kernel=paged_kernel,
+                         max_num_batched_tokens=64 if k <= 64 else 8 * (k + 1))
     prompts = prompt_set()
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     # Concurrent requests, chunked prefill (budget 64), then the same prompts again: prefix-cache hits.
@@ -126,6 +130,8 @@ def test_greedy_tree_speculation_is_token_identical_to_hf_generate(target_dir, r
         assert out == [reference[tuple(p)] for p in prompts]
     st = engine.spec_stats
     assert st.rounds > 0 and 0 < st.accepted_tokens < st.draft_tokens
+    if k > 64:
+        assert proposer.largest > 64
     if depth > 1:
         assert len(st.drafted_at) > 1  # acceptance by depth was recorded
     engine.block_manager.check_invariants()
