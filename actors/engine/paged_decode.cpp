@@ -12,6 +12,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <vector>
 
@@ -52,6 +56,17 @@ inline void load_row(const scalar_t* cache, const int64_t* ctx, int64_t l, int64
   }
 }
 
+#if defined(__AVX512BF16__)
+// AVX-512 BF16: 32 bfloat16 products a step, summed in float32 (each product of two bfloat16 is exact in float32).
+inline float dot_bf16(const c10::BFloat16* a, const c10::BFloat16* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 32) {
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
 template <typename scalar_t>
 void attend(const scalar_t* q, int64_t q_stride_t, int64_t q_stride_h,
             const scalar_t* k_cache, const scalar_t* v_cache, int64_t cache_stride_s, int64_t cache_stride_h,
@@ -80,6 +95,26 @@ void attend(const scalar_t* q, int64_t q_stride_t, int64_t q_stride_h,
       }
       const int64_t prefix = len - n + 1;  // keys every query sees
       for (int64_t l = 0; l < len; ++l) {
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (dim % 32 == 0) {  // bfloat16 keys and queries straight into the CPU's bf16 dot product
+            if (l + kPrefetch < len) {
+              const char* ahead = reinterpret_cast<const char*>(k_cache + ctx[l + kPrefetch] * cache_stride_s);
+              for (int64_t b = 0; b < kv_heads * dim * 2; b += 64) __builtin_prefetch(ahead + b);
+            }
+            const scalar_t* k = k_cache + ctx[l] * cache_stride_s;
+            for (int64_t r = 0; r < n; ++r) {
+              const bool seen = l < prefix || ((visible[q0 + r] >> (l - prefix)) & 1);
+              for (int64_t h = 0; h < heads; ++h) {
+                const scalar_t* qr = q + q_rows[q0 + r] * q_stride_t + h * q_stride_h;
+                scores[(r * heads + h) * len + l] =
+                    seen ? dot_bf16(qr, k + (h / groups) * cache_stride_h, dim) * scale : kHidden;
+              }
+            }
+            continue;
+          }
+        }
+#endif
         load_row(k_cache, ctx, l, len, cache_stride_s, cache_stride_h, kv_heads, dim, kf.data());
         for (int64_t r = 0; r < n; ++r) {
           const bool seen = l < prefix || ((visible[q0 + r] >> (l - prefix)) & 1);
