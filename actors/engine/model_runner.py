@@ -71,11 +71,10 @@ class ModelRunner:
             num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // bytes_per_block)
         self.num_blocks = num_blocks
         self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
-        if paged_kernel is None:
-            paged_kernel = self.device.type == "cpu" and paged_decode.available()
-        elif paged_kernel and not (self.device.type == "cpu" and paged_decode.available()):
+        usable = paged_kernel is not False and self.device.type == "cpu" and paged_decode.available()
+        if paged_kernel and not usable:
             raise RuntimeError("the paged decode kernel runs on CPU only, and must build here (see the log)")
-        self.paged_kernel = paged_kernel
+        self.paged_kernel = usable
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         return self.slots(block_table, range(start, end))

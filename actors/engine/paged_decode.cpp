@@ -42,14 +42,21 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // prefetcher sees only runs of one block.
 constexpr int64_t kPrefetch = 8;
 
+// Asks for the slot row (`elements` values, every KV head) kPrefetch keys after l to be brought into the cache.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* cache, const int64_t* ctx, int64_t l, int64_t len, int64_t stride_s,
+                         int64_t elements) {
+  if (l + kPrefetch < len) {
+    const char* ahead = reinterpret_cast<const char*>(cache + ctx[l + kPrefetch] * stride_s);
+    for (int64_t b = 0; b < elements * (int64_t)sizeof(scalar_t); b += 64) __builtin_prefetch(ahead + b);
+  }
+}
+
 // Key (or value) l of a context, every KV head, as float32 into dst [kv_heads * dim]; prefetches row l + kPrefetch.
 template <typename scalar_t>
 inline void load_row(const scalar_t* cache, const int64_t* ctx, int64_t l, int64_t len, int64_t stride_s,
                      int64_t stride_h, int64_t kv_heads, int64_t dim, float* dst) {
-  if (l + kPrefetch < len) {
-    const char* ahead = reinterpret_cast<const char*>(cache + ctx[l + kPrefetch] * stride_s);
-    for (int64_t b = 0; b < kv_heads * dim * (int64_t)sizeof(scalar_t); b += 64) __builtin_prefetch(ahead + b);
-  }
+  prefetch_row(cache, ctx, l, len, stride_s, kv_heads * dim);
   const scalar_t* row = cache + ctx[l] * stride_s;
   for (int64_t h = 0; h < kv_heads; ++h) {
     for (int64_t d = 0; d < dim; ++d) dst[h * dim + d] = static_cast<float>(row[h * stride_h + d]);
@@ -98,10 +105,7 @@ void attend(const scalar_t* q, int64_t q_stride_t, int64_t q_stride_h,
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
           if (dim % 32 == 0) {  // bfloat16 keys and queries straight into the CPU's bf16 dot product
-            if (l + kPrefetch < len) {
-              const char* ahead = reinterpret_cast<const char*>(k_cache + ctx[l + kPrefetch] * cache_stride_s);
-              for (int64_t b = 0; b < kv_heads * dim * 2; b += 64) __builtin_prefetch(ahead + b);
-            }
+            prefetch_row(k_cache, ctx, l, len, cache_stride_s, kv_heads * dim);
             const scalar_t* k = k_cache + ctx[l] * cache_stride_s;
             for (int64_t r = 0; r < n; ++r) {
               const bool seen = l < prefix || ((visible[q0 + r] >> (l - prefix)) & 1);

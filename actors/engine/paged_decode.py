@@ -42,6 +42,8 @@ def _cpu_key() -> str:
 def kernel():
     """The compiled module (its `paged_decode_attention`), or None where it cannot be built or is turned off
     (SPECSERVE_PAGED_KERNEL=0). Built once per process, the first caller waits."""
+    if "module" in _state:  # every layer of every step asks: no lock once built
+        return _state["module"]
     with _lock:
         if "module" not in _state:
             _state["module"] = _build()
