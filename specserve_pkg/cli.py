@@ -39,13 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         "bench-structured": lambda a: __import__("specserve.tools.bench_structured", fromlist=["main"]).main(a),
         "bench-hops": lambda a: __import__("specserve.tools.bench_hops", fromlist=["main"]).main(a),
         "bench-forward": lambda a: __import__("specserve.tools.bench_forward", fromlist=["main"]).main(a),
+        "bench-engine": lambda a: __import__("specserve.tools.bench_engine", fromlist=["main"]).main(a),
         "deploy": lambda a: __import__("specserve.deploy.serve_config", fromlist=["main"]).main(a),
         "chaos": lambda a: __import__("specserve.tools.chaos", fromlist=["main"]).main(a),
         "soak": lambda a: __import__("specserve.tools.bench.soak", fromlist=["main"]).main(a),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: specserve {serve,generate,models,bench,bench-kv,bench-router,bench-experts,bench-structured,"
-              "bench-hops,bench-forward,deploy,chaos,soak} "
+              "bench-hops,bench-forward,bench-engine,deploy,chaos,soak} "
               "[options]\n\n"
               "  serve      start Ray, the embedded Redis and the app; serve until Ctrl-C\n"
               "  generate   stream a completion from a running server\n"
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
               "  bench-structured  structured outputs: grammar mask time per token, engine tok/s with a schema\n"
               "  bench-hops  the token path: CPU-ms per output token of each process it crosses (HTTP, gRPC)\n"
               "  bench-forward  the engine's forward against the model's bare forward: decode, batches, prefill\n"
+              "  bench-engine  the engine alone on a workload, closed loop: engine configurations side by side\n"
               "  deploy     deploy render: the Serve config YAML (serve deploy, KubeRay RayService serveConfigV2)\n"
               "  chaos      kill parts of a served app under steady load; check answers and time the recovery\n"
               "  soak       a long steady run; fails if replica memory or the KV pool grows after warm-up",

@@ -247,12 +247,17 @@ def run(args) -> ForwardReport:
     return report
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="specserve bench-forward", description=__doc__.split("\n\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model an in-process bench loads (bench-forward, bench-engine)."""
     p.add_argument("--model", default="smollm2-135m", help="registry name or local directory (default smollm2-135m)")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the model loader's)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default auto)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core, as a replica uses)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="specserve bench-forward", description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=48, help="measured tokens (steps) per round")
     p.add_argument("--rounds", type=int, default=4, help="single-stream and prefill rounds, A-B-B-A")
@@ -277,17 +282,21 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    report = run(args)
-    text = report.text()
+def write_report(text: str, doc: dict, args) -> None:
+    """Print an in-process bench's report; write it to --text and its figures to --json where asked."""
     print(text)
     if args.text:
         with open(args.text, "w") as f:
             f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(asdict(report), f, indent=2)
+            json.dump(doc, f, indent=2)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    write_report(report.text(), asdict(report), args)
     return 0
 
 

@@ -391,6 +391,7 @@ def record_round(seq: Sequence, k: int, tokens: list[int], proposer: Proposer, c
         seq.acceptance.update(levels, accepted)
         if draft is not None and draft.scores is not None:
             seq.acceptance.calibrate(sum(draft.scores), accepted)
+            controller.method_calibration.add(sum(draft.scores), accepted)
 
 
 # ---- how much to speculate ----------------------------------------------------------------------------------
@@ -444,28 +445,44 @@ class SpeculationStats:
         }
 
 
+class ScoreCalibration:
+    """How far to trust a proposer's scores: accepted tokens over the sum of the scores of the tokens verified,
+    discounted per round and pulled toward `prior` while data is thin."""
+
+    def __init__(self, prior: float = 1.0, prior_weight: float = 2.0, decay: float = 0.9):
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.accepted = 0.0
+        self.predicted = 0.0
+
+    def add(self, predicted: float, accepted: int) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.predicted = self.decay * self.predicted + predicted
+
+    @property
+    def value(self) -> float:
+        return (self.accepted + self.prior_weight * self.prior) / (self.predicted + self.prior_weight)
+
+
 class AcceptanceEstimate:
     """Per-token acceptance probability from discounted counts, pulled toward a prior while data is thin.
 
     A round that drafts k and accepts n observes n successes and, when n < k, one failure (the tokens after
     the first rejection are not observed)."""
 
-    def __init__(self, prior: float, prior_weight: float = 2.0, decay: float = 0.9):
+    def __init__(self, prior: float, prior_weight: float = 2.0, decay: float = 0.9, calibration_prior: float = 1.0):
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
         self.successes = 0.0
         self.trials = 0.0
-        # Scored drafts (trees): accepted tokens against the sum of the proposer's scores, discounted per round.
-        self.scored_accepted = 0.0
-        self.scored_predicted = 0.0
+        # Scored drafts (trees): this sequence's own record, starting from the method's (calibration_prior).
+        self.scores = ScoreCalibration(calibration_prior, prior_weight, decay)
 
     def calibrate(self, predicted: float, accepted: int) -> None:
-        self.scored_accepted = self.decay * self.scored_accepted + accepted
-        self.scored_predicted = self.decay * self.scored_predicted + predicted
+        self.scores.add(predicted, accepted)
 
     @property
     def calibration(self) -> float:
-        """How far to trust a proposer's scores for this sequence: accepted / predicted, pulled toward 1."""
-        return (self.scored_accepted + self.prior_weight) / (self.scored_predicted + self.prior_weight)
+        """How far to trust a proposer's scores for this sequence."""
+        return self.scores.value
 
     def update(self, k: int, accepted: int) -> None:
         if k <= 0:
@@ -530,13 +547,17 @@ class SpeculationController:
         self.verify_cost = LinearCost(*verify_cost)
         self.draft_cost = ProportionalCost(draft_cost)  # x = the longest draft of the round
         self.method_stats = SpeculationStats()
+        # Over all sequences: a new one starts from it. Suffix-tree scores on chat traffic claimed about 3.5x
+        # the tokens accepted, and a request's own record is too short to learn that before it ends.
+        self.method_calibration = ScoreCalibration(decay=0.995)
         self.prior_acceptance = prior_acceptance
         self.probe_every = probe_every
 
     def new_estimate(self) -> AcceptanceEstimate:
-        """A new request starts from the method's running acceptance rate."""
+        """A new request starts from the method's running acceptance rate and calibration of scores."""
         rate = self.method_stats.acceptance_rate
-        return AcceptanceEstimate(self.prior_acceptance if rate is None else rate)
+        return AcceptanceEstimate(self.prior_acceptance if rate is None else rate,
+                                  calibration_prior=self.method_calibration.value)
 
     def _seconds(self, tokens: int, max_k: int) -> float:
         return max(self.verify_cost(tokens) + (self.draft_cost(max_k) if max_k else 0.0), 1e-6)

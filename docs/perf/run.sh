@@ -16,6 +16,8 @@ BASE="model.dtype=auto"  # what the server picks by default: bfloat16 with nativ
 # 0. The forward alone, engine against the bare model, with and without the oneDNN-packed linear weights.
 "$SPECSERVE" bench-forward --json forward.json --text forward.txt
 "$SPECSERVE" bench-forward --no-pack --json forward-nopack.json --text forward-nopack.txt
+# 0b. The engine alone on chat at 16 in flight (no serving): the default speculation against none.
+"$SPECSERVE" bench-engine --json engine.json --text engine.txt
 
 # 1. specserve against the peers: short chat, multi-tenant shared system prompts and input copying at 1, 4 and
 #    16 clients.

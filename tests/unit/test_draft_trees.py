@@ -15,8 +15,10 @@ from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import (
     Draft,
     SpeculationController,
+    SpeculationStats,
     accept_tree,
     tree_ancestors,
+    record_round,
     tree_depths,
 )
 from chi_square import chi_square_p_value
@@ -306,6 +308,28 @@ def test_node_values_of_an_overachieving_sequence_never_exceed_what_one_branch_c
     values = _node_values(seq, draft)
     assert values[0] + values[1] <= 1.0 and values[2] + values[3] <= values[0] + 1e-9
     assert _node_values(SimpleNamespace(acceptance=AcceptanceEstimate(0.5)), draft) == [0.5, 0.4, 0.3, 0.2]
+
+
+def test_a_new_sequence_trusts_scores_as_far_as_the_method_earned():
+    """Scores that claimed 4 tokens a round where 1 was accepted: a new sequence starts near 1/4, not at 1, and
+    a proposer whose scores proved right keeps them."""
+    from types import SimpleNamespace
+
+    from specserve.actors.engine.speculation import _node_values
+
+    draft = Draft([1, 2], parents=[-1, 0], scores=[0.9, 0.8])
+    for predicted, accepted, expect in ((4.0, 1, 0.25), (2.0, 2, 1.0)):
+        ctl = SpeculationController(16, prior_acceptance=0.5)
+        fresh = _node_values(SimpleNamespace(acceptance=ctl.new_estimate()), draft)
+        assert fresh == [0.9, 0.8]  # nothing observed yet: scores as given
+        seq = SimpleNamespace(draft=draft, spec_stats=SpeculationStats(), acceptance=ctl.new_estimate(),
+                              token_ids=[7])
+        for _ in range(200):
+            draft.scores[:] = [predicted / 2, predicted / 2]
+            record_round(seq, 2, [0] * (accepted + 1), None, ctl, None)
+        draft.scores[:] = [0.9, 0.8]
+        values = _node_values(SimpleNamespace(acceptance=ctl.new_estimate()), draft)
+        assert values == pytest.approx([min(0.9 * expect, 0.999), min(0.8 * expect, 0.999)], rel=0.1)
 
 
 def test_controller_sizes_a_scored_tree_by_its_node_values():
