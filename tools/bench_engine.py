@@ -106,8 +106,7 @@ def _prompts(tokenizer, workload: str, n: int, seed: int) -> list[list[int]]:
 
 
 def _render(tokenizer, messages) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def _build_engine(loaded, overrides: dict[str, str]):
@@ -129,14 +128,13 @@ def run_pass(engine, prompts: list[list[int]], concurrency: int, max_tokens: int
     from specserve.actors.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    queue = list(range(len(prompts)))
-    in_flight = output = steps = requests = 0
+    added = in_flight = output = steps = requests = 0
     before = _spec_counts(engine)
     start = time.perf_counter()
-    while queue or engine.has_unfinished():
-        while queue and in_flight < concurrency:
-            i = queue.pop(0)
-            engine.add_request(f"{tag}-{i}", prompts[i], params)
+    while added < len(prompts) or engine.has_unfinished():
+        while added < len(prompts) and in_flight < concurrency:
+            engine.add_request(f"{tag}-{added}", prompts[added], params)
+            added += 1
             in_flight += 1
         requests += len(engine.scheduler.running) + len(engine.scheduler.waiting)
         steps += 1
