@@ -56,9 +56,13 @@ class EngineConfig(_Strict):
     max_model_len: int = Field(0, ge=0)
     enable_prefix_caching: bool = True
     # CPU: attend decodes and verifications with the compiled kernel that reads the KV cache in place
-    # (actors/engine/paged_decode.py, built once per machine on first use); off, or where it cannot be built: SDPA
+    # (actors/engine/paged_decode.cpp, built once per machine on first use); off, or where it cannot be built: SDPA
     # over K/V gathered out of the cache.
     paged_kernel: bool = True
+    # CPU, Llama-family models (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE): run the decoder layers as their
+    # linears plus a few fused calls (actors/engine/decoder_forward.py), the same arithmetic as the model's own
+    # forward; off, or for other models: the model's own forward.
+    fused_layers: bool = True
     # Health (Serve's check_health): this many engine steps failing in a row, or one step running longer than
     # max_step_s, fails the replica's health check and Serve replaces it. A step's expert dispatch may wait up to
     # experts.restart_wait_s for an actor to come back, so keep max_step_s above it.

@@ -8,8 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_sessionstart(session):
-    # Build the paged decode kernel (or load it: a minute the first time on a machine) before any test, so no
-    # test, and no verifier replica an integration test starts, waits for the build inside its own time limit.
-    from specserve.actors.engine import paged_decode
+    # Build the CPU kernels (or load them: a minute the first time on a machine) before any test, so no test, and
+    # no verifier replica an integration test starts, waits for the build inside its own time limit.
+    from specserve.actors.engine import cpu_kernels
 
-    paged_decode.kernel()
+    cpu_kernels.kernels()

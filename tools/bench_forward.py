@@ -11,7 +11,9 @@ What it measures, on this machine's cores and the dtype `model.dtype` resolves t
 - verification: the step at the largest batch size with every sequence verifying k draft tokens, for each
   `--draft-tokens` k (random drafts, so almost all rejected: the cost of a round, not its gain);
 - the attention paths: the decode step at the largest batch size with the compiled paged kernel (the default on
-  CPU, actors/engine/paged_decode.py) and with the SDPA path over gathered K/V, A-B-B-A.
+  CPU, actors/engine/paged_decode.cpp) and with the SDPA path over gathered K/V, A-B-B-A;
+- the layer paths: the same step with the layers run as DecoderForward (the default on CPU for Llama-family
+  models, actors/engine/decoder_forward.py) and as the model's own forward, A-B-B-A.
 The engine's model is what a CPU verifier runs (linear weights packed for oneDNN unless --no-pack); the bare one is
 the model as transformers loads it.
 The bare model is a second copy of the weights (the engine's copy runs the paged attention), so the model must fit
@@ -56,15 +58,20 @@ class ForwardReport:
     verify_steps: dict[int, float] = field(default_factory=dict)  # draft tokens a sequence -> ms per step
     verify_drafted: dict[int, float] = field(default_factory=dict)  # k -> draft tokens the engine verified per round
     paged_kernel: bool = False  # the engine's decodes attend through the compiled kernel (all figures above)
+    fused_layers: bool = False  # the engine's layers run as DecoderForward (all figures above)
     attention_batch: int = 0  # the batch size of the comparison below (0: not run)
     kernel_step_ms: float = 0.0  # decode step with the kernel, median of the A-B-B-A rounds
     sdpa_step_ms: float = 0.0  # the same with the SDPA path
+    layers_batch: int = 0  # the batch size of the layer comparison (0: not run)
+    fused_step_ms: float = 0.0  # decode step with the layers as DecoderForward, median of the A-B-B-A rounds
+    eager_step_ms: float = 0.0  # the same through the model's own forward
 
     def text(self) -> str:
         attention = "the compiled paged kernel" if self.paged_kernel else "SDPA over gathered K/V"
+        layers = "DecoderForward" if self.fused_layers else "the model's own forward"
         lines = [f"{self.model} in {self.dtype}, {self.threads} torch threads, prompts of {self.prompt_tokens} tokens, "
                  f"{self.packed_linears} linear layers of the engine's model packed for oneDNN, decode attention "
-                 f"through {attention}",
+                 f"through {attention}, layers through {layers}",
                  f"single-stream decode: bare forward {self.bare_ms_per_token:.2f} ms/token, engine step "
                  f"{self.engine_ms_per_token:.2f} ms/token: {self.decode_ratio:.2f}x"]
         for b, ms in self.batch_steps.items():
@@ -86,6 +93,10 @@ class ForwardReport:
             lines.append(f"decode step, {self.attention_batch:>3} sequences, attention through the paged kernel "
                          f"{self.kernel_step_ms:7.2f} ms, through SDPA over gathered K/V {self.sdpa_step_ms:7.2f} ms: "
                          f"kernel {self.sdpa_step_ms / self.kernel_step_ms:.2f}x")
+        if self.layers_batch:
+            lines.append(f"decode step, {self.layers_batch:>3} sequences, layers as DecoderForward "
+                         f"{self.fused_step_ms:7.2f} ms, as the model's own forward {self.eager_step_ms:7.2f} ms: "
+                         f"DecoderForward {self.eager_step_ms / self.fused_step_ms:.2f}x")
         if self.prefill_tokens:
             lines.append(f"prefill of {self.prefill_tokens} tokens: bare forward {self.bare_prefill_ms:.1f} ms, engine "
                          f"{self.engine_prefill_ms:.1f} ms: {self.engine_prefill_ms / self.bare_prefill_ms:.2f}x")
@@ -168,6 +179,17 @@ def engine_prefill_ms(engine: LLMEngine, prompt: list[int]) -> float:
     return elapsed
 
 
+def compare_steps(engine: LLMEngine, switch: str, prompts: list[list[int]], args) -> dict[bool, list[float]]:
+    """Decode steps of `prompts` with the runner's `switch` on and off, rounds A-B-B-A; left on."""
+    steps = {True: [], False: []}
+    for r in range(max(2, args.rounds)):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            setattr(engine.runner, switch, on)
+            steps[on].append(engine_decode_ms(engine, prompts, args.decode_tokens))
+    setattr(engine.runner, switch, True)
+    return steps
+
+
 def run(args) -> ForwardReport:
     from transformers import AutoModelForCausalLM
 
@@ -184,9 +206,11 @@ def run(args) -> ForwardReport:
     engine = LLMEngine(loaded.model, block_size=16, max_num_seqs=max(largest, 1),
                        max_num_batched_tokens=max(512, args.prefill_tokens, largest),
                        kv_cache_memory_gb=args.kv_cache_gb, enable_prefix_caching=False)
+    engine_decode_ms(engine, [_prompt(8, vocab, seed=99)], 1)  # builds the layer path the engine runs
     report = ForwardReport(model=args.model, dtype=str(loaded.dtype).removeprefix("torch."),
                            threads=torch.get_num_threads(), prompt_tokens=args.prompt_tokens,
-                           packed_linears=packed, paged_kernel=engine.runner.paged_kernel)
+                           packed_linears=packed, paged_kernel=engine.runner.paged_kernel,
+                           fused_layers=engine.runner.decoder is not None)
     bare_ms, engine_ms = [], []
     for r in range(args.rounds):  # A-B-B-A: drift on a shared machine hits both sides alike
         prompt = _prompt(args.prompt_tokens, vocab, seed=r)
@@ -221,17 +245,18 @@ def run(args) -> ForwardReport:
         report.verify_drafted[k] = stats.draft_tokens / stats.rounds if stats.rounds else 0.0
         del verifier  # its KV cache
         print(f"verify k={k}: {report.verify_steps[k]:.2f} ms/step", file=sys.stderr, flush=True)
+    prompts = [_prompt(args.prompt_tokens, vocab, seed=300 + i) for i in range(largest)]
     if engine.runner.paged_kernel and args.compare_attention:
-        prompts = [_prompt(args.prompt_tokens, vocab, seed=300 + i) for i in range(largest)]
-        steps = {True: [], False: []}
-        for r in range(max(2, args.rounds)):  # A-B-B-A
-            for kernel in ((True, False) if r % 2 == 0 else (False, True)):
-                engine.runner.paged_kernel = kernel
-                steps[kernel].append(engine_decode_ms(engine, prompts, args.decode_tokens))
-        engine.runner.paged_kernel = True
+        steps = compare_steps(engine, "paged_kernel", prompts, args)
         report.attention_batch = largest
         report.kernel_step_ms, report.sdpa_step_ms = statistics.median(steps[True]), statistics.median(steps[False])
         print(f"attention at {largest}: kernel {steps[True]}, SDPA {steps[False]} ms/step", file=sys.stderr, flush=True)
+    if report.fused_layers and args.compare_layers:
+        steps = compare_steps(engine, "fused_layers", prompts, args)
+        report.layers_batch = largest
+        report.fused_step_ms, report.eager_step_ms = statistics.median(steps[True]), statistics.median(steps[False])
+        print(f"layers at {largest}: DecoderForward {steps[True]}, own forward {steps[False]} ms/step",
+              file=sys.stderr, flush=True)
     if args.prefill_tokens:
         prompt = _prompt(args.prefill_tokens, vocab, seed=7)
         engine_prefill_ms(engine, prompt), bare_prefill_ms(bare, prompt)  # warm both
@@ -272,6 +297,9 @@ def parse_args(argv=None):
                    help="measure the machine's floors for each decode step (default on)")
     p.add_argument("--compare-attention", action=argparse.BooleanOptionalAction, default=True,
                    help="time the largest batch's decode step through the paged kernel and through SDPA (default on)")
+    p.add_argument("--compare-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the largest batch's decode step with the layers as DecoderForward and as the model's "
+                        "own forward (default on)")
     p.add_argument("--kv-cache-gb", type=float, default=0.5)
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--text", default=None, help="write the text report here too")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from specserve.actors.engine import paged_decode
+from specserve.actors.engine import cpu_kernels
 
 ATTN_IMPLEMENTATION = "specserve_paged"
 
@@ -78,33 +78,40 @@ def set_context(kv_cache: KVCache | None, meta: AttentionMetadata | None) -> Non
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: query [1, H, T, D], key/value [1, Hkv, T, D] of the step's tokens."""
     kv_cache: KVCache = _local.kv_cache
     meta: AttentionMetadata = _local.meta
     layer = module.layer_idx
     k_cache, v_cache = kv_cache.k[layer], kv_cache.v[layer]
-    # query: [1, H, T, D]; key/value: [1, Hkv, T, D]
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
-    q = query[0]  # [H, T, D]
-    out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
-    gqa = q.shape[0] != k_cache.shape[1]
+    return attend(kv_cache, meta, layer, query[0].transpose(0, 1), scaling).unsqueeze(0), None
 
+
+def attend(kv_cache: KVCache, meta: AttentionMetadata, layer: int, q: torch.Tensor,
+           scaling: float | None) -> torch.Tensor:
+    """Attention of the step's queries q [T, H, D] over layer `layer` of the cache, which already holds the step's
+    keys and values; returns [T, H, D]."""
+    k_cache, v_cache = kv_cache.k[layer], kv_cache.v[layer]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
     if meta.paged is not None:
         p = meta.paged
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        paged_decode.attend(q.transpose(0, 1), k_cache, v_cache, p.rows, p.row_offsets, p.slots, p.slot_offsets,
-                            p.visible, scale, out)
-    for group in meta.short:
-        _short_queries(group, q, k_cache, v_cache, out, scaling)
-    for span in meta.prefills:
-        qp = q[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, n, D]
-        kp = k_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-        vp = v_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
-                                            scale=scaling, enable_gqa=gqa)
-        out[span.start:span.start + span.length] = op[0].transpose(0, 1)
-
-    return out.unsqueeze(0), None
+        cpu_kernels.paged_attend(q, k_cache, v_cache, p.rows, p.row_offsets, p.slots, p.slot_offsets, p.visible,
+                                 scale, out)
+    if meta.short or meta.prefills:
+        qh = q.transpose(0, 1)  # [H, T, D]
+        gqa = qh.shape[0] != k_cache.shape[1]
+        for group in meta.short:
+            _short_queries(group, qh, k_cache, v_cache, out, scaling)
+        for span in meta.prefills:
+            qp = qh[:, span.start:span.start + span.length].unsqueeze(0)  # [1, H, n, D]
+            kp = k_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vp = v_cache.index_select(0, span.slots).transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, is_causal=span.mask is None,
+                                                scale=scaling, enable_gqa=gqa)
+            out[span.start:span.start + span.length] = op[0].transpose(0, 1)
+    return out
 
 
 def _short_queries(group: ShortQueryGroup, q, k_cache, v_cache, out, scaling) -> None:

@@ -99,10 +99,11 @@ class LLMEngine:
                  proposer: Proposer | None = None, controller: SpeculationController | None = None,
                  kv_sink: Callable[[list[bytes], torch.Tensor, bytes | None], object] | None = None,
                  kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None,
-                 grammar_compiler=None, paged_kernel: bool | None = None):
-        """`paged_kernel`: see ModelRunner (None: the compiled kernel on CPU where it builds)."""
+                 grammar_compiler=None, paged_kernel: bool | None = None, fused_layers: bool = True):
+        """`paged_kernel`, `fused_layers`: see ModelRunner (by default the compiled kernels on CPU where they
+        build)."""
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb,
-                                  paged_kernel=paged_kernel)
+                                  paged_kernel=paged_kernel, fused_layers=fused_layers)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, namespace=namespace,
                                           enable_prefix_caching=enable_prefix_caching,
                                           record_events=kv_event_sink is not None)
@@ -141,7 +142,7 @@ class LLMEngine:
                    enable_prefix_caching=engine_cfg.enable_prefix_caching, eos_token_ids=eos_token_ids,
                    namespace=namespace, proposer=proposer, controller=controller, kv_sink=kv_sink,
                    kv_event_sink=kv_event_sink, grammar_compiler=grammar_compiler,
-                   paged_kernel=None if engine_cfg.paged_kernel else False)
+                   paged_kernel=None if engine_cfg.paged_kernel else False, fused_layers=engine_cfg.fused_layers)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -399,8 +400,12 @@ class LLMEngine:
         plain = [i for i, (item, r) in enumerate(zip(scheduled, rows)) if r is not None and item.seq.draft is None]
         if not plain:
             return {}
-        tokens = sample(logits[[rows[i].start for i in plain]], [scheduled[i].seq.params for i in plain],
-                        [scheduled[i].seq.generator for i in plain])
+        starts = [rows[i].start for i in plain]
+        # A plain decode step's rows are already these, in order: no copy of the vocabulary-wide rows (advanced
+        # indexing copied 16 x 49k floats in 0.7 ms of a 45 ms step).
+        picked = logits if starts == list(range(len(logits))) else logits.index_select(
+            0, torch.tensor(starts, device=logits.device))
+        tokens = sample(picked, [scheduled[i].seq.params for i in plain], [scheduled[i].seq.generator for i in plain])
         return {i: [t] for i, t in zip(plain, tokens)}
 
     def _append(self, seq: Sequence, tokens: list[int]) -> tuple[list[int], str | None]:

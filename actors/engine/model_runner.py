@@ -3,6 +3,7 @@ their keys/values live in the paged cache, and returns the logits of the rows th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +17,12 @@ from specserve.actors.engine.attention import (
     ShortQueryGroup,
     set_context,
 )
-from specserve.actors.engine import paged_decode
+from specserve.actors.engine import cpu_kernels
+from specserve.actors.engine.decoder_forward import DecoderForward
 from specserve.actors.engine.scheduler import ScheduledSeq
 from specserve.actors.engine.speculation import tree_ancestors, tree_depths
+
+log = logging.getLogger(__name__)
 
 
 def text_config(config):
@@ -55,9 +59,11 @@ class _ShortQuery:
 
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
-                 *, paged_kernel: bool | None = None):
-        """`paged_kernel`: attend short queries with the compiled kernel (paged_decode); None: on CPU where it
-        builds. False: the SDPA path."""
+                 *, paged_kernel: bool | None = None, fused_layers: bool = True):
+        """`paged_kernel`: attend short queries with the compiled kernel (paged_decode.cpp); None: on CPU where it
+        builds. False: the SDPA path. `fused_layers`: run Llama-family models through DecoderForward (CPU, where
+        the kernels build; decided at the first step, from the model's modules then); False: the model's own
+        forward."""
         self.model = model
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -71,10 +77,20 @@ class ModelRunner:
             num_blocks = max(1, int(kv_cache_memory_gb * (1 << 30)) // bytes_per_block)
         self.num_blocks = num_blocks
         self.kv_cache = KVCache(layers, num_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
-        usable = paged_kernel is not False and self.device.type == "cpu" and paged_decode.available()
+        usable = paged_kernel is not False and self.device.type == "cpu" and cpu_kernels.available()
         if paged_kernel and not usable:
             raise RuntimeError("the paged decode kernel runs on CPU only, and must build here (see the log)")
         self.paged_kernel = usable
+        self.fused_layers = fused_layers
+        self.decoder: DecoderForward | None = None  # built at the first step where fused_layers
+
+    def _decoder(self) -> DecoderForward | None:
+        if self.fused_layers and self.decoder is None:
+            self.decoder, why_not = DecoderForward.build(self.model)
+            if self.decoder is None:
+                log.info("decoder layers run the model's own forward: %s", why_not)
+                self.fused_layers = False
+        return self.decoder if self.fused_layers else None
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         return self.slots(block_table, range(start, end))
@@ -190,14 +206,18 @@ class ModelRunner:
         prompt or decodes, 1 + k rows per sequence verifying k draft tokens, none for partial prefill chunks,
         except every row of a chunk that `wants_prompt_logits`."""
         ids, pos, meta, logit_rows = self.prepare(batch)
-        set_context(self.kv_cache, meta)
-        try:
-            # Only the rows that produce a token go through the LM head: prefill rows would cost vocab x hidden each.
-            keep = torch.tensor(logit_rows if logit_rows else [ids.shape[1] - 1], device=self.device)
-            out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep)
-        finally:
-            set_context(None, None)
-        logits = out.logits[0].float()
+        # Only the rows that produce a token go through the LM head: prefill rows would cost vocab x hidden each.
+        keep = torch.tensor(logit_rows if logit_rows else [ids.shape[1] - 1], device=self.device)
+        decoder = self._decoder()
+        if decoder is not None:
+            logits = decoder(ids[0], pos[0], keep, self.kv_cache, meta).float()
+        else:
+            set_context(self.kv_cache, meta)
+            try:
+                logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
+            finally:
+                set_context(None, None)
+            logits = logits.float()
         return logits if logit_rows else logits[:0]
 
     # ---- KV of whole blocks (export to / import from the shared store) ------------------------------------

@@ -1,6 +1,6 @@
 // Attention of short queries (decodes, and verifications of a few draft tokens) over the paged KV cache, reading
 // each key and value row in place at its slot: no gathered copy of a sequence's context, no padding to the longest
-// sequence, one task per sequence for all its query heads. Built on first use by paged_decode.py.
+// sequence, one task per sequence for all its query heads. Built on first use by cpu_kernels.py.
 //
 // Sequence i has query rows q_rows[q_offsets[i] .. q_offsets[i + 1]) (n rows: the last committed token, then its
 // n - 1 draft tokens) and context slots slots[ctx_offsets[i] .. ctx_offsets[i + 1]) (L keys, in position order;

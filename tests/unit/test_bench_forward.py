@@ -2,7 +2,7 @@
 
 import json
 
-from specserve.actors.engine import paged_decode
+from specserve.actors.engine import cpu_kernels
 from specserve.tools import bench_forward
 from tiny_models import make_tiny_model
 
@@ -30,9 +30,13 @@ def test_bench_forward_on_a_tiny_model(tmp_path):
     # Every round verified 2 draft tokens but the last ones of each sequence, cut to the tokens it had left.
     assert set(report["verify_drafted"]) == {"2"} and 1.5 < report["verify_drafted"]["2"] <= 2.0
     # The attention paths at the largest batch size, where the kernel builds.
-    assert report["paged_kernel"] == paged_decode.available()
+    assert report["paged_kernel"] == cpu_kernels.available()
     if report["paged_kernel"]:
         assert report["attention_batch"] == 3 and report["kernel_step_ms"] > 0 and report["sdpa_step_ms"] > 0
+    # The layer paths likewise (a Llama model: DecoderForward wherever the kernels build).
+    assert report["fused_layers"] == cpu_kernels.available()
+    if report["fused_layers"]:
+        assert report["layers_batch"] == 3 and report["fused_step_ms"] > 0 and report["eager_step_ms"] > 0
     lines = text.read_text().splitlines()
     assert "single-stream decode" in lines[1] and len([x for x in lines if "engine decode step" in x]) == 2
     assert len([x for x in lines if "the linears alone" in x]) == 2 and any(x.startswith("floors:") for x in lines)
@@ -40,3 +44,5 @@ def test_bench_forward_on_a_tiny_model(tmp_path):
     assert lines[-1].startswith("prefill of 24 tokens")
     assert any(x.startswith("decode step,   3 sequences, attention through the paged kernel") for x in lines) == \
         report["paged_kernel"]
+    assert any(x.startswith("decode step,   3 sequences, layers as DecoderForward") for x in lines) == \
+        report["fused_layers"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specserve.actors.engine import paged_decode
+from specserve.actors.engine import cpu_kernels
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.engine import LLMEngine, RequestRejected
 from specserve.actors.engine.sampling_params import SamplingParams
@@ -30,19 +30,23 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch,paged_kernel", [("llama", None), ("qwen2", None), ("qwen3", None), ("mistral", None),
-                                               ("mixtral", None), ("qwen2_moe", None), ("llama", False)])
-def test_greedy_matches_hf_generate_with_batching_chunking_and_prefix_hits(tmp_path_factory, arch, paged_kernel):
-    """paged_kernel None: decodes attend through the compiled kernel where it builds (CPU); False: the SDPA path."""
+@pytest.mark.parametrize("arch,paged_kernel,fused_layers", [
+    ("llama", None, True), ("qwen2", None, True), ("qwen3", None, True), ("mistral", None, True),
+    ("mixtral", None, True), ("qwen2_moe", None, True), ("llama", False, True), ("llama", None, False)])
+def test_greedy_matches_hf_generate_with_batching_chunking_and_prefix_hits(tmp_path_factory, arch, paged_kernel,
+                                                                           fused_layers):
+    """paged_kernel None: decodes attend through the compiled kernel where it builds (CPU); False: the SDPA path.
+    fused_layers: the layers run as DecoderForward where the kernels build; False: the model's own forward."""
     ref, ours = load_pair(tmp_path_factory, arch)
     vocab = ref.config.vocab_size
     ps = prompts(vocab, [5, 17, 33, 8, 41, 1, 12, 60])
     ps.append(ps[4][:36] + [5, 6, 7])  # shares 9 blocks of 4 with prompt 4
     # Small step budget: long prompts are prefilled in chunks next to running decodes.
     engine = LLMEngine(ours, block_size=4, num_blocks=256, max_num_seqs=6, max_num_batched_tokens=24,
-                       paged_kernel=paged_kernel)
-    assert engine.runner.paged_kernel == (paged_kernel is None and paged_decode.available())
+                       paged_kernel=paged_kernel, fused_layers=fused_layers)
+    assert engine.runner.paged_kernel == (paged_kernel is None and cpu_kernels.available())
     out = engine.generate(ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert (engine.runner.decoder is not None) == (fused_layers and cpu_kernels.available())
     for p, o in zip(ps, out):
         assert o == hf_greedy(ref, p, 12), f"prompt of {len(p)} tokens diverged"
     assert engine.block_manager.prefix_hits > 0

@@ -6,10 +6,10 @@ test_spec_engine.py and test_draft_trees.py."""
 import pytest
 import torch
 
-from specserve.actors.engine import paged_decode
+from specserve.actors.engine import cpu_kernels
 from specserve.actors.engine.speculation import tree_ancestors
 
-pytestmark = pytest.mark.skipif(not paged_decode.available(), reason="the paged decode kernel did not build here")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build here")
 
 
 def reference(q, k_cache, v_cache, seqs, scale):
@@ -48,8 +48,8 @@ def run_kernel(q, k_cache, v_cache, seqs, scale):
         visible += [sum(1 << j for j in range(n - 1) if anc[i, j]) for i in range(n - 1)]
     out = torch.full((q.shape[0], q.shape[1], q.shape[2]), float("nan"), dtype=q.dtype)
     t = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    paged_decode.attend(q, k_cache, v_cache, t(rows), t(row_offsets), t(slots), t(slot_offsets), t(visible), scale,
-                        out)
+    cpu_kernels.paged_attend(q, k_cache, v_cache, t(rows), t(row_offsets), t(slots), t(slot_offsets), t(visible),
+                             scale, out)
     return out
 
 
@@ -102,5 +102,5 @@ def test_a_draft_token_sees_only_its_ancestors():
 
 
 def test_turned_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("SPECSERVE_PAGED_KERNEL", "0")
-    assert paged_decode._build() is None
+    monkeypatch.setenv("SPECSERVE_CPU_KERNELS", "0")
+    assert cpu_kernels._build() is None
