@@ -206,11 +206,10 @@ def run(args) -> ForwardReport:
     engine = LLMEngine(loaded.model, block_size=16, max_num_seqs=max(largest, 1),
                        max_num_batched_tokens=max(512, args.prefill_tokens, largest),
                        kv_cache_memory_gb=args.kv_cache_gb, enable_prefix_caching=False)
-    engine_decode_ms(engine, [_prompt(8, vocab, seed=99)], 1)  # builds the layer path the engine runs
     report = ForwardReport(model=args.model, dtype=str(loaded.dtype).removeprefix("torch."),
                            threads=torch.get_num_threads(), prompt_tokens=args.prompt_tokens,
                            packed_linears=packed, paged_kernel=engine.runner.paged_kernel,
-                           fused_layers=engine.runner.decoder is not None)
+                           fused_layers=engine.runner.fused_decoder() is not None)
     bare_ms, engine_ms = [], []
     for r in range(args.rounds):  # A-B-B-A: drift on a shared machine hits both sides alike
         prompt = _prompt(args.prompt_tokens, vocab, seed=r)

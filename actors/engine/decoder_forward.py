@@ -56,7 +56,6 @@ class _Layer:
     o: Callable
     q_norm: _Norm | None  # Qwen3: an RMSNorm over each head's query and key before the rotary embedding
     k_norm: _Norm | None
-    heads: int
     head_dim: int
     scaling: float
     mlp: Callable  # [T, hidden] -> [T, hidden]
@@ -129,7 +128,6 @@ class DecoderForward:
         final_norm = _norm(inner.norm)
         if final_norm is None:
             return None, f"final norm {type(inner.norm).__name__} is not a Llama-style RMSNorm"
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         layers = []
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
@@ -145,8 +143,8 @@ class DecoderForward:
                     return None, f"layer {i}'s query/key norms are not Llama-style RMSNorms"
             mlp = _gated_silu(layer.mlp) or _module_mlp(layer.mlp)
             layers.append(_Layer(i, norms[0], norms[1], _linear(attn.q_proj), _linear(attn.k_proj),
-                                 _linear(attn.v_proj), _linear(attn.o_proj), q_norm, k_norm,
-                                 config.num_attention_heads, attn.head_dim, attn.scaling, mlp))
+                                 _linear(attn.v_proj), _linear(attn.o_proj), q_norm, k_norm, attn.head_dim,
+                                 attn.scaling, mlp))
         return cls(inner.embed_tokens, inner.rotary_emb, layers, final_norm, _linear(model.lm_head)), ""
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, kv_cache: KVCache,
@@ -168,7 +166,7 @@ class DecoderForward:
                 cpu_kernels.rms_norm(k.view(-1, d), layer.k_norm.weight, layer.k_norm.eps, k.view(-1, d))
             cpu_kernels.rope_store(q, k, v, cos, sin, meta.slot_mapping, kv_cache.k[layer.index],
                                    kv_cache.v[layer.index])
-            attn = attend(kv_cache, meta, layer.index, q.view(rows, layer.heads, layer.head_dim), layer.scaling)
+            attn = attend(kv_cache, meta, layer.index, q.view(rows, -1, layer.head_dim), layer.scaling)
             attn = layer.o(attn.view(rows, -1))
             cpu_kernels.rms_norm(attn, layer.post_norm.weight, layer.post_norm.eps, x, residual)
             out = layer.mlp(x)

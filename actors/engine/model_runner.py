@@ -84,7 +84,8 @@ class ModelRunner:
         self.fused_layers = fused_layers
         self.decoder: DecoderForward | None = None  # built at the first step where fused_layers
 
-    def _decoder(self) -> DecoderForward | None:
+    def fused_decoder(self) -> DecoderForward | None:
+        """The DecoderForward the next step runs, built on first call; None: the model's own forward."""
         if self.fused_layers and self.decoder is None:
             self.decoder, why_not = DecoderForward.build(self.model)
             if self.decoder is None:
@@ -208,16 +209,16 @@ class ModelRunner:
         ids, pos, meta, logit_rows = self.prepare(batch)
         # Only the rows that produce a token go through the LM head: prefill rows would cost vocab x hidden each.
         keep = torch.tensor(logit_rows if logit_rows else [ids.shape[1] - 1], device=self.device)
-        decoder = self._decoder()
+        decoder = self.fused_decoder()
         if decoder is not None:
-            logits = decoder(ids[0], pos[0], keep, self.kv_cache, meta).float()
+            logits = decoder(ids[0], pos[0], keep, self.kv_cache, meta)
         else:
             set_context(self.kv_cache, meta)
             try:
                 logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
             finally:
                 set_context(None, None)
-            logits = logits.float()
+        logits = logits.float()
         return logits if logit_rows else logits[:0]
 
     # ---- KV of whole blocks (export to / import from the shared store) ------------------------------------
