@@ -29,6 +29,7 @@ from specserve.actors.engine.messages import GenerateRequest, LoadReport, Reques
 from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.structured import GrammarCompiler
 from specserve.actors.engine.speculation import SpeculationController
+from specserve.actors.engine.speculation_gate import SpeculationGate
 from specserve.actors.model_loader import LoadedModel, load_model
 from specserve.actors.packed_linear import pack_linear_weights
 from specserve.cluster.config import SpecserveConfig
@@ -131,7 +132,8 @@ def build_controller(config: SpecserveConfig, proposer) -> SpeculationController
     # every token since its last round, so probe those rarely.
     return SpeculationController(sp.max_draft_tokens, adaptive=sp.adaptive,
                                  prior_acceptance=proposer.prior_acceptance,
-                                 probe_every=16 if proposer.drafts_are_free else 64)
+                                 probe_every=16 if proposer.drafts_are_free else 64,
+                                 gate=SpeculationGate() if sp.adaptive and sp.gate else None)
 
 
 def build_experts(config: SpecserveConfig, loaded: LoadedModel) -> tuple[ActorTransport | None, ExpertBalancer | None]:
@@ -296,6 +298,7 @@ class Verifier:
     def engine_stats(self, engine: LLMEngine) -> dict:
         """The engine's counters and gauges (read on the engine thread by stats(); the metrics thread reads them
         directly: plain ints and list copies, at worst a step apart)."""
+        gate = engine.controller.gate if engine.controller is not None else None
         bm, s = engine.block_manager, engine.stats
         return {
             "num_running": len(engine.scheduler.running),
@@ -315,6 +318,7 @@ class Verifier:
             "max_model_len": engine.max_model_len,
             "speculative_method": self.config.speculative.method,
             "speculation": engine.spec_stats.as_dict() if engine.spec_stats else None,
+            "speculation_gate": gate.as_dict() if gate is not None else None,
             "drafter_client": dict(engine.proposer.stats, workers=len(engine.proposer.workers()))
             if isinstance(engine.proposer, DrafterClient) else None,
         }

@@ -80,6 +80,9 @@ class SpeculativeConfig(_Strict):
     # (adaptive: false). Unset: 16 for suffix trees, 4 for the chain methods.
     num_speculative_tokens: int | None = Field(None, ge=1, le=64)
     adaptive: bool = True
+    # adaptive: also compare, per batch size, the tokens a second of steps commits with drafts and without
+    # (alternating windows of steps), and draft only at batch sizes where drafting is ahead.
+    gate: bool = True
     # method=model: registry name, local directory or hub id of the draft checkpoint.
     draft_model: str | None = None
     # method=layer_skip: the layers to keep, or else this fraction of them, evenly spaced.

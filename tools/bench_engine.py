@@ -37,6 +37,8 @@ class PassResult:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     spec_rounds: int = 0  # verification rounds that carried a draft
+    # speculative.gate's record at the pass's end, per batch-size bucket (SpeculationGate.as_dict), or None
+    gate: dict | None = None
 
     @property
     def mean_accepted_length(self) -> float | None:
@@ -80,11 +82,19 @@ class EngineBenchReport:
             spec = (f", {last.draft_tokens / last.steps:.1f} draft tokens a step, accepted "
                     f"{last.accepted_tokens / last.draft_tokens:.0%}, mean accepted length "
                     f"{last.mean_accepted_length:.2f}" if last.draft_tokens else "")
+            if last.gate:
+                spec += "; gate, tok/s drafting/plain (steps) by batch size: " + ", ".join(
+                    f"{n}+: {_rate(b['drafting_tok_s'])}/{_rate(b['plain_tok_s'])} "
+                    f"({b['drafting_steps']}/{b['plain_steps']})" for n, b in last.gate.items())
             ratio = "" if label == first else f" ({med / self.median_tok_s(first):.2f}x {first})"
             lines.append(f"{label}: {med:.1f} output tok/s{ratio} [passes {each}]; last pass {last.ms_per_step:.1f} "
                          f"ms/step, {last.output_tokens / last.steps:.2f} tokens a step, {last.mean_requests:.1f} "
                          f"requests in the engine{spec}")
         return "\n".join(lines)
+
+
+def _rate(tok_s: float | None) -> str:
+    return "-" if tok_s is None else f"{tok_s:.0f}"
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -143,8 +153,10 @@ def run_pass(engine, prompts: list[list[int]], concurrency: int, max_tokens: int
             in_flight -= out.finished
     seconds = time.perf_counter() - start
     drafted, accepted, rounds = (after - b for after, b in zip(_spec_counts(engine), before))
+    gate = engine.controller.gate if engine.controller is not None else None
     return PassResult(seconds=seconds, output_tokens=output, steps=steps, mean_requests=requests / steps,
-                      draft_tokens=drafted, accepted_tokens=accepted, spec_rounds=rounds)
+                      draft_tokens=drafted, accepted_tokens=accepted, spec_rounds=rounds,
+                      gate=gate.as_dict() if gate is not None else None)
 
 
 def _spec_counts(engine) -> tuple[int, int, int]:

@@ -269,32 +269,34 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step: schedule (drafts first), run the forward, commit what it produced."""
         t0 = time.perf_counter()
-        sched = self._schedule()
+        sched, gate_arm = self._schedule()
         if not sched.scheduled:
             return []
         logits = self._execute(sched)
         if self._to_fork:
             self._fork(sched)
         outputs = self._postprocess(sched, logits)
-        self._observe_step(sched, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self._observe_step(sched, elapsed)
+        if gate_arm is not None and sched.decodes_only:
+            self.controller.gate.observe(*gate_arm, sum(len(o.new_token_ids) for o in outputs), elapsed)
         return outputs
 
-    def _schedule(self) -> SchedulerOutput:
-        """This step's batch. Decoding sequences get their drafts first: the scheduler budgets their tokens."""
+    def _schedule(self) -> tuple[SchedulerOutput, tuple[int, bool] | None]:
+        """This step's batch. Decoding sequences get their drafts first: the scheduler budgets their tokens.
+        Also, where the controller has a gate, (decoding sequences, whether they drafted) for it."""
+        gate_arm = None
         if self.proposer is not None:
             decoding = [s for s in self.scheduler.running if s.num_uncomputed_tokens == 1]
-            if decoding:
-                draft_round(decoding, self.proposer, self.controller, max_model_len=self.max_model_len,
-                            other_tokens=self._pending_prefill_tokens(len(decoding)))
+            gate = self.controller.gate
+            drafting = bool(decoding) and (gate is None or gate.drafting(len(decoding)))
+            if drafting:
+                draft_round(decoding, self.proposer, self.controller, max_model_len=self.max_model_len)
+            if decoding and gate is not None:
+                gate_arm = (len(decoding), drafting)
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
-        return sched
-
-    def _pending_prefill_tokens(self, num_decodes: int) -> int:
-        """Prefill tokens the next step will likely carry besides the decodes (for the cost model)."""
-        pending = sum(s.num_uncomputed_tokens for s in self.scheduler.running if s.num_uncomputed_tokens > 1)
-        pending += sum(len(s) for s in self.scheduler.waiting)
-        return min(pending, max(0, self.scheduler.max_num_batched_tokens - num_decodes))
+        return sched, gate_arm
 
     def _execute(self, sched: SchedulerOutput) -> StepLogits:
         """The forward: logits of the rows that yield tokens (see `logit_layout`), and the grammar masks of
@@ -307,7 +309,7 @@ class LLMEngine:
                                               for i in constrained])
         t0 = time.perf_counter()
         logits = self.runner.execute(sched.scheduled)
-        if self.controller is not None and all(it.num_new_tokens == 1 + it.num_draft for it in sched.scheduled):
+        if self.controller is not None and sched.decodes_only:
             # The cost model is fitted on decode/verify steps only: that is where k is chosen, and prefill
             # chunks (many tokens of one sequence) cost less per token and would flatten the slope.
             self.controller.observe_step(sched.num_tokens, time.perf_counter() - t0)

@@ -42,6 +42,11 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
+    @property
+    def decodes_only(self) -> bool:
+        """Every sequence computes one token plus its draft: no prefill chunk in the step."""
+        return all(it.num_new_tokens == 1 + it.num_draft for it in self.scheduled)
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):

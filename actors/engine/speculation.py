@@ -33,6 +33,7 @@ import torch
 
 from specserve.actors.engine.sampler import greedy_tokens, processed_logits
 from specserve.actors.engine.sampling_params import SamplingParams
+from specserve.actors.engine.speculation_gate import SpeculationGate
 
 if TYPE_CHECKING:  # sequence.py imports this module (SpeculationStats)
     from specserve.actors.engine.sequence import Sequence
@@ -151,9 +152,8 @@ class TargetGuesses:
 
 # ---- the round ----------------------------------------------------------------------------------------------
 def draft_round(seqs: list[Sequence], proposer: Proposer, controller: SpeculationController, *,
-                max_model_len: int, other_tokens: int) -> None:
-    """Set each decoding sequence's `draft` for this step, or None. `other_tokens`: the prefill tokens the step
-    will likely carry besides the decodes (for the cost model)."""
+                max_model_len: int) -> None:
+    """Set each decoding sequence's `draft` for this step, or None."""
     for seq in seqs:
         if seq.acceptance is None:
             seq.acceptance = controller.new_estimate()
@@ -167,9 +167,9 @@ def draft_round(seqs: list[Sequence], proposer: Proposer, controller: Speculatio
                   for seq, d, lim in zip(seqs, proposer.propose(seqs, sizes), limits)]
         limits = [len(d.tokens) if d else 0 for d in drafts]
         values = [_node_values(seq, d) if d is not None else None for seq, d in zip(seqs, drafts)]
-        ks = controller.choose(alphas, limits, idle, other_tokens, node_values=values)
+        ks = controller.choose(alphas, limits, idle, node_values=values)
     else:  # drafting costs a forward per token: choose k first
-        ks = controller.choose(alphas, limits, idle, other_tokens)
+        ks = controller.choose(alphas, limits, idle)
         t0 = time.perf_counter()
         drafts = proposer.propose(seqs, ks) if any(ks) else [None] * len(seqs)
         drafts = [_chain_if_needed(seq, d) for seq, d in zip(seqs, drafts)]
@@ -541,9 +541,11 @@ class ProportionalCost:
 class SpeculationController:
     def __init__(self, max_k: int, *, adaptive: bool = True, prior_acceptance: float = 0.5,
                  verify_cost: tuple[float, float] = (0.025, 0.003), draft_cost: float = 0.0,
-                 probe_every: int = 16):
+                 probe_every: int = 16, gate: SpeculationGate | None = None):
         self.max_k = max_k
         self.adaptive = adaptive
+        # Whether a step drafts at all, by measured goodput at its batch size (None: always, k chosen below).
+        self.gate = gate
         self.verify_cost = LinearCost(*verify_cost)
         self.draft_cost = ProportionalCost(draft_cost)  # x = the longest draft of the round
         self.method_stats = SpeculationStats()
@@ -562,7 +564,7 @@ class SpeculationController:
     def _seconds(self, tokens: int, max_k: int) -> float:
         return max(self.verify_cost(tokens) + (self.draft_cost(max_k) if max_k else 0.0), 1e-6)
 
-    def choose(self, alphas: list[float], limits: list[int], idle_rounds: list[int], other_tokens: int = 0, *,
+    def choose(self, alphas: list[float], limits: list[int], idle_rounds: list[int], *,
                node_values: list[list[float] | None] | None = None) -> list[int]:
         """k per sequence. limits: the most each sequence may draft (remaining tokens, draft available);
         idle_rounds: rounds since the sequence last drafted (to probe a sequence whose estimate fell to k=0);
@@ -584,7 +586,10 @@ class SpeculationController:
                     term *= a
                     row.append(row[-1] + term)
             expected.append(row)
-        base_tokens = other_tokens + len(caps)
+        # The step as if it carried decodes only. A prefill chunk beside them is the same work with or without
+        # drafts; counted in, its time would make a draft row look cheap against the step (at 16 chat
+        # sequences the engine drafted 5.3 tokens a step instead of 1.1, and ran 0.94x: docs/performance.md).
+        base_tokens = len(caps)
         # Best uniform k first (captures the fixed draft cost), then a per-sequence pass that lowers k where
         # the sequence's acceptance does not pay for its extra verified tokens. Sums are updated, not redone.
         best_k, best = 0, sum(e[0] for e in expected) / self._seconds(base_tokens, 0)

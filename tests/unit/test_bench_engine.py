@@ -27,12 +27,15 @@ def test_bench_engine_compares_configurations_on_a_tiny_model(tmp_path):
             # The warm-up's rounds are not counted in the measured pass.
             assert p["accepted_tokens"] <= p["draft_tokens"]
             if label == "none":
-                assert p["draft_tokens"] == 0 and p["spec_rounds"] == 0
+                assert p["draft_tokens"] == 0 and p["spec_rounds"] == 0 and p["gate"] is None
+            else:  # speculative.gate (default on) reports what it measured, by batch size
+                assert p["gate"] and any(b["drafting_steps"] + b["plain_steps"] > 0 for b in p["gate"].values())
     # Greedy and the same prompts: every pass of a variant produced the same tokens.
     assert len({p["output_tokens"] for ps in report["passes"].values() for p in ps}) == 1
     lines = text.read_text().splitlines()
     assert "the engine alone, chat workload, 5 requests" in lines[0]
     assert lines[1].startswith("ngram: ") and lines[2].startswith("none: ") and "x ngram)" in lines[2]
+    assert "gate, tok/s drafting/plain" in lines[1] and "gate" not in lines[2]
     assert report["median_tok_s"]["none"] > 0
 
 

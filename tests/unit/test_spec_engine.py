@@ -19,6 +19,7 @@ from specserve.actors.engine.engine import LLMEngine
 from specserve.actors.engine.sampler import processed_logits
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.engine.speculation import SpeculationController
+from specserve.actors.engine.speculation_gate import SpeculationGate
 from specserve.actors.model_loader import ModelLoadError
 from specserve.cluster.config import ModelConfig, SpeculativeConfig
 from chi_square import chi_square_p_value
@@ -111,6 +112,26 @@ def test_greedy_speculation_is_token_identical_to_hf_generate(target_dir, draft_
     # measured step times; on a loaded machine it drafted 14 tokens, all accepted, in one CI run.)
     if method in ("model", "int8") and not adaptive:
         assert 0 < st.accepted_tokens < st.draft_tokens
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_free_blocks == 300
+
+
+@pytest.mark.parametrize("method", ["suffix", "model"])
+def test_gated_speculation_is_token_identical_with_drafting_switched_on_and_off(target_dir, draft_dir, reference,
+                                                                                method):
+    """The gate switches drafting off and on every two steps while it learns: sequences (and, for a drafter
+    replica, its mirror of them) resume drafting after plain steps without a changed token."""
+    proposer = make_proposer(method, target_dir, draft_dir)
+    engine = LLMEngine(load(target_dir), proposer=proposer, block_size=BLOCK, num_blocks=300, max_num_seqs=8,
+                       max_num_batched_tokens=64,
+                       controller=SpeculationController(4, prior_acceptance=0.6,
+                                                        gate=SpeculationGate(window=2, min_steps=1000)))
+    out = engine.generate(prompt_set(), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    assert out == reference
+    buckets = engine.controller.gate.as_dict()
+    assert sum(b["drafting_steps"] for b in buckets.values()) > 0
+    assert sum(b["plain_steps"] for b in buckets.values()) > 0
+    assert engine.spec_stats.draft_tokens > 0
     engine.block_manager.check_invariants()
     assert engine.block_manager.num_free_blocks == 300
 

@@ -40,6 +40,7 @@ def test_the_build_runs_on_the_engine_thread_and_returns_its_parts(config):
         assert parts.experts is None and parts.expert_balancer is None
         assert parts.engine.block_manager.root == root_hash(parts.namespace.id)
         assert parts.engine.controller is not None and parts.engine.proposer.drafts_are_free
+        assert parts.engine.controller.gate is not None  # speculative.gate: on by default
 
         async def run():
             request = GenerateRequest(request_id="r", prompt_token_ids=list(range(3, 20)),
@@ -48,3 +49,13 @@ def test_the_build_runs_on_the_engine_thread_and_returns_its_parts(config):
         assert len(asyncio.run(run())) == 5
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("overrides,gated", [({}, True), ({"gate": False}, False), ({"adaptive": False}, False)])
+def test_the_speculation_gate_follows_the_config(overrides, gated):
+    from specserve.actors.draft.ngram import NgramDrafter
+    from specserve.actors.verifier import build_controller
+
+    config = SpecserveConfig.model_validate({"speculative": {"method": "ngram", **overrides}})
+    controller = build_controller(config, NgramDrafter(1, 3, recycle=True))
+    assert (controller.gate is not None) == gated
