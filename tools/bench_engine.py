@@ -83,7 +83,8 @@ class EngineBenchReport:
                     f"{last.accepted_tokens / last.draft_tokens:.0%}, mean accepted length "
                     f"{last.mean_accepted_length:.2f}" if last.draft_tokens else "")
             if last.gate:
-                spec += "; gate, tok/s drafting/plain (steps) by batch size: " + ", ".join(
+                spec += ("; gate since the engine started (warm-up included), tok/s drafting/plain (steps) by "
+                         "batch size: ") + ", ".join(
                     f"{n}+: {_rate(b['drafting_tok_s'])}/{_rate(b['plain_tok_s'])} "
                     f"({b['drafting_steps']}/{b['plain_steps']})" for n, b in last.gate.items())
             ratio = "" if label == first else f" ({med / self.median_tok_s(first):.2f}x {first})"

@@ -278,7 +278,7 @@ class LLMEngine:
         outputs = self._postprocess(sched, logits)
         elapsed = time.perf_counter() - t0
         self._observe_step(sched, elapsed)
-        if gate_arm is not None and sched.decodes_only:
+        if gate_arm is not None and sched.decodes_only and not sched.preempted and len(sched.scheduled) == gate_arm[0]:
             self.controller.gate.observe(*gate_arm, sum(len(o.new_token_ids) for o in outputs), elapsed)
         return outputs
 

@@ -588,7 +588,7 @@ class SpeculationController:
             expected.append(row)
         # The step as if it carried decodes only. A prefill chunk beside them is the same work with or without
         # drafts; counted in, its time would make a draft row look cheap against the step (at 16 chat
-        # sequences the engine drafted 5.3 tokens a step instead of 1.1, and ran 0.94x: docs/performance.md).
+        # sequences the engine drafted 5.3 tokens a step instead of 1.1, and ran 0.91x: docs/performance.md).
         base_tokens = len(caps)
         # Best uniform k first (captures the fixed draft cost), then a per-sequence pass that lowers k where
         # the sequence's acceptance does not pay for its extra verified tokens. Sums are updated, not redone.

@@ -44,10 +44,13 @@ class BucketState:
 
 class SpeculationGate:
     """`drafting(n)` before a step with n decoding sequences says whether it drafts; `observe(n, drafting,
-    tokens, seconds)` after a step of decodes only (prefill chunks would blur the comparison) records what that
-    arm committed and how long the step took, drafting and scheduling included."""
+    tokens, seconds)` after a step of those n decodes only (prefill chunks and preemptions would blur the
+    comparison) records what that arm committed and how long the step took, drafting and scheduling included.
+    The arm that is not kept is measured one window in `explore_every`, so its record is older."""
 
     def __init__(self, window: int = 8, explore_every: int = 8, min_steps: int = 16, decay: float = 0.98):
+        if window < 2 or explore_every < 2 or min_steps < 1 or not 0 < decay <= 1:
+            raise ValueError("window >= 2, explore_every >= 2, min_steps >= 1 and 0 < decay <= 1")
         self.window = window
         self.explore_every = explore_every
         self.min_steps = min_steps  # counted steps each arm needs in a bucket before either is preferred
@@ -77,11 +80,17 @@ class SpeculationGate:
 
     def observe(self, num_decoding: int, drafting: bool, tokens: int, seconds: float) -> None:
         state = self.buckets.get(self.bucket(num_decoding))
-        if state is not None and seconds > 0:
-            state.record(drafting).add(tokens, seconds, self.decay)
+        if state is None or seconds <= 0:
+            return
+        if state.steps_left == self.window - 1:
+            # The window's first step pays for the switch (a drafter replica catching up on every token since
+            # it last drafted, the suffix trees' pending updates): not what the arm costs a step.
+            return
+        state.record(drafting).add(tokens, seconds, self.decay)
 
     def as_dict(self) -> dict:
-        """Per bucket (its smallest batch size): each arm's tokens per second and counted steps."""
+        """Per bucket (its smallest batch size): each arm's tokens per second (discounted) and the steps counted
+        for it since the gate started."""
         return {str(1 << (b - 1)): {"drafting_tok_s": s.on.tok_s, "plain_tok_s": s.off.tok_s,
                                     "drafting_steps": s.on.steps, "plain_steps": s.off.steps}
                 for b, s in sorted(list(self.buckets.items()))}  # a copy: the metrics thread reads it too

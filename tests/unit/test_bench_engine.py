@@ -35,7 +35,7 @@ def test_bench_engine_compares_configurations_on_a_tiny_model(tmp_path):
     lines = text.read_text().splitlines()
     assert "the engine alone, chat workload, 5 requests" in lines[0]
     assert lines[1].startswith("ngram: ") and lines[2].startswith("none: ") and "x ngram)" in lines[2]
-    assert "gate, tok/s drafting/plain" in lines[1] and "gate" not in lines[2]
+    assert "tok/s drafting/plain (steps) by batch size" in lines[1] and "gate" not in lines[2]
     assert report["median_tok_s"]["none"] > 0
 
 

@@ -23,7 +23,7 @@ def test_learns_both_arms_in_alternating_windows_drafting_first():
 
 def test_keeps_the_faster_arm_and_explores_the_other_one_window_in_explore_every():
     gate = SpeculationGate(window=4, explore_every=8, min_steps=8)
-    run_steps(gate, 16, 16, {True: 100, False: 300})  # learning
+    run_steps(gate, 16, 24, {True: 100, False: 300})  # learning: 3 counted steps a window, 8 each arm
     arms = run_steps(gate, 16, 4 * 16, {True: 100, False: 300})
     windows = [arms[i:i + 4] for i in range(0, len(arms), 4)]
     assert all(len(set(w)) == 1 for w in windows), "an arm holds for a whole window"
@@ -33,7 +33,7 @@ def test_keeps_the_faster_arm_and_explores_the_other_one_window_in_explore_every
     assert stats["plain_tok_s"] == pytest.approx(300) and stats["drafting_tok_s"] == pytest.approx(100)
 
     gate = SpeculationGate(window=4, explore_every=8, min_steps=8)
-    run_steps(gate, 1, 16, {True: 40, False: 30})
+    run_steps(gate, 1, 24, {True: 40, False: 30})
     arms = run_steps(gate, 1, 4 * 16, {True: 40, False: 30})
     assert sum(arms) == 4 * 14  # drafting kept but for two exploring windows
 
@@ -56,6 +56,25 @@ def test_follows_a_change_in_traffic():
     # Drafts start to be accepted (e.g. the requests copy their input): the exploring windows see it.
     run_steps(gate, 8, 64, {True: 400, False: 200})
     assert sum(run_steps(gate, 8, 16, {True: 400, False: 200})) >= 12
+
+
+def test_the_first_step_of_a_window_is_not_counted():
+    """It pays for the switch (a drafter replica catching up on the tokens it missed), not for the arm."""
+    gate = SpeculationGate(window=4)
+    counted = []
+    for _ in range(6):
+        drafting = gate.drafting(2)
+        gate.observe(2, drafting, tokens=2, seconds=0.1)
+        state = gate.as_dict()["2"]
+        counted.append((drafting, state["drafting_steps"], state["plain_steps"]))
+    assert counted == [(True, 0, 0), (True, 1, 0), (True, 2, 0), (True, 3, 0), (False, 3, 0), (False, 3, 1)]
+    assert gate.as_dict()["2"]["plain_tok_s"] == pytest.approx(20)
+
+
+@pytest.mark.parametrize("kwargs", [{"window": 1}, {"explore_every": 1}, {"min_steps": 0}, {"decay": 0.0}])
+def test_rejects_settings_that_would_freeze_or_invert_it(kwargs):
+    with pytest.raises(ValueError):
+        SpeculationGate(**kwargs)
 
 
 def test_unobserved_steps_do_not_count():
