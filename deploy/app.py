@@ -52,8 +52,8 @@ def deployment_options(config: SpecserveConfig) -> dict[str, dict]:
     out = {"Ingress": _options(config.ingress),
            "Verifier": {**_options(config.verifier), **_request_router(config),
                         "health_check_period_s": 10, "health_check_timeout_s": 60}}
-    if config.server.grpc_port:  # each ingress replica binds the gRPC port: one per node
-        out["Ingress"]["max_replicas_per_node"] = 1
+    if config.server.grpc_port or config.server.direct_ingress:  # each ingress replica binds the gRPC port (and,
+        out["Ingress"]["max_replicas_per_node"] = 1             # with direct ingress, the HTTP port): one per node
     if config.speculative.remote:
         # The replica is a thin shell; the draft worker it starts gets the configured CPUs/GPUs.
         out["Drafter"] = {**_options(config.drafter), "ray_actor_options": {"num_cpus": 0.01},

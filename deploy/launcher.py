@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from specserve.cluster.config import SpecserveConfig
+from specserve.cluster.config import ServerConfig, SpecserveConfig
 
 log = logging.getLogger("specserve")
 
@@ -57,6 +57,72 @@ def config_from_args(args: argparse.Namespace) -> SpecserveConfig:
     return SpecserveConfig.load(args.config, overrides)
 
 
+# The HTTP port of direct ingress where this process started Ray with it (start_local_ray), else None.
+_direct_ingress_port: int | None = None
+
+
+def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
+    """Environment of a Ray instance whose Serve runs direct ingress (server.direct_ingress). Serve's controller
+    and replicas read it when they start, so the Ray processes get it when they are spawned: direct ingress, the
+    ingress replica's HTTP port pinned to server.http_port, and neither a port quarantine nor a draining hold on
+    shutdown: both give a load balancer in front (HAProxy) time to notice a replica going, and a local server has
+    none."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(server.http_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(server.http_port + 1),
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
+    """ray.init for `specserve serve` and the bench: join server.ray_address (or RAY_ADDRESS), else start a
+    local instance of its own ("local": not one found running on this machine, whose processes would not have
+    the environment given here), with direct ingress when server.direct_ingress asks for it. The environment is
+    this process's only while Ray's processes are spawned from it."""
+    global _direct_ingress_port
+    import ray
+
+    address = server.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    env = direct_ingress_env(server) if address == "local" and server.direct_ingress else {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _direct_ingress_port = server.http_port if env else None
+
+
+def stop_local_ray() -> None:
+    """Shut down Serve and the Ray instance start_local_ray started or joined."""
+    global _direct_ingress_port
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        _direct_ingress_port = None
+
+
+def serve_proxy_port(server: ServerConfig) -> int:
+    """Where Serve's own HTTP proxy binds: server.http_port, unless the ingress replica serves that port itself
+    (direct ingress), where the proxy Serve keeps on the head node gets a free port."""
+    if _direct_ingress_port is None:
+        return server.http_port
+    if server.http_port != _direct_ingress_port:
+        raise ValueError(f"server.http_port {server.http_port}: this process started Ray with direct ingress on "
+                         f"port {_direct_ingress_port}, and every app on it serves there")
+    from specserve.cluster.redis_server import free_port
+
+    return free_port()
+
+
 class LocalServer:
     """Everything `specserve serve` runs, as an object tests and scripts can start and stop."""
 
@@ -81,11 +147,11 @@ class LocalServer:
         if not cfg.server.redis_url and not cfg.server.redis_sentinels:
             self._start_embedded_redis()
         if not ray.is_initialized():
-            address = cfg.server.ray_address or os.environ.get("RAY_ADDRESS")
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}} if address else None)
+            joins = (cfg.server.ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+            start_local_ray(cfg.server, runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}}
+                            if joins else None)
             self._started_ray = True
-        serve.start(http_options={"host": cfg.server.host, "port": cfg.server.http_port})
+        serve.start(http_options={"host": cfg.server.host, "port": serve_proxy_port(cfg.server)})
         serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix=cfg.server.route_prefix, blocking=False)
         return self
 
@@ -133,11 +199,9 @@ class LocalServer:
             if ray.is_initialized():
                 serve.delete(self.config.server.app_name)
                 kill_holders(self.config.server.app_name)  # detached: they would outlive the app
-                if self._started_ray:
-                    serve.shutdown()
         finally:
             if self._started_ray and ray.is_initialized():
-                ray.shutdown()
+                stop_local_ray()
             if self.redis:
                 self.redis.stop()
             if self._secrets_dir:

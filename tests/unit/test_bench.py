@@ -466,6 +466,13 @@ def test_speculation_summary_and_serve_targets():
     for t in both.targets:  # every preset is a valid config
         runner.ServedTarget(t, {})
     assert main(["--serve", "nolabel"]) == 2
+    # The Ray instance every --serve server shares runs direct ingress on --serve-base's HTTP port, or not.
+    assert cli.base_server(cfg.serve_base, cfg.targets).http_port == 8123
+    assert cli.base_server({"server.direct_ingress": "false"}).direct_ingress is False
+    one = cli.parse_config(["--serve", "a=", "--serve", "b=server.direct_ingress=false"])
+    with pytest.raises(BenchError, match="--serve b: server.direct_ingress .* set it in --serve-base"):
+        cli.base_server(one.serve_base, one.targets)
+    assert main(["--serve", "a=server.direct_ingress=false", "--num-requests", "1"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------

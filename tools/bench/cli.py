@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from specserve.tools.bench.http_client import BenchError
@@ -18,6 +18,9 @@ from specserve.tools.bench.report import format_table, table_of, write_json
 from specserve.tools.bench.results import parse_slo
 from specserve.tools.bench.runner import MATRICES, BenchConfig, Target, log, run_bench
 from specserve.tools.bench.workloads import WORKLOADS
+
+if TYPE_CHECKING:
+    from specserve.cluster.config import ServerConfig
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -213,28 +216,39 @@ def config_of(a: argparse.Namespace) -> BenchConfig:
                        peer_dtype=a.peer_dtype)
 
 
-def start_ray_if_needed(*, needed: bool) -> bool:
-    """One local Ray instance for all servers the bench starts (they start and stop apps on it, not Ray)."""
-    if not needed:
-        return False
-    import logging
-    import os
-
+def start_ray_if_needed(server: ServerConfig | None) -> bool:
+    """One Ray instance for all servers the bench starts (they start and stop apps on it, not Ray), with the
+    server settings of --serve-base (direct ingress on its HTTP port); None: no server to start."""
     import ray
 
-    if ray.is_initialized():
+    from specserve.deploy.launcher import start_local_ray
+
+    if server is None or ray.is_initialized():
         return False
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    start_local_ray(server, log_to_driver=False)
     return True
 
 
-def stop_ray() -> None:
-    import ray
-    from ray import serve
+def base_server(serve_base: dict[str, str], targets: list[Target] = ()) -> ServerConfig:
+    """The server settings --serve-base gives every server the bench starts. server.direct_ingress is a setting
+    of the Ray instance they share, so no single --serve may set it."""
+    from specserve.cluster.config import SpecserveConfig
+    from specserve.tools.bench.runner import typed
 
-    serve.shutdown()
-    ray.shutdown()
+    for t in targets:
+        if t.serve is not None and "server.direct_ingress" in t.serve:
+            raise BenchError(f"--serve {t.label}: server.direct_ingress applies to the Ray instance every --serve "
+                             "server shares: set it in --serve-base")
+    try:
+        return SpecserveConfig.load(overrides=typed(serve_base)).server
+    except Exception as exc:  # noqa: BLE001 - pydantic's message names the field
+        raise BenchError(f"--serve-base: invalid server config: {exc}") from exc
+
+
+def stop_ray() -> None:
+    from specserve.deploy.launcher import stop_local_ray
+
+    stop_local_ray()
 
 
 def _from_results(json_path: str, *, plots: bool, markdown: bool = False) -> int:
@@ -270,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     passes: list[dict[str, Any]] = []
     started = time.time()
     code = 0
-    ray_started = start_ray_if_needed(needed=any(t.serve is not None for t in cfg.targets))
+    try:
+        ray_started = start_ray_if_needed(base_server(cfg.serve_base, cfg.targets)
+                                          if any(t.serve is not None for t in cfg.targets) else None)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(run_bench(cfg, passes))
     except BenchError as exc:

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         url = normalize_url(a.url) if a.url else None
         if url is None:
             served = ServedTarget(Target("soak", "", serve=parse_overrides(a.overrides, "--set")), {})
-            ray_started = start_ray_if_needed(needed=True)
+            ray_started = start_ray_if_needed(served.config.server)
             url = served.start()
         res = asyncio.run(soak(url, a.model, workloads, a.concurrency, a.duration, warmup, a.sample_every,
                                settings, a.seed))

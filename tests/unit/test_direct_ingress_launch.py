@@ -1,0 +1,72 @@
+"""How `specserve serve` and the bench start Ray for direct ingress (deploy/launcher.py): the environment Serve
+reads, where Serve's own proxy binds, and when a local instance is started rather than joined. The served path
+itself runs in tests/integration/test_direct_ingress.py."""
+
+import os
+
+import pytest
+
+from specserve.cluster.config import ServerConfig, SpecserveConfig
+from specserve.deploy import launcher
+from specserve.deploy.app import deployment_options
+
+KEYS = set(launcher.direct_ingress_env(ServerConfig()))
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """Records ray.init's arguments instead of starting Ray; the environment and the module state are restored."""
+    import ray
+
+    calls = []  # each call's arguments, with the environment Ray's processes would be spawned with
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append({**kw, "env": dict(os.environ)}))
+    monkeypatch.setattr(launcher, "_direct_ingress_port", None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    saved = {k: os.environ.get(k) for k in KEYS}
+    yield calls
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_the_environment_pins_the_ingress_http_port_and_drops_the_load_balancer_holds():
+    env = launcher.direct_ingress_env(ServerConfig(http_port=8123))
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+        ("8123", "8124")  # a range of one port: the replica binds http_port or fails
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+
+
+def test_a_local_start_gets_a_fresh_instance_with_direct_ingress_and_the_proxy_moves_off_the_port(fake_ray):
+    server = ServerConfig(http_port=8123, direct_ingress=True)
+    launcher.start_local_ray(server)
+    assert fake_ray[0]["address"] == "local"  # not a Ray found running on this machine: it lacks the environment
+    assert all(fake_ray[0]["env"][k] == v for k, v in launcher.direct_ingress_env(server).items())
+    assert not KEYS & set(os.environ)  # this process's own Serve (its handles) keeps the defaults
+    proxy = launcher.serve_proxy_port(server)
+    assert proxy != 8123 and proxy > 0
+    with pytest.raises(ValueError, match="direct ingress on port 8123"):
+        launcher.serve_proxy_port(ServerConfig(http_port=9000))
+
+
+@pytest.mark.parametrize("how", ["ray_address", "RAY_ADDRESS", "direct_ingress off"])
+def test_joining_a_cluster_or_turning_it_off_keeps_serves_proxy_on_the_port(fake_ray, monkeypatch, how):
+    for k in KEYS:
+        monkeypatch.delenv(k, raising=False)
+    server = ServerConfig(http_port=8123, ray_address="10.0.0.1:6379" if how == "ray_address" else None,
+                          direct_ingress=how != "direct_ingress off")
+    if how == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    launcher.start_local_ray(server)
+    assert fake_ray[0]["address"] == {"ray_address": "10.0.0.1:6379", "RAY_ADDRESS": "10.0.0.2:6379",
+                                      "direct_ingress off": "local"}[how]
+    assert not KEYS & set(fake_ray[0]["env"])
+    assert launcher.serve_proxy_port(server) == 8123
+
+
+@pytest.mark.parametrize("grpc_port,direct,one_per_node", [(9000, False, True), (0, True, True), (0, False, False)])
+def test_the_ingress_runs_one_replica_per_node_when_it_binds_a_port(grpc_port, direct, one_per_node):
+    cfg = SpecserveConfig.load(overrides={"server.grpc_port": grpc_port, "server.direct_ingress": direct})
+    assert (deployment_options(cfg)["Ingress"].get("max_replicas_per_node") == 1) == one_per_node
