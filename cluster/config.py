@@ -313,12 +313,13 @@ class ServerConfig(_Strict):
     # gRPC API (protos/specserve/v1), health and reflection; 0 = off. Every ingress replica serves it, so the
     # ingress runs at most one replica per node, and two apps on one node need different ports.
     grpc_port: int = Field(9000, ge=0, le=65535)
-    # Ray cluster address; None starts a local Ray instance of its own (or joins RAY_ADDRESS if set).
+    # Ray cluster address; None starts a local Ray instance (or joins RAY_ADDRESS if set).
     ray_address: str | None = None
     # Where `specserve serve` (or the bench) starts Ray itself: Ray Serve's direct ingress, the ingress replica
     # answering HTTP on http_port itself instead of behind Serve's proxy actor (one process hop less per request
     # and streamed chunk; docs/performance.md, "The token path"); Serve's proxy, which that mode keeps on the head
-    # node, gets a free port. On a Ray cluster specserve joins it does nothing: HTTP goes through Serve's proxy.
+    # node, gets a free port. It starts a Ray instance of its own even where one runs on the machine already. On a
+    # Ray cluster specserve joins it does nothing (a warning says so): HTTP goes through Serve's proxy.
     direct_ingress: bool = False
     # Redis URL for the KV block index; None starts an embedded redis-server.
     redis_url: str | None = None

@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 from specserve.cluster.config import ServerConfig, SpecserveConfig
 
@@ -57,8 +58,13 @@ def config_from_args(args: argparse.Namespace) -> SpecserveConfig:
     return SpecserveConfig.load(args.config, overrides)
 
 
-# The HTTP port of direct ingress where this process started Ray with it (start_local_ray), else None.
-_direct_ingress_port: int | None = None
+class DirectIngress(NamedTuple):
+    http_port: int  # the ingress replica's
+    proxy_port: int  # Serve's own proxy, which direct ingress keeps on the head node
+
+
+# Set where this process started Ray with direct ingress (start_local_ray), until it stops it.
+_direct_ingress: DirectIngress | None = None
 
 
 def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
@@ -74,53 +80,73 @@ def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 
 
+def port_below_ephemeral() -> int:
+    """A free port below Linux's ephemeral range (32768+), where Ray's own processes bind theirs: a port from
+    that range can be taken by a Ray worker between choosing it and binding it."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
 def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
     """ray.init for `specserve serve` and the bench: join server.ray_address (or RAY_ADDRESS), else start a
-    local instance of its own ("local": not one found running on this machine, whose processes would not have
-    the environment given here), with direct ingress when server.direct_ingress asks for it. The environment is
-    this process's only while Ray's processes are spawned from it."""
-    global _direct_ingress_port
+    local instance. With server.direct_ingress, that instance is one of its own ("local": not one found running
+    on this machine, whose processes would lack the environment), and the environment is this process's only
+    while Ray's processes are spawned from it."""
+    global _direct_ingress
     import ray
 
-    address = server.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    env = direct_ingress_env(server) if address == "local" and server.direct_ingress else {}
+    address = server.ray_address or os.environ.get("RAY_ADDRESS")
+    env = direct_ingress_env(server) if not address and server.direct_ingress else {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
+        ray.init(address=address or ("local" if env else None), include_dashboard=False,
+                 logging_level=logging.WARNING, **init_kwargs)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    _direct_ingress_port = server.http_port if env else None
+    _direct_ingress = DirectIngress(server.http_port, port_below_ephemeral()) if env else None
 
 
 def stop_local_ray() -> None:
     """Shut down Serve and the Ray instance start_local_ray started or joined."""
-    global _direct_ingress_port
+    global _direct_ingress
     import ray
     from ray import serve
 
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        _direct_ingress_port = None
+    _direct_ingress = None
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 def serve_proxy_port(server: ServerConfig) -> int:
     """Where Serve's own HTTP proxy binds: server.http_port, unless the ingress replica serves that port itself
-    (direct ingress), where the proxy Serve keeps on the head node gets a free port."""
-    if _direct_ingress_port is None:
+    (direct ingress), where the proxy gets the port start_local_ray chose for it."""
+    if _direct_ingress is None:
+        if server.direct_ingress:
+            log.warning("server.direct_ingress applies only where specserve starts Ray itself: HTTP goes through "
+                        "Serve's proxy on port %d", server.http_port)
         return server.http_port
-    if server.http_port != _direct_ingress_port:
+    if server.http_port != _direct_ingress.http_port:
         raise ValueError(f"server.http_port {server.http_port}: this process started Ray with direct ingress on "
-                         f"port {_direct_ingress_port}, and every app on it serves there")
-    from specserve.cluster.redis_server import free_port
-
-    return free_port()
+                         f"port {_direct_ingress.http_port}, and every app on it serves there")
+    return _direct_ingress.proxy_port
 
 
 class LocalServer:
@@ -147,7 +173,7 @@ class LocalServer:
         if not cfg.server.redis_url and not cfg.server.redis_sentinels:
             self._start_embedded_redis()
         if not ray.is_initialized():
-            joins = (cfg.server.ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+            joins = bool(cfg.server.ray_address or os.environ.get("RAY_ADDRESS"))
             start_local_ray(cfg.server, runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}}
                             if joins else None)
             self._started_ray = True
@@ -200,7 +226,7 @@ class LocalServer:
                 serve.delete(self.config.server.app_name)
                 kill_holders(self.config.server.app_name)  # detached: they would outlive the app
         finally:
-            if self._started_ray and ray.is_initialized():
+            if self._started_ray:
                 stop_local_ray()
             if self.redis:
                 self.redis.stop()

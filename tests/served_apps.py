@@ -3,7 +3,7 @@
 import os
 
 from specserve.cluster.config import SpecserveConfig
-from specserve.deploy.launcher import LocalServer
+from specserve.deploy.launcher import LocalServer, port_below_ephemeral
 
 
 # Two simulated nodes (each its own raylet and object store); tests pin replicas with these resources.
@@ -11,20 +11,7 @@ NODE_A, NODE_B = "test_node_a", "test_node_b"
 
 
 def listen_port() -> int:
-    """A free port below Linux's ephemeral range (32768+), where Ray's own processes bind theirs: a port from
-    the ephemeral range can be taken by a Ray worker between choosing it and binding it."""
-    import random
-    import socket
-
-    for _ in range(200):
-        port = random.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
+    return port_below_ephemeral()
 
 
 def start_app(ray_cluster, source: str, name: str, **overrides) -> LocalServer:

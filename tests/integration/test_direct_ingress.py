@@ -53,9 +53,15 @@ def served(tmp_path_factory):
         [str(cli), "serve", "--config", str(config), "--model", str(model), "--served-name", NAME, "--dtype", "float32",
          "--port", str(http_port), "--grpc-port", str(grpc_port), "--verifier-cpus", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    lines: queue.Queue[str] = queue.Queue()
+    lines: queue.Queue[str | None] = queue.Queue()
     log: list[str] = []
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)  # the process closed its output: it exited
+
+    threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + 300
     try:
         while True:
@@ -63,10 +69,10 @@ def served(tmp_path_factory):
                 line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError("specserve serve did not come up in 300 s:\n" + "".join(log[-40:])) from None
+            assert line is not None, "specserve serve exited:\n" + "".join(log[-40:])
             log.append(line)
             if "is serving" in line:
                 break
-            assert proc.poll() is None, "specserve serve exited:\n" + "".join(log[-40:])
         yield proc, model, http_port, grpc_port, log, lines
     finally:
         if proc.poll() is None:
@@ -130,7 +136,13 @@ def test_ctrl_c_stops_the_server_and_frees_the_port(served):
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 0
     while not lines.empty():
-        log.append(lines.get())
+        log.append(lines.get() or "")
     assert any("shutting down" in line for line in log)
+    for _ in range(20):  # the port closes with the replica's shutdown, just before the process ends
+        try:
+            _listener(http_port)
+        except AssertionError:
+            break
+        time.sleep(0.5)
     with pytest.raises(AssertionError, match="nothing listens"):
         _listener(http_port)

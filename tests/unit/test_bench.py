@@ -440,7 +440,7 @@ def test_wrong_model_is_reported_as_request_errors(fresh, capsys):
     assert "HTTP 404 x2" in capsys.readouterr().out
 
 
-def test_speculation_summary_and_serve_targets():
+def test_speculation_summary_and_serve_targets(monkeypatch):
     a = RequestResult(ok=True, ttft_s=0.1, e2e_s=1.0, output_tokens=10, usage_reported=True, spec_rounds=4,
                       draft_tokens=12, accepted_tokens=6)
     b = RequestResult(ok=True, ttft_s=0.1, e2e_s=1.0, output_tokens=5, usage_reported=True, spec_rounds=2,
@@ -472,6 +472,15 @@ def test_speculation_summary_and_serve_targets():
     one = cli.parse_config(["--serve", "a=", "--serve", "b=server.direct_ingress=false"])
     with pytest.raises(BenchError, match="--serve b: server.direct_ingress .* set it in --serve-base"):
         cli.base_server(one.serve_base, one.targets)
+    with_direct = cli.parse_config(["--serve", "a=server.http_port=9001", "--serve-base", "server.direct_ingress=true"])
+    with pytest.raises(BenchError, match=r"--serve a: server.http_port .* \(with direct ingress\)"):
+        cli.base_server(with_direct.serve_base, with_direct.targets)
+    assert cli.base_server({}, cli.parse_config(["--serve", "a=server.http_port=9001"]).targets).http_port == 8000
+
+    def no_ray(server):
+        raise AssertionError("the bench must refuse this before starting Ray")
+
+    monkeypatch.setattr(cli, "start_ray_if_needed", no_ray)
     assert main(["--serve", "a=server.direct_ingress=false", "--num-requests", "1"]) == 2
 
 

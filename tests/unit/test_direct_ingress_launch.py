@@ -2,6 +2,7 @@
 reads, where Serve's own proxy binds, and when a local instance is started rather than joined. The served path
 itself runs in tests/integration/test_direct_ingress.py."""
 
+import logging
 import os
 
 import pytest
@@ -15,20 +16,18 @@ KEYS = set(launcher.direct_ingress_env(ServerConfig()))
 
 @pytest.fixture
 def fake_ray(monkeypatch):
-    """Records ray.init's arguments instead of starting Ray; the environment and the module state are restored."""
+    """Records ray.init's arguments, with the environment Ray's processes would be spawned with, instead of
+    starting Ray; the environment and the module state are restored by monkeypatch."""
     import ray
 
-    calls = []  # each call's arguments, with the environment Ray's processes would be spawned with
+    calls = []
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append({**kw, "env": dict(os.environ)}))
-    monkeypatch.setattr(launcher, "_direct_ingress_port", None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launcher, "_direct_ingress", None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    saved = {k: os.environ.get(k) for k in KEYS}
-    yield calls
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    for k in KEYS:
+        monkeypatch.delenv(k, raising=False)
+    return calls
 
 
 def test_the_environment_pins_the_ingress_http_port_and_drops_the_load_balancer_holds():
@@ -46,24 +45,41 @@ def test_a_local_start_gets_a_fresh_instance_with_direct_ingress_and_the_proxy_m
     assert all(fake_ray[0]["env"][k] == v for k, v in launcher.direct_ingress_env(server).items())
     assert not KEYS & set(os.environ)  # this process's own Serve (its handles) keeps the defaults
     proxy = launcher.serve_proxy_port(server)
-    assert proxy != 8123 and proxy > 0
+    assert 20000 <= proxy < 32000 and launcher.serve_proxy_port(server) == proxy  # chosen once, for every app
     with pytest.raises(ValueError, match="direct ingress on port 8123"):
         launcher.serve_proxy_port(ServerConfig(http_port=9000))
+    launcher.stop_local_ray()
+    assert launcher.serve_proxy_port(server) == 8123
+
+
+def test_the_environment_is_restored_when_ray_fails_to_start(fake_ray, monkeypatch):
+    import ray
+
+    def fail(**kw):
+        raise ConnectionError("no Ray")
+
+    monkeypatch.setattr(ray, "init", fail)
+    monkeypatch.setenv("RAY_SERVE_PORT_QUARANTINE_S", "7")
+    with pytest.raises(ConnectionError):
+        launcher.start_local_ray(ServerConfig(direct_ingress=True))
+    assert os.environ["RAY_SERVE_PORT_QUARANTINE_S"] == "7" and "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
+    assert launcher._direct_ingress is None
 
 
 @pytest.mark.parametrize("how", ["ray_address", "RAY_ADDRESS", "direct_ingress off"])
-def test_joining_a_cluster_or_turning_it_off_keeps_serves_proxy_on_the_port(fake_ray, monkeypatch, how):
-    for k in KEYS:
-        monkeypatch.delenv(k, raising=False)
+def test_joining_a_cluster_or_turning_it_off_keeps_serves_proxy_on_the_port(fake_ray, monkeypatch, caplog, how):
     server = ServerConfig(http_port=8123, ray_address="10.0.0.1:6379" if how == "ray_address" else None,
                           direct_ingress=how != "direct_ingress off")
     if how == "RAY_ADDRESS":
         monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
     launcher.start_local_ray(server)
+    # Off, no address: Ray's own choice as before (a local instance, or the one `ray start` left running).
     assert fake_ray[0]["address"] == {"ray_address": "10.0.0.1:6379", "RAY_ADDRESS": "10.0.0.2:6379",
-                                      "direct_ingress off": "local"}[how]
+                                      "direct_ingress off": None}[how]
     assert not KEYS & set(fake_ray[0]["env"])
-    assert launcher.serve_proxy_port(server) == 8123
+    with caplog.at_level(logging.WARNING, logger="specserve"):
+        assert launcher.serve_proxy_port(server) == 8123
+    assert ("applies only where specserve starts Ray" in caplog.text) == server.direct_ingress
 
 
 @pytest.mark.parametrize("grpc_port,direct,one_per_node", [(9000, False, True), (0, True, True), (0, False, False)])

@@ -219,11 +219,13 @@ def config_of(a: argparse.Namespace) -> BenchConfig:
 def start_ray_if_needed(server: ServerConfig | None) -> bool:
     """One Ray instance for all servers the bench starts (they start and stop apps on it, not Ray), with the
     server settings of --serve-base (direct ingress on its HTTP port); None: no server to start."""
+    if server is None:
+        return False
     import ray
 
     from specserve.deploy.launcher import start_local_ray
 
-    if server is None or ray.is_initialized():
+    if ray.is_initialized():
         return False
     start_local_ray(server, log_to_driver=False)
     return True
@@ -231,18 +233,22 @@ def start_ray_if_needed(server: ServerConfig | None) -> bool:
 
 def base_server(serve_base: dict[str, str], targets: list[Target] = ()) -> ServerConfig:
     """The server settings --serve-base gives every server the bench starts. server.direct_ingress is a setting
-    of the Ray instance they share, so no single --serve may set it."""
+    of the Ray instance they share, so no single --serve may set it, nor, with it on, move the HTTP port."""
     from specserve.cluster.config import SpecserveConfig
     from specserve.tools.bench.runner import typed
 
-    for t in targets:
-        if t.serve is not None and "server.direct_ingress" in t.serve:
-            raise BenchError(f"--serve {t.label}: server.direct_ingress applies to the Ray instance every --serve "
-                             "server shares: set it in --serve-base")
     try:
-        return SpecserveConfig.load(overrides=typed(serve_base)).server
+        server = SpecserveConfig.load(overrides=typed(serve_base)).server
     except Exception as exc:  # noqa: BLE001 - pydantic's message names the field
         raise BenchError(f"--serve-base: invalid server config: {exc}") from exc
+    shared = ("server.direct_ingress",) + (("server.http_port", "server.host", "server.ray_address")
+                                           if server.direct_ingress else ())
+    for t in targets:
+        for key in shared:
+            if t.serve is not None and key in t.serve:
+                raise BenchError(f"--serve {t.label}: {key} is a setting of the Ray instance every --serve server "
+                                 "shares (with direct ingress): set it in --serve-base")
+    return server
 
 
 def stop_ray() -> None:
