@@ -97,6 +97,11 @@ def port_below_ephemeral() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
+def ray_address(server: ServerConfig) -> str | None:
+    """The Ray cluster to join (server.ray_address, else RAY_ADDRESS); None: start one."""
+    return server.ray_address or os.environ.get("RAY_ADDRESS")
+
+
 def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
     """ray.init for `specserve serve` and the bench: join server.ray_address (or RAY_ADDRESS), else start a
     local instance. With server.direct_ingress, that instance is one of its own ("local": not one found running
@@ -105,7 +110,7 @@ def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
     global _direct_ingress
     import ray
 
-    address = server.ray_address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(server)
     env = direct_ingress_env(server) if not address and server.direct_ingress else {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -173,9 +178,8 @@ class LocalServer:
         if not cfg.server.redis_url and not cfg.server.redis_sentinels:
             self._start_embedded_redis()
         if not ray.is_initialized():
-            joins = bool(cfg.server.ray_address or os.environ.get("RAY_ADDRESS"))
             start_local_ray(cfg.server, runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}}
-                            if joins else None)
+                            if ray_address(cfg.server) else None)
             self._started_ray = True
         serve.start(http_options={"host": cfg.server.host, "port": serve_proxy_port(cfg.server)})
         serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix=cfg.server.route_prefix, blocking=False)

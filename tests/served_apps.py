@@ -10,8 +10,7 @@ from specserve.deploy.launcher import LocalServer, port_below_ephemeral
 NODE_A, NODE_B = "test_node_a", "test_node_b"
 
 
-def listen_port() -> int:
-    return port_below_ephemeral()
+listen_port = port_below_ephemeral  # a free port Ray's own processes will not take
 
 
 def start_app(ray_cluster, source: str, name: str, **overrides) -> LocalServer:
