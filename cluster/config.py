@@ -313,7 +313,8 @@ class ServerConfig(_Strict):
     # gRPC API (protos/specserve/v1), health and reflection; 0 = off. Every ingress replica serves it, so the
     # ingress runs at most one replica per node, and two apps on one node need different ports.
     grpc_port: int = Field(9000, ge=0, le=65535)
-    # Ray cluster address; None starts a local Ray instance (or joins RAY_ADDRESS if set).
+    # Ray cluster address to join ("auto": the one `ray start` left on this machine); None joins RAY_ADDRESS if set,
+    # else starts a Ray instance of its own.
     ray_address: str | None = None
     # Where `specserve serve` (or the bench) starts Ray itself: Ray Serve's direct ingress, the ingress replica
     # answering HTTP on http_port itself instead of behind Serve's proxy actor (one process hop less per request

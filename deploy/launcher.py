@@ -65,6 +65,8 @@ class DirectIngress(NamedTuple):
 
 # Set where this process started Ray with direct ingress (start_local_ray), until it stops it.
 _direct_ingress: DirectIngress | None = None
+# Whether the Ray instance start_local_ray connected to is one it started (not a cluster it joined).
+_own_ray = False
 
 
 def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
@@ -103,11 +105,11 @@ def ray_address(server: ServerConfig) -> str | None:
 
 
 def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
-    """ray.init for `specserve serve` and the bench: join server.ray_address (or RAY_ADDRESS), else start a
-    local instance. With server.direct_ingress, that instance is one of its own ("local": not one found running
-    on this machine, whose processes would lack the environment), and the environment is this process's only
-    while Ray's processes are spawned from it."""
-    global _direct_ingress
+    """ray.init for `specserve serve` and the bench: join server.ray_address (or RAY_ADDRESS), else start a Ray
+    instance of its own ("local": not one that `ray start` left running on this machine, which is joined only by
+    its address, e.g. "auto"). With server.direct_ingress, the environment Ray's processes need is this process's
+    only while they are spawned from it."""
+    global _direct_ingress, _own_ray
     import ray
 
     address = ray_address(server)
@@ -115,8 +117,8 @@ def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ray.init(address=address or ("local" if env else None), include_dashboard=False,
-                 logging_level=logging.WARNING, **init_kwargs)
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
+        _own_ray = not address
     finally:
         for k, v in saved.items():
             if v is None:
@@ -127,15 +129,18 @@ def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
 
 
 def stop_local_ray() -> None:
-    """Shut down Serve and the Ray instance start_local_ray started or joined."""
-    global _direct_ingress
+    """Disconnect from the Ray instance start_local_ray started or joined, shutting Serve down only on one it
+    started: on a joined cluster serve.shutdown would delete every application there, other users' too (callers
+    delete their own)."""
+    global _direct_ingress, _own_ray
     import ray
     from ray import serve
 
-    _direct_ingress = None
+    own, _own_ray, _direct_ingress = _own_ray, False, None
     if ray.is_initialized():
         try:
-            serve.shutdown()
+            if own:
+                serve.shutdown()
         finally:
             ray.shutdown()
 

@@ -1,6 +1,14 @@
-"""Helpers the integration tests share: the simulated nodes, a free listen port, and deploying an app."""
+"""Helpers the integration tests share: the simulated nodes, a free listen port, deploying an app, and running
+`specserve serve` in a process of its own."""
 
 import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 from specserve.cluster.config import SpecserveConfig
 from specserve.deploy.launcher import LocalServer, port_below_ephemeral
@@ -20,3 +28,62 @@ def start_app(ray_cluster, source: str, name: str, **overrides) -> LocalServer:
             "model.cache_dir": os.environ.get("SPECSERVE_CACHE")}
     base.update(overrides)
     return LocalServer(SpecserveConfig.load(overrides=base)).start(progress=False)
+
+
+class ServeProcess:
+    """`specserve serve ARGS` as a user runs it, in a process group of its own, its output read as it comes.
+    Use as a context manager: it is up once the banner says it is serving, and is stopped (Ctrl-C, then SIGKILL
+    after `grace_s`) on leaving, whatever happened."""
+
+    def __init__(self, args: list[str], env: dict[str, str], *, ready_s: float = 300, grace_s: float = 120):
+        self.args, self.env, self.ready_s, self.grace_s = args, env, ready_s, grace_s
+        self.log: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServeProcess":
+        cli = Path(sys.executable).with_name("specserve")
+        self.proc = subprocess.Popen([str(cli), "serve", *self.args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=self.env, start_new_session=True)
+
+        def read():
+            for line in self.proc.stdout:
+                self._lines.put(line)
+            self._lines.put(None)  # the process closed its output: it exited
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + self.ready_s
+        try:
+            while True:
+                try:
+                    line = self._lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise AssertionError(f"specserve serve did not come up in {self.ready_s:.0f} s:\n"
+                                         + self.tail()) from None
+                assert line is not None, "specserve serve exited:\n" + self.tail()
+                self.log.append(line)
+                if "is serving" in line:
+                    return self
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def tail(self, lines: int = 40) -> str:
+        return "".join(self.log[-lines:])
+
+    def interrupt(self) -> int:
+        """Ctrl-C to the process group; its exit code, once it has exited, and all it printed in self.log."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        code = self.proc.wait(timeout=self.grace_s)
+        while (line := self._lines.get(timeout=10)) is not None:
+            self.log.append(line)
+        return code
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self.interrupt()
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

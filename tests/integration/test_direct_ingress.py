@@ -4,11 +4,6 @@ model's over HTTP and gRPC, and Ctrl-C stops everything and frees the port."""
 
 import json
 import os
-import queue
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from served_apps import listen_port
+from served_apps import ServeProcess, listen_port
 from specserve.v1 import generation_pb2 as pb, generation_pb2_grpc as pb_grpc
 from tiny_models import make_tiny_model
 
@@ -46,42 +41,12 @@ def served(tmp_path_factory):
     http_port, grpc_port = listen_port(), listen_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cli = Path(sys.executable).with_name("specserve")
     config = tmp_path_factory.mktemp("config") / "direct.yaml"
     config.write_text("server:\n  direct_ingress: true\n")
-    proc = subprocess.Popen(
-        [str(cli), "serve", "--config", str(config), "--model", str(model), "--served-name", NAME, "--dtype", "float32",
-         "--port", str(http_port), "--grpc-port", str(grpc_port), "--verifier-cpus", "0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)  # the process closed its output: it exited
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError("specserve serve did not come up in 300 s:\n" + "".join(log[-40:])) from None
-            assert line is not None, "specserve serve exited:\n" + "".join(log[-40:])
-            log.append(line)
-            if "is serving" in line:
-                break
-        yield proc, model, http_port, grpc_port, log, lines
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with ServeProcess(["--config", str(config), "--model", str(model), "--served-name", NAME, "--dtype", "float32",
+                       "--port", str(http_port), "--grpc-port", str(grpc_port), "--verifier-cpus", "0.5"],
+                      env) as server:
+        yield server, model, http_port, grpc_port
 
 
 def _reference(model: Path, prompt: str, max_tokens: int) -> list[int]:
@@ -94,7 +59,7 @@ def _reference(model: Path, prompt: str, max_tokens: int) -> list[int]:
 
 
 def test_the_ingress_replica_serves_http_itself_with_the_plain_models_greedy_output(served):
-    proc, model, http_port, grpc_port, _, _ = served
+    server, model, http_port, grpc_port = served
     owner = _title(_listener(http_port))
     assert "ServeReplica" in owner and "Ingress" in owner, owner  # not Serve's ProxyActor
     assert "ServeReplica" in _title(_listener(grpc_port))
@@ -128,16 +93,13 @@ def test_the_ingress_replica_serves_http_itself_with_the_plain_models_greedy_out
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     want = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
     assert got == want
-    assert proc.poll() is None
+    assert server.proc.poll() is None
 
 
 def test_ctrl_c_stops_the_server_and_frees_the_port(served):
-    proc, _, http_port, _, log, lines = served
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=120) == 0
-    while not lines.empty():
-        log.append(lines.get() or "")
-    assert any("shutting down" in line for line in log)
+    server, _, http_port, _ = served
+    assert server.interrupt() == 0
+    assert any("shutting down" in line for line in server.log)
     for _ in range(20):  # the port closes with the replica's shutdown, just before the process ends
         try:
             _listener(http_port)

@@ -24,6 +24,7 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append({**kw, "env": dict(os.environ)}))
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(launcher, "_direct_ingress", None)
+    monkeypatch.setattr(launcher, "_own_ray", False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for k in KEYS:
         monkeypatch.delenv(k, raising=False)
@@ -73,13 +74,31 @@ def test_joining_a_cluster_or_turning_it_off_keeps_serves_proxy_on_the_port(fake
     if how == "RAY_ADDRESS":
         monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
     launcher.start_local_ray(server)
-    # Off, no address: Ray's own choice as before (a local instance, or the one `ray start` left running).
+    # No address: an instance of its own, never one that `ray start` left running (that one is joined by address).
     assert fake_ray[0]["address"] == {"ray_address": "10.0.0.1:6379", "RAY_ADDRESS": "10.0.0.2:6379",
-                                      "direct_ingress off": None}[how]
+                                      "direct_ingress off": "local"}[how]
     assert not KEYS & set(fake_ray[0]["env"])
     with caplog.at_level(logging.WARNING, logger="specserve"):
         assert launcher.serve_proxy_port(server) == 8123
     assert ("applies only where specserve starts Ray" in caplog.text) == server.direct_ingress
+
+
+@pytest.mark.parametrize("address", [None, "10.0.0.1:6379"])
+def test_stopping_shuts_serve_down_only_on_an_instance_of_its_own(fake_ray, monkeypatch, address):
+    import ray
+    from ray import serve
+
+    calls = []
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    launcher.start_local_ray(ServerConfig(ray_address=address))
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    launcher.stop_local_ray()
+    # On a joined cluster serve.shutdown would delete every app there: only the connection is closed.
+    assert calls == (["serve.shutdown", "ray.shutdown"] if address is None else ["ray.shutdown"])
+    calls.clear()
+    launcher.stop_local_ray()  # stopped: a second stop (or one without a start) shuts no Serve down
+    assert calls == ["ray.shutdown"]
 
 
 @pytest.mark.parametrize("grpc_port,direct,one_per_node", [(9000, False, True), (0, True, True), (0, False, False)])
