@@ -423,6 +423,13 @@ def default_torch_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+def wide_step_threads(cfg) -> int:
+    """Torch threads for a wide step (EngineConfig.wide_step_tokens): every core this process may run on, where
+    model.torch_threads is left to default_torch_threads; 0 (no wide steps) where it is set, since a count set by
+    hand shares the node's cores between replicas."""
+    return 0 if cfg.torch_threads else len(os.sched_getaffinity(0))
+
+
 def load_model(cfg, attn_implementation: str | None = None) -> LoadedModel:
     """Resolve, check and load `cfg` (a ModelConfig): model in eval mode on its device, plus tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

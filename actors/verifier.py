@@ -30,7 +30,7 @@ from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.structured import GrammarCompiler
 from specserve.actors.engine.speculation import SpeculationController
 from specserve.actors.engine.speculation_gate import SpeculationGate
-from specserve.actors.model_loader import LoadedModel, load_model
+from specserve.actors.model_loader import LoadedModel, load_model, wide_step_threads
 from specserve.actors.packed_linear import pack_linear_weights
 from specserve.cluster.config import SpecserveConfig
 from specserve.cluster.kv.events import STORE, KVEventPublisher, stream_key
@@ -197,6 +197,7 @@ def build_verifier(config: SpecserveConfig) -> VerifierParts:
         eos = eos_ids(loaded.tokenizer, loaded.config)
         engine = LLMEngine.from_config(loaded.model, config.engine, eos_token_ids=eos, namespace=ns.id,
                                        proposer=proposer, controller=build_controller(config, proposer),
+                                       wide_step_threads=wide_step_threads(config.model),
                                        kv_sink=kv_store.export if kv_store else None,
                                        kv_event_sink=kv_events.publish if kv_events else None,
                                        # None (structured requests refused) for a tokenizer wider than the model

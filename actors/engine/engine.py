@@ -99,11 +99,13 @@ class LLMEngine:
                  proposer: Proposer | None = None, controller: SpeculationController | None = None,
                  kv_sink: Callable[[list[bytes], torch.Tensor, bytes | None], object] | None = None,
                  kv_event_sink: Callable[[list[tuple[bool, bytes]]], object] | None = None,
-                 grammar_compiler=None, paged_kernel: bool | None = None, fused_layers: bool = True):
-        """`paged_kernel`, `fused_layers`: see ModelRunner (by default the compiled kernels on CPU where they
-        build)."""
+                 grammar_compiler=None, paged_kernel: bool | None = None, fused_layers: bool = True,
+                 wide_step_tokens: int = 0, wide_step_threads: int = 0):
+        """`paged_kernel`, `fused_layers`, `wide_step_*`: see ModelRunner (by default the compiled kernels on CPU
+        where they build, and every step on the process's torch threads)."""
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb,
-                                  paged_kernel=paged_kernel, fused_layers=fused_layers)
+                                  paged_kernel=paged_kernel, fused_layers=fused_layers,
+                                  wide_step_tokens=wide_step_tokens, wide_step_threads=wide_step_threads)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, namespace=namespace,
                                           enable_prefix_caching=enable_prefix_caching,
                                           record_events=kv_event_sink is not None)
@@ -135,14 +137,16 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, model, engine_cfg, eos_token_ids=None, namespace: str = "", proposer=None,
-                    controller=None, kv_sink=None, kv_event_sink=None, grammar_compiler=None) -> LLMEngine:
+                    controller=None, kv_sink=None, kv_event_sink=None, grammar_compiler=None,
+                    wide_step_threads: int = 0) -> LLMEngine:
         return cls(model, block_size=engine_cfg.block_size, num_blocks=engine_cfg.num_blocks,
                    kv_cache_memory_gb=engine_cfg.kv_cache_memory_gb, max_num_seqs=engine_cfg.max_num_seqs,
                    max_num_batched_tokens=engine_cfg.max_num_batched_tokens, max_model_len=engine_cfg.max_model_len,
                    enable_prefix_caching=engine_cfg.enable_prefix_caching, eos_token_ids=eos_token_ids,
                    namespace=namespace, proposer=proposer, controller=controller, kv_sink=kv_sink,
                    kv_event_sink=kv_event_sink, grammar_compiler=grammar_compiler,
-                   paged_kernel=None if engine_cfg.paged_kernel else False, fused_layers=engine_cfg.fused_layers)
+                   paged_kernel=None if engine_cfg.paged_kernel else False, fused_layers=engine_cfg.fused_layers,
+                   wide_step_tokens=engine_cfg.wide_step_tokens, wide_step_threads=wide_step_threads)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -59,11 +59,14 @@ class _ShortQuery:
 
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None = None, kv_cache_memory_gb: float = 1.0,
-                 *, paged_kernel: bool | None = None, fused_layers: bool = True):
+                 *, paged_kernel: bool | None = None, fused_layers: bool = True, wide_step_tokens: int = 0,
+                 wide_step_threads: int = 0):
         """`paged_kernel`: attend short queries with the compiled kernel (paged_decode.cpp); None: on CPU where it
         builds. False: the SDPA path. `fused_layers`: run Llama-family models through DecoderForward (CPU, where
         the kernels build; decided at the first step, from the model's modules then); False: the model's own
-        forward."""
+        forward. `wide_step_tokens`, `wide_step_threads`: a step of at least that many tokens runs on that many
+        torch threads (CPU; more than the process has), others on the process's count (see
+        EngineConfig.wide_step_tokens); 0: off."""
         self.model = model
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -83,6 +86,9 @@ class ModelRunner:
         self.paged_kernel = usable
         self.fused_layers = fused_layers
         self.decoder: DecoderForward | None = None  # built at the first step where fused_layers
+        self.step_threads = torch.get_num_threads()
+        wide = self.device.type == "cpu" and wide_step_tokens > 0 and wide_step_threads > self.step_threads
+        self.wide_step_tokens, self.wide_step_threads = (wide_step_tokens, wide_step_threads) if wide else (0, 0)
 
     def fused_decoder(self) -> DecoderForward | None:
         """The DecoderForward the next step runs, built on first call; None: the model's own forward."""
@@ -210,14 +216,22 @@ class ModelRunner:
         # Only the rows that produce a token go through the LM head: prefill rows would cost vocab x hidden each.
         keep = torch.tensor(logit_rows if logit_rows else [ids.shape[1] - 1], device=self.device)
         decoder = self.fused_decoder()
-        if decoder is not None:
-            logits = decoder(ids[0], pos[0], keep, self.kv_cache, meta)
-        else:
-            set_context(self.kv_cache, meta)
-            try:
-                logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
-            finally:
-                set_context(None, None)
+        wide = self.wide_step_tokens and ids.shape[1] >= self.wide_step_tokens
+        if wide:
+            torch.set_num_threads(self.wide_step_threads)
+        try:
+            if decoder is not None:
+                logits = decoder(ids[0], pos[0], keep, self.kv_cache, meta)
+            else:
+                set_context(self.kv_cache, meta)
+                try:
+                    logits = self.model(input_ids=ids, position_ids=pos, use_cache=False,
+                                        logits_to_keep=keep).logits[0]
+                finally:
+                    set_context(None, None)
+        finally:
+            if wide:
+                torch.set_num_threads(self.step_threads)
         logits = logits.float()
         return logits if logit_rows else logits[:0]
 

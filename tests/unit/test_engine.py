@@ -53,6 +53,31 @@ def test_greedy_matches_hf_generate_with_batching_chunking_and_prefix_hits(tmp_p
     engine.block_manager.check_invariants()
 
 
+def test_wide_steps_run_on_more_threads_and_keep_output_exact(tmp_path_factory):
+    """A step of at least wide_step_tokens tokens (long prefill chunks) runs on wide_step_threads torch threads,
+    the others on the process's count, and greedy output stays the plain model's."""
+    ref, ours = load_pair(tmp_path_factory, "llama")
+    ps = prompts(ref.config.vocab_size, [40, 9, 33, 20], seed=5)
+    seen = []  # (tokens, torch threads) of each step's forward; the embedding runs in both forward paths
+    hook = ours.model.embed_tokens.register_forward_hook(
+        lambda _m, args, _out: seen.append((args[0].numel(), torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = LLMEngine(ours, block_size=4, num_blocks=128, max_num_seqs=4, max_num_batched_tokens=32,
+                           wide_step_tokens=16, wide_step_threads=2)
+        out = engine.generate(ps, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+        assert torch.get_num_threads() == 1  # back to the process's count after each wide step
+        assert not LLMEngine(ours, block_size=4, num_blocks=8, wide_step_tokens=16,
+                             wide_step_threads=1).runner.wide_step_tokens  # no more threads than it has: off
+    finally:
+        torch.set_num_threads(threads)
+        hook.remove()
+    assert {t for n, t in seen if n >= 16} == {2} and {t for n, t in seen if n < 16} == {1}, seen
+    for p, o in zip(ps, out):
+        assert o == hf_greedy(ref, p, 10), f"prompt of {len(p)} tokens diverged"
+
+
 def test_preemption_under_kv_pressure_keeps_output_exact(tmp_path_factory):
     ref, ours = load_pair(tmp_path_factory, "llama")
     ps = prompts(ref.config.vocab_size, [30, 25, 40, 35, 28], seed=3)
