@@ -313,6 +313,7 @@ class Verifier:
             "steps": s.steps,
             "step_time_s": s.step_time_s,
             "torch_threads": __import__("torch").get_num_threads(),
+            "wide_step": {"tokens": engine.runner.wide_step_tokens, "threads": engine.runner.wide_step_threads},
             "generated_tokens": s.generated_tokens,
             "preemptions": s.preemptions,
             "failed_steps": self.async_engine.health.failed_steps,

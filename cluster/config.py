@@ -68,9 +68,10 @@ class EngineConfig(_Strict):
     # experts.restart_wait_s for an actor to come back, so keep max_step_s above it.
     max_consecutive_step_failures: int = Field(3, ge=1)
     max_step_s: float = Field(180.0, gt=0)
-    # CPU, model.torch_threads 0: a step that forwards at least this many tokens (long prefill chunks) runs on
-    # every core the process may use rather than every core but one. Such a step is compute-bound and streams few
-    # tokens, so the node's other processes leave the spare core idle meanwhile. 0: off.
+    # CPU, model.torch_threads 0: a step that forwards at least this many tokens (long prefill chunks, or a large
+    # batch of draft verifications) runs on every core the process may use rather than every core but one. Such a
+    # step is a few large matmuls and streams few tokens a second, so the node's other processes leave the spare
+    # core mostly idle meanwhile. 0: off.
     wide_step_tokens: int = Field(256, ge=0)
 
 

@@ -39,6 +39,7 @@ class ServeProcess:
         self.args, self.env, self.ready_s, self.grace_s = args, env, ready_s, grace_s
         self.log: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self._ended = False  # the reader's end-of-output mark was taken
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "ServeProcess":
@@ -60,7 +61,9 @@ class ServeProcess:
                 except queue.Empty:
                     raise AssertionError(f"specserve serve did not come up in {self.ready_s:.0f} s:\n"
                                          + self.tail()) from None
-                assert line is not None, "specserve serve exited:\n" + self.tail()
+                if line is None:
+                    self._ended = True
+                    raise AssertionError("specserve serve exited:\n" + self.tail())
                 self.log.append(line)
                 if "is serving" in line:
                     return self
@@ -73,10 +76,20 @@ class ServeProcess:
 
     def interrupt(self) -> int:
         """Ctrl-C to the process group; its exit code, once it has exited, and all it printed in self.log."""
-        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        except ProcessLookupError:  # it has exited already
+            pass
         code = self.proc.wait(timeout=self.grace_s)
-        while (line := self._lines.get(timeout=10)) is not None:
-            self.log.append(line)
+        while not self._ended:
+            try:
+                line = self._lines.get(timeout=10)
+            except queue.Empty:  # a child of the server still holds its output open
+                break
+            if line is None:
+                self._ended = True
+            else:
+                self.log.append(line)
         return code
 
     def __exit__(self, *exc) -> None:

@@ -120,10 +120,12 @@ def _render(tokenizer, messages) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-def _build_engine(loaded, overrides: dict[str, str]):
+def _build_engine(loaded, overrides: dict[str, str], threads: int):
+    """`threads`: --threads (0: a replica's default, with its wide steps)."""
     from specserve.actors.engine.engine import LLMEngine
+    from specserve.actors.model_loader import wide_step_threads
     from specserve.actors.verifier import build_controller, build_proposer, eos_ids
-    from specserve.cluster.config import SpecserveConfig
+    from specserve.cluster.config import ModelConfig, SpecserveConfig
 
     config = SpecserveConfig.load(overrides=typed(overrides))
     if config.speculative.remote:
@@ -132,7 +134,8 @@ def _build_engine(loaded, overrides: dict[str, str]):
                          f"in-process methods (none, ngram, suffix in the verifier)")
     proposer = build_proposer(config, loaded.config.get_text_config().vocab_size)
     return LLMEngine.from_config(loaded.model, config.engine, eos_token_ids=eos_ids(loaded.tokenizer, loaded.config),
-                                 proposer=proposer, controller=build_controller(config, proposer))
+                                 proposer=proposer, controller=build_controller(config, proposer),
+                                 wide_step_threads=wide_step_threads(ModelConfig(torch_threads=threads)))
 
 
 def run_pass(engine, prompts: list[list[int]], concurrency: int, max_tokens: int, tag: str) -> PassResult:
@@ -189,7 +192,7 @@ def run(args) -> EngineBenchReport:
     labels = list(args.variants)
     for r in range(args.rounds):  # A-B-B-A: drift on a shared machine hits every variant alike
         for label in labels if r % 2 == 0 else labels[::-1]:
-            engine = _build_engine(loaded, args.variants[label])
+            engine = _build_engine(loaded, args.variants[label], args.threads)
             if warmup:  # its speculation statistics stay, as a running server's would
                 run_pass(engine, warmup, args.concurrency, args.max_tokens, f"warmup-{label}-{r}")
             result = run_pass(engine, prompts, args.concurrency, args.max_tokens, f"{label}-{r}")

@@ -276,7 +276,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name or local directory (default smollm2-135m)")
     p.add_argument("--cache-dir", default=None, help="model cache (default: the model loader's)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default auto)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core, as a replica uses)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core but one, as a replica uses)")
 
 
 def parse_args(argv=None):

@@ -102,7 +102,7 @@ class LLMEngine:
                  grammar_compiler=None, paged_kernel: bool | None = None, fused_layers: bool = True,
                  wide_step_tokens: int = 0, wide_step_threads: int = 0):
         """`paged_kernel`, `fused_layers`, `wide_step_*`: see ModelRunner (by default the compiled kernels on CPU
-        where they build, and every step on the process's torch threads)."""
+        where they build, and every step on the calling thread's torch threads)."""
         self.runner = ModelRunner(model, block_size, num_blocks or None, kv_cache_memory_gb,
                                   paged_kernel=paged_kernel, fused_layers=fused_layers,
                                   wide_step_tokens=wide_step_tokens, wide_step_threads=wide_step_threads)

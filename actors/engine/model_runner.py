@@ -65,7 +65,7 @@ class ModelRunner:
         builds. False: the SDPA path. `fused_layers`: run Llama-family models through DecoderForward (CPU, where
         the kernels build; decided at the first step, from the model's modules then); False: the model's own
         forward. `wide_step_tokens`, `wide_step_threads`: a step of at least that many tokens runs on that many
-        torch threads (CPU; more than the process has), others on the process's count (see
+        torch threads (CPU; only if more than the calling thread's count, which the other steps keep; see
         EngineConfig.wide_step_tokens); 0: off."""
         self.model = model
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
@@ -86,8 +86,7 @@ class ModelRunner:
         self.paged_kernel = usable
         self.fused_layers = fused_layers
         self.decoder: DecoderForward | None = None  # built at the first step where fused_layers
-        self.step_threads = torch.get_num_threads()
-        wide = self.device.type == "cpu" and wide_step_tokens > 0 and wide_step_threads > self.step_threads
+        wide = self.device.type == "cpu" and wide_step_tokens > 0 and wide_step_threads > torch.get_num_threads()
         self.wide_step_tokens, self.wide_step_threads = (wide_step_tokens, wide_step_threads) if wide else (0, 0)
 
     def fused_decoder(self) -> DecoderForward | None:
@@ -216,6 +215,9 @@ class ModelRunner:
         # Only the rows that produce a token go through the LM head: prefill rows would cost vocab x hidden each.
         keep = torch.tensor(logit_rows if logit_rows else [ids.shape[1] - 1], device=self.device)
         decoder = self.fused_decoder()
+        # torch.set_num_threads sets the calling thread's count, and the default a thread takes at its first
+        # parallel op: one starting torch work during a wide step (a KV fetch worker) keeps the wide count.
+        threads = torch.get_num_threads()
         wide = self.wide_step_tokens and ids.shape[1] >= self.wide_step_tokens
         if wide:
             torch.set_num_threads(self.wide_step_threads)
@@ -231,7 +233,7 @@ class ModelRunner:
                     set_context(None, None)
         finally:
             if wide:
-                torch.set_num_threads(self.step_threads)
+                torch.set_num_threads(threads)
         logits = logits.float()
         return logits if logit_rows else logits[:0]
 
