@@ -31,12 +31,15 @@ def start_app(ray_cluster, source: str, name: str, **overrides) -> LocalServer:
 
 
 class ServeProcess:
-    """`specserve serve ARGS` as a user runs it, in a process group of its own, its output read as it comes.
-    Use as a context manager: it is up once the banner says it is serving, and is stopped (Ctrl-C, then SIGKILL
-    after `grace_s`) on leaving, whatever happened."""
+    """`specserve serve ARGS` as a user runs it, in a process group of its own (without the session's
+    RAY_ADDRESS: it starts its own Ray unless ARGS name a cluster), its output read as it comes. Use as a context
+    manager: it is up once the banner says it is serving, and is stopped (Ctrl-C, then SIGKILL after `grace_s`)
+    on leaving, whatever happened."""
 
-    def __init__(self, args: list[str], env: dict[str, str], *, ready_s: float = 300, grace_s: float = 120):
-        self.args, self.env, self.ready_s, self.grace_s = args, env, ready_s, grace_s
+    def __init__(self, args: list[str], *, ready_s: float = 300, grace_s: float = 120):
+        self.args, self.ready_s, self.grace_s = args, ready_s, grace_s
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         self.log: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._ended = False  # the reader's end-of-output mark was taken

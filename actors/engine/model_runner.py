@@ -3,6 +3,8 @@ their keys/values live in the paged cache, and returns the logits of the rows th
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from dataclasses import dataclass
 
@@ -55,6 +57,19 @@ class _ShortQuery:
     rows: list[int]  # its rows in the packed batch
     context: list[int]  # cache slots of its whole context, new tokens included
     tree: list[int] | None  # a draft tree's parents (its rows after the first are the tree's nodes)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """The calling thread runs torch ops on `n` threads inside, on its count before afterwards. set_num_threads
+    also sets the default a thread takes at its first parallel op: one starting torch work meanwhile (a KV fetch
+    worker) keeps `n`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class ModelRunner:
@@ -215,25 +230,16 @@ class ModelRunner:
         # Only the rows that produce a token go through the LM head: prefill rows would cost vocab x hidden each.
         keep = torch.tensor(logit_rows if logit_rows else [ids.shape[1] - 1], device=self.device)
         decoder = self.fused_decoder()
-        # torch.set_num_threads sets the calling thread's count, and the default a thread takes at its first
-        # parallel op: one starting torch work during a wide step (a KV fetch worker) keeps the wide count.
-        threads = torch.get_num_threads()
         wide = self.wide_step_tokens and ids.shape[1] >= self.wide_step_tokens
-        if wide:
-            torch.set_num_threads(self.wide_step_threads)
-        try:
+        with _torch_threads(self.wide_step_threads) if wide else contextlib.nullcontext():
             if decoder is not None:
                 logits = decoder(ids[0], pos[0], keep, self.kv_cache, meta)
             else:
                 set_context(self.kv_cache, meta)
                 try:
-                    logits = self.model(input_ids=ids, position_ids=pos, use_cache=False,
-                                        logits_to_keep=keep).logits[0]
+                    logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
                 finally:
                     set_context(None, None)
-        finally:
-            if wide:
-                torch.set_num_threads(threads)
         logits = logits.float()
         return logits if logit_rows else logits[:0]
 

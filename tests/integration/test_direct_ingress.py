@@ -3,7 +3,6 @@ replica itself answers HTTP on the configured port, Serve's proxy is not on that
 model's over HTTP and gRPC, and Ctrl-C stops everything and frees the port."""
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -39,13 +38,10 @@ def _title(proc: psutil.Process) -> str:
 def served(tmp_path_factory):
     model = make_tiny_model(tmp_path_factory.mktemp("model"), arch="qwen2", seed=5)
     http_port, grpc_port = listen_port(), listen_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     config = tmp_path_factory.mktemp("config") / "direct.yaml"
     config.write_text("server:\n  direct_ingress: true\n")
     with ServeProcess(["--config", str(config), "--model", str(model), "--served-name", NAME, "--dtype", "float32",
-                       "--port", str(http_port), "--grpc-port", str(grpc_port), "--verifier-cpus", "0.5"],
-                      env) as server:
+                       "--port", str(http_port), "--grpc-port", str(grpc_port), "--verifier-cpus", "0.5"]) as server:
         yield server, model, http_port, grpc_port
 
 

@@ -1,8 +1,6 @@
 """`specserve serve --ray-address` joins a running cluster (here the test session's): its app serves through that
 cluster's Serve, and Ctrl-C removes only that app, leaving Serve and the cluster's other apps running."""
 
-import os
-
 import httpx
 import pytest
 import ray
@@ -30,12 +28,10 @@ def test_ctrl_c_on_a_joined_cluster_removes_only_its_own_app(ray_cluster, tmp_pa
         model = make_tiny_model(tmp_path / "model", arch="llama", seed=5)
         config = tmp_path / "joined.yaml"
         config.write_text("server:\n  app_name: joined\n  route_prefix: /joined\n")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         args = ["--config", str(config), "--ray-address", ray.get_runtime_context().gcs_address,
                 "--model", str(model), "--served-name", NAME, "--dtype", "float32", "--port", str(port),
                 "--grpc-port", "0"]
-        with ServeProcess(args, env) as server:
+        with ServeProcess(args) as server:
             assert {"neighbour", "joined"} <= set(serve.status().applications)
             models = httpx.get(f"http://127.0.0.1:{port}/joined/v1/models", timeout=30)
             assert [m["id"] for m in models.json()["data"]] == [NAME], models.text
