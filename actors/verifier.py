@@ -25,7 +25,7 @@ from specserve.actors.engine.async_engine import AsyncEngine, StepHealth
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.block_hash import root_hash
 from specserve.actors.engine.engine import LLMEngine
-from specserve.actors.engine.messages import GenerateRequest, LoadReport, RequestOutput, ServedModel
+from specserve.actors.engine.messages import GenerateRequest, LoadReport, Progress, RequestOutput, ServedModel
 from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.structured import GrammarCompiler
 from specserve.actors.engine.speculation import SpeculationController
@@ -221,8 +221,12 @@ class Verifier:
         self._drafter = drafter
         self._stop = threading.Event()
         ec = self.config.engine
+        # A few progress reports within the ingress's stall timeout: a request that waits behind others is busy,
+        # not stalled.
+        stall_s = self.config.server.stall_timeout_s
         self.async_engine = AsyncEngine(partial(build_verifier, self.config), engine_of=attrgetter("engine"),
-                                        health=StepHealth(ec.max_consecutive_step_failures, ec.max_step_s))
+                                        health=StepHealth(ec.max_consecutive_step_failures, ec.max_step_s),
+                                        progress_every_s=stall_s / 4 if stall_s else None)
         parts: VerifierParts = self.async_engine.built
         self.namespace = parts.namespace
         self.kv_store = parts.kv_store
@@ -284,8 +288,9 @@ class Verifier:
         this replica runs the model with."""
         return self.served_model
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        """Stream the engine's outputs for one request, as they are (merged when the caller falls behind)."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput | Progress]:
+        """Stream the engine's outputs for one request, as they are (merged when the caller falls behind), and
+        a Progress now and then while the engine steps for others."""
         async for out in self.async_engine.generate(request, hash_root=self._hash_root(request.tenant)):
             yield out
 

@@ -344,8 +344,10 @@ class ServerConfig(_Strict):
     # Longest a request may run when the client set no deadline (0 = no limit). A client's own deadline (gRPC
     # deadline, HTTP header X-Request-Timeout in seconds) applies when shorter.
     request_timeout_s: float = Field(0.0, ge=0)
-    # Longest wait for a request's next output once admitted, its first token included (0 = no limit): a request
-    # whose replica cannot make progress (an expert actor that cannot restart, ...) fails with 504 rather than hang.
+    # Longest a request may wait for its next output (its first token included) while its replica's engine
+    # completes no step (0 = no limit): a request whose replica cannot make progress (an expert actor that cannot
+    # restart, a stuck step) fails with 504 rather than hang. A request waiting behind others in a busy replica
+    # is told of its engine's steps every quarter of this, and waits on.
     stall_timeout_s: float = Field(120.0, ge=0)
     # Work bounded before a request is admitted (HTTP 413 / 400, gRPC RESOURCE_EXHAUSTED / INVALID_ARGUMENT).
     max_request_bytes: int = Field(2 << 20, ge=1024)  # HTTP body, counted while it is read

@@ -182,12 +182,20 @@ class LocalServer:
         cfg.model.source = str(path)
         if not cfg.server.redis_url and not cfg.server.redis_sentinels:
             self._start_embedded_redis()
-        if not ray.is_initialized():
-            start_local_ray(cfg.server, runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}}
-                            if ray_address(cfg.server) else None)
-            self._started_ray = True
-        serve.start(http_options={"host": cfg.server.host, "port": serve_proxy_port(cfg.server)})
-        serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix=cfg.server.route_prefix, blocking=False)
+        try:
+            if not ray.is_initialized():
+                self._started_ray = True  # before: an interrupted ray.init may have connected
+                start_local_ray(cfg.server, runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}}
+                                if ray_address(cfg.server) else None)
+            serve.start(http_options={"host": cfg.server.host, "port": serve_proxy_port(cfg.server)})
+            serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix=cfg.server.route_prefix,
+                      blocking=False)
+        except BaseException:  # Ctrl-C or a failed deploy: nothing this start began outlives it
+            try:
+                self.stop()
+            except Exception as exc:  # noqa: BLE001 - the original error is the one to see
+                log.warning("cleaning up after a failed start: %s", exc)
+            raise
         return self
 
     def _start_embedded_redis(self) -> None:
@@ -237,10 +245,13 @@ class LocalServer:
         finally:
             if self._started_ray:
                 stop_local_ray()
+                self._started_ray = False
             if self.redis:
                 self.redis.stop()
+                self.redis = None
             if self._secrets_dir:
                 shutil.rmtree(self._secrets_dir, ignore_errors=True)
+                self._secrets_dir = None
 
 
 def kv_index_line(config: SpecserveConfig, *, embedded: bool) -> str:

@@ -21,8 +21,8 @@ from typing import NamedTuple
 from transformers import AutoConfig, AutoTokenizer
 
 from specserve.actors.engine.engine import context_window
-from specserve.actors.engine.messages import (GenerateRequest, RequestOutput, RoutingHints, RoutingUsage, ServedModel,
-                                              TokenLogprobs, Usage)
+from specserve.actors.engine.messages import (GenerateRequest, Progress, RequestOutput, RoutingHints, RoutingUsage,
+                                              ServedModel, TokenLogprobs, Usage)
 from specserve.actors.engine.model_runner import kv_geometry
 from specserve.actors.engine.sampling_params import SamplingParams
 from specserve.actors.model_loader import resolve_model_path
@@ -328,7 +328,7 @@ class Frontend:
                 if deadline is not None:
                     wait = min(wait or math.inf, max(0.0, deadline - time.monotonic()))
                 try:
-                    out: RequestOutput = await asyncio.wait_for(stream.__anext__(), wait)
+                    out: RequestOutput | Progress = await asyncio.wait_for(stream.__anext__(), wait)
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
@@ -336,10 +336,12 @@ class Frontend:
                     if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
                         raise APIError(504, f"deadline exceeded after {completion} generated tokens",
                                        code="deadline_exceeded") from None
-                    raise APIError(504, f"no output for {stall_s:g} s after {completion} generated tokens: the "
-                                        "replica serving the request cannot make progress (server.stall_timeout_s)",
-                                   code="stalled") from None
+                    raise APIError(504, f"no output and no engine step for {stall_s:g} s after {completion} "
+                                        "generated tokens: the replica serving the request cannot make progress "
+                                        "(server.stall_timeout_s)", code="stalled") from None
                 self.last_output = time.monotonic()
+                if isinstance(out, Progress):  # waiting behind other requests: busy, not stalled
+                    continue
                 if first_output:  # routed by now: a prefix_cost router has published its decision
                     placement, first_output = self.router_feedback.take(request_id), False
                 choice = choices[out.index]

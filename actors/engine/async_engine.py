@@ -2,7 +2,9 @@
 
 Requests, aborts and calls reach the engine thread as commands in its inbox (AddRequest, AbortRequest,
 EngineCall); outputs go back to each request's asyncio queue (a step's in one callback per event loop). A
-consumer that falls behind gets its pending tokens merged into one chunk (fewer messages under load).
+consumer that falls behind gets its pending tokens merged into one chunk (fewer messages under load). While the
+engine completes steps, every stream also gets a Progress now and then (`progress_every_s`): a request waiting
+for its turn is then told from one whose engine is stuck.
 
 All torch work (loading the model, every forward) happens on the engine thread: with OpenMP, matmuls issued
 from a second thread after another thread has used torch's thread pool ran slower (docs/measurements.md).
@@ -20,13 +22,13 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from specserve.actors.engine.engine import LLMEngine, RequestRejected
-from specserve.actors.engine.messages import GenerateRequest, RequestOutput
+from specserve.actors.engine.messages import GenerateRequest, Progress, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +147,12 @@ Command = AddRequest | AbortRequest | EngineCall
 
 class AsyncEngine:
     def __init__(self, build: Callable[[], Any], *, engine_of: Callable[[Any], LLMEngine] = lambda built: built,
-                 ready_timeout: float | None = None, health: StepHealth | None = None):
+                 ready_timeout: float | None = None, health: StepHealth | None = None,
+                 progress_every_s: float | None = None):
         """Starts the engine thread, runs `build()` there, and returns once it is done; an exception raised
         while building is raised here. `build` returns the engine, or a bundle holding it that `engine_of`
-        picks it out of; the caller finds the result in `built`."""
+        picks it out of; the caller finds the result in `built`. `progress_every_s`: how often, at most, every
+        open stream gets a Progress while steps complete (None: never)."""
         self.engine: LLMEngine | None = None
         self.built = None
         # Optional `prefetch(prompt_token_ids, hash_root) -> Fetched | None`: blocks of the prompt that the engine
@@ -166,6 +170,9 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.progress_every_s = progress_every_s
+        self._unreported_steps = 0
+        self._last_progress = time.monotonic()
         self._stopped = False
         self.health = health or StepHealth()
         self._death: str | None = None  # why the engine thread ended, if it ended on its own
@@ -185,8 +192,9 @@ class AsyncEngine:
         self._io.shutdown(wait=False)
 
     async def generate(self, request: GenerateRequest, *,
-                       hash_root: bytes | None = None) -> AsyncIterator[RequestOutput]:
-        """`hash_root`: the root of the request's tenant's block hashes (None: the engine's namespace)."""
+                       hash_root: bytes | None = None) -> AsyncIterator[RequestOutput | Progress]:
+        """The request's outputs, and a Progress where the engine stepped but nothing came for the request.
+        `hash_root`: the root of the request's tenant's block hashes (None: the engine's namespace)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         request_id = request.request_id
@@ -209,7 +217,11 @@ class AsyncEngine:
                     if isinstance(it, BaseException):
                         finished = True
                         raise it
-                for out in RequestOutput.merge(items):
+                outputs = [it for it in items if not isinstance(it, Progress)]
+                if not outputs:
+                    yield items[-1]
+                    continue
+                for out in RequestOutput.merge(outputs):
                     if out.finished:
                         unfinished_choices.discard(out.index)
                     finished = not unfinished_choices
@@ -230,18 +242,21 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, one callback per caller loop: each call_soon_threadsafe writes to the loop's wake-up
-        pipe, and a step has an output for every running request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, RequestOutput]]] = {}
-        for out in outputs:
-            target = self._streams.get(out.request_id)
+        self._deliver_many((out.request_id, out) for out in outputs)
+
+    def _deliver_many(self, items: Iterable[tuple[str, RequestOutput | Progress]]) -> None:
+        """Items for many streams, one callback per caller loop: each call_soon_threadsafe writes to the loop's
+        wake-up pipe, and a step has an output for every running request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, Any]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
             if target is not None:
-                by_loop.setdefault(target[0], []).append((out.request_id, target[1], out))
-        for loop, items in by_loop.items():
+                by_loop.setdefault(target[0], []).append((request_id, target[1], item))
+        for loop, queued in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, queued)
             except RuntimeError:  # the callers' event loop is closed: nobody is listening
-                for request_id, _, _ in items:
+                for request_id, _, _ in queued:
                     self._streams.pop(request_id, None)
 
     def is_alive(self) -> bool:
@@ -359,6 +374,17 @@ class AsyncEngine:
                 continue
             self.health.step_succeeded()
             self._deliver_step(outputs)
+            self._report_progress()
+
+    def _report_progress(self) -> None:
+        """After a step: every `progress_every_s`, a Progress to every open stream (a stream that had output
+        ignores it), one callback per event loop."""
+        self._unreported_steps += 1
+        if self.progress_every_s is None or time.monotonic() - self._last_progress < self.progress_every_s:
+            return
+        progress = Progress(self._unreported_steps)
+        self._unreported_steps, self._last_progress = 0, time.monotonic()
+        self._deliver_many((request_id, progress) for request_id in list(self._streams))
 
     def _fail_everything_waiting(self, exc: BaseException) -> None:
         """The engine thread is ending: every stream and call still waiting gets `exc` rather than a hang."""

@@ -2,6 +2,7 @@
 
     front end --GenerateRequest--> router (reads its RoutingHints) --> verifier --> engine thread (an add command)
     engine --RequestOutput--> verifier --> front end (streamed unchanged), which builds a Usage per event
+    engine thread --Progress--> front end (on the same stream, while a request waits and its replica steps)
     verifier --LoadReport--> router (Serve carries it as a dict: `as_dict` / `from_dict` at the two ends)
     verifier --ServedModel--> front end (the answer to its readiness probe)
 
@@ -98,6 +99,14 @@ class RequestOutput:
             latest.prompt_logprobs = next((out.prompt_logprobs for out in run if out.prompt_logprobs is not None),
                                           None)
         return latest
+
+
+@dataclass(slots=True, frozen=True)
+class Progress:
+    """Sent on a request's stream, now and then, while the replica's engine completes steps: a request that waits
+    for its turn (queued, preempted, its prompt prefilled in chunks) gets these instead of output, so the front end
+    tells a busy replica from one that cannot make progress (server.stall_timeout_s). Carries no output."""
+    steps: int  # engine steps completed since the last progress report
 
 
 @dataclass(slots=True, kw_only=True)

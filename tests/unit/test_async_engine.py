@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from specserve.actors.engine.async_engine import AsyncEngine, EngineStopped, StepHealth
 from specserve.actors.engine.attention import ATTN_IMPLEMENTATION
 from specserve.actors.engine.engine import LLMEngine, RequestRejected
-from specserve.actors.engine.messages import GenerateRequest
+from specserve.actors.engine.messages import GenerateRequest, Progress, RequestOutput
 from specserve.actors.engine.sampling_params import SamplingParams
 from tiny_models import make_tiny_model
 
@@ -161,14 +161,15 @@ def tiny_path(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-faulty"), arch="llama", seed=2)
 
 
-def faulty_engine(path, health: StepHealth) -> AsyncEngine:
+def faulty_engine(path, health: StepHealth, *, max_num_seqs: int = 32,
+                  progress_every_s: float | None = None) -> AsyncEngine:
     def build():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      attn_implementation=ATTN_IMPLEMENTATION).eval()
-        engine = LLMEngine(model, block_size=4, num_blocks=64, max_model_len=200)
+        engine = LLMEngine(model, block_size=4, num_blocks=64, max_model_len=200, max_num_seqs=max_num_seqs)
         engine.runner = FaultyRunner(engine.runner)
         return engine
-    return AsyncEngine(build, health=health)
+    return AsyncEngine(build, health=health, progress_every_s=progress_every_s)
 
 
 def wait_for(condition, timeout_s: float = 30.0):
@@ -314,6 +315,63 @@ def test_a_call_behind_a_stuck_step_times_out(tiny_path):
             await stream
             return await eng.call(lambda e: 2, timeout_s=30)
         assert asyncio.run(run()) == 2
+    finally:
+        eng.engine.runner.release.set()
+        eng.shutdown()
+
+
+# ---- progress reports: a request waiting behind others is told its engine steps ------------------------------
+
+
+async def _record(eng: AsyncEngine, rid: str, params: SamplingParams, into: list):
+    """Stream one request, noting each item and when it came."""
+    async for item in eng.generate(request(rid, [3, 4, 5], params)):
+        into.append((time.monotonic(), item))
+
+
+def test_a_request_waiting_behind_another_gets_progress_reports_and_then_its_output(tiny_path):
+    eng = faulty_engine(tiny_path, StepHealth(), max_num_seqs=1, progress_every_s=0.01)
+    try:
+        async def run():
+            first: list = []
+            waiting: list = []
+            running = asyncio.create_task(_record(eng, "first", SamplingParams(max_tokens=150, temperature=0,
+                                                                                ignore_eos=True), first))
+            while not first:  # the first request holds the engine's one sequence slot
+                await asyncio.sleep(0.001)
+            await _record(eng, "waiting", GREEDY, waiting)
+            await running
+            return first, waiting
+        first, waiting = asyncio.run(run())
+        items = [item for _, item in waiting]
+        first_output = next(i for i, item in enumerate(items) if isinstance(item, RequestOutput))
+        reports = items[:first_output]
+        # It waited for the other request's 150 steps and was told of them, then got its tokens.
+        assert reports and all(isinstance(r, Progress) and r.steps > 0 for r in reports)
+        assert not any(isinstance(item, Progress) for item in items[first_output:])
+        assert sum(len(o.new_token_ids) for o in items[first_output:]) == 5 and items[-1].finished
+        assert sum(len(item.new_token_ids) for _, item in first if isinstance(item, RequestOutput)) == 150
+    finally:
+        eng.shutdown()
+
+
+def test_no_progress_reports_while_the_engine_is_stuck(tiny_path):
+    eng = faulty_engine(tiny_path, StepHealth(), max_num_seqs=1, progress_every_s=0.01)
+    try:
+        async def run():
+            stuck_items: list = []
+            waiting: list = []
+            stuck = asyncio.create_task(_record(eng, "stuck-1", GREEDY, stuck_items))
+            await asyncio.to_thread(wait_for, lambda: eng.health._step_started is not None)
+            behind = asyncio.create_task(_record(eng, "waiting", GREEDY, waiting))
+            await asyncio.sleep(0.5)  # fifty report periods with the engine in one step
+            silent = list(waiting)
+            eng.engine.runner.release.set()
+            await asyncio.gather(stuck, behind)
+            return silent, waiting
+        silent, waiting = asyncio.run(run())
+        assert silent == []
+        assert sum(len(item.new_token_ids) for _, item in waiting if isinstance(item, RequestOutput)) == 5
     finally:
         eng.engine.runner.release.set()
         eng.shutdown()

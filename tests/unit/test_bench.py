@@ -323,6 +323,40 @@ def fresh(fake):
     return fake
 
 
+def test_a_terminated_bench_writes_the_passes_that_finished(tmp_path):
+    """`timeout` or `kill` (SIGTERM) ends a run as Ctrl-C does: the finished passes are written, marked
+    incomplete. Before, the process died with nothing written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bench.json"
+    with FakeOpenAIServer(tokens=8, delay=0.25) as server:  # 2 s a request
+        cli_path = Path(sys.executable).with_name("specserve")
+        # Pass 1: 4 requests at once (2 s); pass 2: 4 one at a time (8 s), terminated once under way.
+        proc = subprocess.Popen([str(cli_path), "bench", "--url", server.url, "--concurrency", "4,1",
+                                 "--num-requests", "4", "--warmup", "0", "--max-tokens", "8", "--json", str(out),
+                                 "--no-plots"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "[2/2]" in line:  # the second pass started
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is False and [p["load"]["label"] for p in doc["passes"]] == ["c=4"]
+    assert doc["passes"][0]["summary"]["ok"] == 4
+
+
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_end_to_end_against_fake(fresh, tmp_path, capsys, concurrency):
     out = tmp_path / "bench.json"

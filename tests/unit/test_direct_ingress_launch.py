@@ -105,3 +105,30 @@ def test_stopping_shuts_serve_down_only_on_an_instance_of_its_own(fake_ray, monk
 def test_the_ingress_runs_one_replica_per_node_when_it_binds_a_port(grpc_port, direct, one_per_node):
     cfg = SpecserveConfig.load(overrides={"server.grpc_port": grpc_port, "server.direct_ingress": direct})
     assert (deployment_options(cfg)["Ingress"].get("max_replicas_per_node") == 1) == one_per_node
+
+
+def test_an_interrupted_start_leaves_no_embedded_redis_behind(fake_ray, monkeypatch, tmp_path):
+    """Ctrl-C while Ray starts (here: ray.init interrupted) stops the redis-server the start had begun and
+    removes its password file; before, only a start that returned could be stopped."""
+    import ray
+
+    from tiny_models import make_tiny_model
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ray, "init", interrupted)
+    started = []
+    original = launcher.LocalServer._start_embedded_redis
+
+    def record(self):
+        original(self)
+        started.append((self.redis.proc, self._secrets_dir))
+    monkeypatch.setattr(launcher.LocalServer, "_start_embedded_redis", record)
+    path = make_tiny_model(tmp_path / "tiny", arch="llama", seed=1)
+    server = launcher.LocalServer(SpecserveConfig.load(overrides={"model.source": str(path),
+                                                                  "model.cache_dir": str(tmp_path / "cache")}))
+    with pytest.raises(KeyboardInterrupt):
+        server.start(progress=False)
+    [(redis_server, secrets_dir)] = started
+    assert redis_server.poll() is not None  # the process has exited (and was reaped)
+    assert not os.path.exists(secrets_dir) and server.redis is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -275,6 +276,10 @@ def _from_results(json_path: str, *, plots: bool, markdown: bool = False) -> int
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -296,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    on_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, `kill`: report what finished, as Ctrl-C
     try:
         asyncio.run(run_bench(cfg, passes))
     except BenchError as exc:
@@ -307,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ray_started:
             stop_ray()
+        signal.signal(signal.SIGTERM, on_sigterm)
     if passes:
         print(format_table(passes, cfg))
     if cfg.json_path:

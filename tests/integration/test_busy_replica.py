@@ -1,0 +1,50 @@
+"""A request that waits behind others in a busy replica for longer than `server.stall_timeout_s` is served, not
+ended as stalled: the replica's engine reports its steps on the waiting request's stream (real Ray Serve, a tiny
+model, one sequence slot)."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from served_apps import start_app
+from tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.integration
+NAME = "tiny-busy"
+STALL_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def busy(ray_cluster, tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny-busy"), arch="llama", seed=5)
+    # One sequence at a time: every request after the first waits its turn, taking no step of its own.
+    server = start_app(ray_cluster, str(path), NAME, **{"engine.max_num_seqs": 1, "server.stall_timeout_s": STALL_S,
+                                                       "speculative.method": "none"})
+    yield server
+    server.stop()
+
+
+def test_a_request_queued_longer_than_the_stall_timeout_is_served(busy):
+    async def run():
+        async with httpx.AsyncClient(base_url=busy.url, timeout=120) as client:
+            async def complete(max_tokens: int):
+                start = time.monotonic()
+                r = await client.post("/v1/completions", json={
+                    "model": NAME, "prompt": [3, 4, 5, 6], "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True})
+                return r, time.monotonic() - start
+
+            ahead = [asyncio.create_task(complete(400)) for _ in range(4)]
+            await asyncio.sleep(0.2)  # the four reach the replica first
+            queued = await complete(4)
+            return queued, await asyncio.gather(*ahead)
+
+    (queued, waited), ahead = asyncio.run(run())
+    assert [r.status_code for r, _ in ahead] == [200] * 4, [r.text for r, _ in ahead]
+    assert all(r.json()["usage"]["completion_tokens"] == 400 for r, _ in ahead)
+    assert queued.status_code == 200, queued.text
+    assert queued.json()["usage"]["completion_tokens"] == 4
+    # It really waited past the stall timeout for its first token (the requests ahead of it ran 1600 steps).
+    assert waited > STALL_S * 1.5, f"the queued request took only {waited:.2f} s: nothing was ahead of it"
