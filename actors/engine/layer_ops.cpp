@@ -244,8 +244,12 @@ void rope_store(torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v
     }));
 }
 
+// Without the GIL, as torch's own ops run: the replica's event loop (streaming the last step's tokens) runs beside
+// them rather than waiting for the engine thread to return to Python.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of rows, after adding them into a residual if one is given");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("rms_norm", &rms_norm, "RMSNorm of rows, after adding them into a residual if one is given", release());
   m.def("sum_rows", &sum_rows, "row sums in the order of torch's CPU sum with vectors of `lanes` floats");
-  m.def("rope_store", &rope_store, "rotary embedding of q in place and of k into the KV cache, v into the cache");
+  m.def("rope_store", &rope_store, "rotary embedding of q in place and of k into the KV cache, v into the cache",
+        release());
 }

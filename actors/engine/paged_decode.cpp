@@ -185,6 +185,8 @@ void paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   });
 }
 
+// Without the GIL, as torch's own ops run (see layer_ops.cpp).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "short queries over the paged KV cache, in place");
+  m.def("paged_decode_attention", &paged_decode_attention, "short queries over the paged KV cache, in place",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -66,6 +66,37 @@ def test_rope_store_is_the_eager_rotary_embedding_to_the_bit(dtype, heads, kv_he
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
 
 
+def test_the_kernels_run_without_the_gil():
+    """Another Python thread (the replica's event loop) runs while a kernel computes, as it does during torch's
+    own ops. With the GIL held, no other thread could run between the call's start and its return."""
+    import threading
+    import time
+
+    x = torch.randn(8192, 4096)  # one RMSNorm call of some tens of milliseconds
+    weight, out = torch.ones(4096), torch.empty_like(x)
+    cpu_kernels.rms_norm(x[:8], weight, 1e-6, out[:8])  # built and warm
+    ticks: list[float] = []
+    span: list[float] = []
+    done = threading.Event()
+
+    def call():
+        span.append(time.perf_counter())
+        cpu_kernels.rms_norm(x, weight, 1e-6, out)
+        span.append(time.perf_counter())
+        done.set()
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    while not done.is_set():
+        ticks.append(time.perf_counter())
+    worker.join()
+    start, end = span
+    # Leave out the end: once the call returns, the worker may yield the GIL (a switch interval, 5 ms) before it
+    # reads the clock.
+    inside = [t for t in ticks if start < t < end - 0.010]
+    assert end - start > 0.015 and len(inside) > 10, (end - start, len(inside))
+
+
 def step_logits(model, fused: bool, prompts) -> list[torch.Tensor]:
     """Every engine step's logits, with the layers run as DecoderForward or as the model's own forward."""
     engine = LLMEngine(model, block_size=4, num_blocks=128, max_num_seqs=4, max_num_batched_tokens=20,
