@@ -167,6 +167,7 @@ class LocalServer:
         self.redis = None
         self._secrets_dir: str | None = None
         self._started_ray = False
+        self._deployed = False  # serve.run was called for this app
 
     def start(self, *, progress: bool = True) -> "LocalServer":
         import ray
@@ -180,14 +181,15 @@ class LocalServer:
         path = resolve_model_path(cfg.model.source, cfg.model.cache_dir, progress=progress)
         cfg.model.served_name = cfg.model.name
         cfg.model.source = str(path)
-        if not cfg.server.redis_url and not cfg.server.redis_sentinels:
-            self._start_embedded_redis()
         try:
+            if not cfg.server.redis_url and not cfg.server.redis_sentinels:
+                self._start_embedded_redis()
             if not ray.is_initialized():
                 self._started_ray = True  # before: an interrupted ray.init may have connected
                 start_local_ray(cfg.server, runtime_env={"env_vars": {"SPECSERVE_CACHE": str(cfg.model.cache_dir)}}
                                 if ray_address(cfg.server) else None)
             serve.start(http_options={"host": cfg.server.host, "port": serve_proxy_port(cfg.server)})
+            self._deployed = True  # before: an interrupted serve.run may have created the app
             serve.run(build_app(cfg), name=cfg.server.app_name, route_prefix=cfg.server.route_prefix,
                       blocking=False)
         except BaseException:  # Ctrl-C or a failed deploy: nothing this start began outlives it
@@ -211,7 +213,8 @@ class LocalServer:
         password = secrets.token_urlsafe(32)
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(password)
-        self.redis = EmbeddedRedis(password=password).start()
+        self.redis = EmbeddedRedis(password=password)  # held before it starts: an interrupted start is stopped
+        self.redis.start()
         cfg.server.redis_url = self.redis.url
         cfg.server.redis_password_file = path
 
@@ -232,23 +235,34 @@ class LocalServer:
         return f"{self._client_host}:{self.config.server.grpc_port}"
 
     def stop(self) -> None:
-        """Delete the app; shut Serve and Ray down only if this server started Ray."""
+        """Delete the app (if start deployed it); shut Serve and Ray down only if this server started Ray; stop
+        the embedded Redis. Safe to call again, and after a start that failed part way."""
         import ray
         from ray import serve
 
         from specserve.cluster.kv.holder import kill_holders
 
         try:
-            if ray.is_initialized():
+            if self._deployed and ray.is_initialized():
                 serve.delete(self.config.server.app_name)
                 kill_holders(self.config.server.app_name)  # detached: they would outlive the app
+            self._deployed = False
         finally:
-            if self._started_ray:
-                stop_local_ray()
-                self._started_ray = False
+            try:
+                if self._started_ray:
+                    self._started_ray = False
+                    stop_local_ray()
+            finally:
+                self._stop_embedded_redis()
+
+    def _stop_embedded_redis(self) -> None:
+        try:
             if self.redis:
-                self.redis.stop()
-                self.redis = None
+                redis, self.redis = self.redis, None
+                redis.stop()
+                self.config.server.redis_url = None  # a later start starts a fresh one
+                self.config.server.redis_password_file = None
+        finally:
             if self._secrets_dir:
                 shutil.rmtree(self._secrets_dir, ignore_errors=True)
                 self._secrets_dir = None

@@ -320,7 +320,7 @@ class Frontend:
         m = self.metrics
         prompt_tokens, cached, last = len(prompt_ids), 0, None
         placement: Placement | None = None
-        first_output, ended, running = True, False, params.n
+        first_item, ended, running = True, False, params.n
         stall_s = self.config.server.stall_timeout_s or None
         try:
             while True:
@@ -336,14 +336,15 @@ class Frontend:
                     if deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S:
                         raise APIError(504, f"deadline exceeded after {completion} generated tokens",
                                        code="deadline_exceeded") from None
-                    raise APIError(504, f"no output and no engine step for {stall_s:g} s after {completion} "
-                                        "generated tokens: the replica serving the request cannot make progress "
-                                        "(server.stall_timeout_s)", code="stalled") from None
+                    waiting = "in the queue for a replica or " if first_item else ""
+                    raise APIError(504, f"no output for {stall_s:g} s after {completion} generated tokens, and no "
+                                        f"engine step reported: the request is stuck {waiting}on a replica that "
+                                        "cannot make progress (server.stall_timeout_s)", code="stalled") from None
                 self.last_output = time.monotonic()
-                if isinstance(out, Progress):  # waiting behind other requests: busy, not stalled
+                if first_item:  # routed by now: a prefix_cost router has published its decision
+                    placement, first_item = self.router_feedback.take(request_id), False
+                if isinstance(out, Progress):  # waiting behind other requests in its replica: busy, not stalled
                     continue
-                if first_output:  # routed by now: a prefix_cost router has published its decision
-                    placement, first_output = self.router_feedback.take(request_id), False
                 choice = choices[out.index]
                 if choice.ended:  # a choice cut by a stop string while the others run on
                     continue

@@ -3,8 +3,8 @@
 Requests, aborts and calls reach the engine thread as commands in its inbox (AddRequest, AbortRequest,
 EngineCall); outputs go back to each request's asyncio queue (a step's in one callback per event loop). A
 consumer that falls behind gets its pending tokens merged into one chunk (fewer messages under load). While the
-engine completes steps, every stream also gets a Progress now and then (`progress_every_s`): a request waiting
-for its turn is then told from one whose engine is stuck.
+engine runs batches, a stream with no output in a step gets a Progress now and then (`progress_every_s`): a
+request waiting for its turn is then told from one whose engine is stuck.
 
 All torch work (loading the model, every forward) happens on the engine thread: with OpenMP, matmuls issued
 from a second thread after another thread has used torch's thread pool ran slower (docs/measurements.md).
@@ -171,7 +171,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.progress_every_s = progress_every_s
-        self._unreported_steps = 0
+        self._reported_steps = 0  # engine steps (those that ran a batch) told to the streams so far
         self._last_progress = time.monotonic()
         self._stopped = False
         self.health = health or StepHealth()
@@ -219,7 +219,7 @@ class AsyncEngine:
                         raise it
                 outputs = [it for it in items if not isinstance(it, Progress)]
                 if not outputs:
-                    yield items[-1]
+                    yield Progress(sum(it.steps for it in items))
                     continue
                 for out in RequestOutput.merge(outputs):
                     if out.finished:
@@ -241,12 +241,9 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop is closed: nobody is listening
                 self._streams.pop(request_id, None)
 
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        self._deliver_many((out.request_id, out) for out in outputs)
-
     def _deliver_many(self, items: Iterable[tuple[str, RequestOutput | Progress]]) -> None:
-        """Items for many streams, one callback per caller loop: each call_soon_threadsafe writes to the loop's
-        wake-up pipe, and a step has an output for every running request."""
+        """A step's items for many streams, one callback per caller loop: each call_soon_threadsafe writes to the
+        loop's wake-up pipe, and a step has an output for every running request."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, Any]]] = {}
         for request_id, item in items:
             target = self._streams.get(request_id)
@@ -373,18 +370,22 @@ class AsyncEngine:
                     self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
                 continue
             self.health.step_succeeded()
-            self._deliver_step(outputs)
-            self._report_progress()
+            self._deliver_many(self._with_progress(outputs))
 
-    def _report_progress(self) -> None:
-        """After a step: every `progress_every_s`, a Progress to every open stream (a stream that had output
-        ignores it), one callback per event loop."""
-        self._unreported_steps += 1
-        if self.progress_every_s is None or time.monotonic() - self._last_progress < self.progress_every_s:
-            return
-        progress = Progress(self._unreported_steps)
-        self._unreported_steps, self._last_progress = 0, time.monotonic()
-        self._deliver_many((request_id, progress) for request_id in list(self._streams))
+    def _with_progress(self, outputs: list[RequestOutput]) -> list[tuple[str, RequestOutput | Progress]]:
+        """A step's outputs and, every `progress_every_s` if the engine ran a batch since the last report, a
+        Progress for each open stream that has no output in this step (delivered with the outputs, in the same
+        callback). A step that scheduled nothing is no progress: a request that can never be scheduled stalls."""
+        items: list[tuple[str, RequestOutput | Progress]] = [(out.request_id, out) for out in outputs]
+        if self.progress_every_s is None:
+            return items
+        steps = self.engine.stats.steps - self._reported_steps
+        now = time.monotonic()
+        if steps and now - self._last_progress >= self.progress_every_s:
+            self._reported_steps, self._last_progress = self.engine.stats.steps, now
+            progress, stepped = Progress(steps), {out.request_id for out in outputs}
+            items += [(request_id, progress) for request_id in list(self._streams) if request_id not in stepped]
+        return items
 
     def _fail_everything_waiting(self, exc: BaseException) -> None:
         """The engine thread is ending: every stream and call still waiting gets `exc` rather than a hang."""

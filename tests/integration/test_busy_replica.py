@@ -7,13 +7,14 @@ import time
 
 import httpx
 import pytest
+from ray import serve
 
 from served_apps import start_app
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.integration
 NAME = "tiny-busy"
-STALL_S = 1.0
+STALL_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +37,22 @@ def test_a_request_queued_longer_than_the_stall_timeout_is_served(busy):
                     "ignore_eos": True})
                 return r, time.monotonic() - start
 
-            ahead = [asyncio.create_task(complete(400)) for _ in range(4)]
-            await asyncio.sleep(0.2)  # the four reach the replica first
+            verifier = serve.get_deployment_handle("Verifier", NAME)
+            await verifier.stats.remote()  # the handle's first call finds the replica (slow), before any timing
+            ahead = [asyncio.create_task(complete(500)) for _ in range(4)]
+            while True:  # the four reached the engine first: one runs, three wait
+                stats = await verifier.stats.remote()
+                if (stats["num_running"], stats["num_waiting"]) == (1, 3):
+                    break
+                assert not any(t.done() for t in ahead), "a request ahead finished before the others were queued"
+                await asyncio.sleep(0.01)
             queued = await complete(4)
             return queued, await asyncio.gather(*ahead)
 
     (queued, waited), ahead = asyncio.run(run())
     assert [r.status_code for r, _ in ahead] == [200] * 4, [r.text for r, _ in ahead]
-    assert all(r.json()["usage"]["completion_tokens"] == 400 for r, _ in ahead)
+    assert all(r.json()["usage"]["completion_tokens"] == 500 for r, _ in ahead)
     assert queued.status_code == 200, queued.text
     assert queued.json()["usage"]["completion_tokens"] == 4
-    # It really waited past the stall timeout for its first token (the requests ahead of it ran 1600 steps).
+    # It really waited past the stall timeout for its first token (over 1500 steps of the requests ahead).
     assert waited > STALL_S * 1.5, f"the queued request took only {waited:.2f} s: nothing was ahead of it"

@@ -132,3 +132,4 @@ def test_an_interrupted_start_leaves_no_embedded_redis_behind(fake_ray, monkeypa
     [(redis_server, secrets_dir)] = started
     assert redis_server.poll() is not None  # the process has exited (and was reaped)
     assert not os.path.exists(secrets_dir) and server.redis is None
+    assert server.config.server.redis_url is None  # a later start starts a fresh one

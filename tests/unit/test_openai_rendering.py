@@ -9,11 +9,12 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from specserve.actors.engine.messages import RequestOutput, TokenLogprobs
+from specserve.actors.engine.messages import Progress, RequestOutput, TokenLogprobs
 from specserve.actors.engine.sampling_params import SamplingParams, StructuredOutput
 from specserve.actors.engine.structured import check_structured
 from specserve.cluster.config import SpecserveConfig
 from specserve.routing.detokenizer import TokenTexts
+from specserve.routing.errors import APIError
 from specserve.routing.frontend import Frontend
 from specserve.routing.openai_api import CompletionLogprobs, chat_logprobs, tool_calls_json
 from specserve.routing.protocol import ChatCompletionRequest, CompletionRequest
@@ -251,6 +252,52 @@ def test_choices_are_detokenized_and_stopped_on_their_own_and_usage_sums_them(fe
     usage = events[-1].usage
     assert usage.completion_tokens == len(a) + len(kept)
     assert (usage.spec_rounds, usage.draft_tokens, usage.accepted_tokens) == (3, 6, 4)
+
+
+class _PacedStream(_Stream):
+    """A stream whose items come after delays: (seconds, item) pairs."""
+
+    async def __anext__(self):
+        try:
+            delay, item = next(self._outputs)
+        except StopIteration:
+            raise StopAsyncIteration from None
+        await asyncio.sleep(delay)
+        return item
+
+
+def run_paced(fe, paced, params, stall_s: float):
+    fe.verifier = _Verifier([])
+    fe.verifier.stream = _PacedStream(paced)
+    before, fe.config.server.stall_timeout_s = fe.config.server.stall_timeout_s, stall_s
+
+    async def collect():
+        return [ev async for ev in fe._generate("r", [1, 5, 6], params, "t", None, None, 0.0, ToolChoice(), ())]
+    try:
+        return asyncio.run(collect())
+    finally:
+        fe.config.server.stall_timeout_s = before
+
+
+def test_progress_reports_keep_a_waiting_request_alive_and_add_no_events(fe):
+    a = ids_of("one two")
+    outputs = [out(0, a[:1], 1), out(0, a[1:], len(a), finished=True, reason="length")]
+    # Waiting 0.8 s in all, longer than the stall timeout, told of the engine's steps every 0.1 s.
+    paced = [(0.1, Progress(3))] * 8 + [(0.0, outputs[0]), (0.1, Progress(1)), (0.0, outputs[1])]
+    events = run_paced(fe, paced, SamplingParams(max_tokens=len(a)), stall_s=0.3)
+    plain, _ = run(fe, outputs, SamplingParams(max_tokens=len(a)))
+    assert [(e.text, e.token_ids, e.finish_reason) for e in events] == \
+        [(e.text, e.token_ids, e.finish_reason) for e in plain]
+    assert events[-1].usage.completion_tokens == len(a)
+
+
+@pytest.mark.parametrize("paced, where", [([], "in the queue for a replica"),
+                                          ([(0.0, Progress(2)), (0.0, out(0, ids_of("one"), 1))], "0.3 s after 1")])
+def test_a_request_that_hears_nothing_for_the_stall_timeout_ends_as_stalled(fe, paced, where):
+    paced = paced + [(5.0, Progress(1))]  # the replica goes silent
+    with pytest.raises(APIError) as err:
+        run_paced(fe, paced, SamplingParams(max_tokens=4), stall_s=0.3)
+    assert err.value.status == 504 and err.value.code == "stalled" and where in str(err.value)
 
 
 def test_the_request_ends_when_every_choice_ended(fe):

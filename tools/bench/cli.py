@@ -277,7 +277,8 @@ def _from_results(json_path: str, *, plots: bool, markdown: bool = False) -> int
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    """SIGTERM as Ctrl-C: asyncio.run then cancels the run, whose cleanup (servers it started) runs first."""
+    signal.raise_signal(signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
