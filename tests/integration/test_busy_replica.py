@@ -19,7 +19,8 @@ STALL_S = 2.0
 
 @pytest.fixture(scope="module")
 def busy(ray_cluster, tmp_path_factory):
-    path = make_tiny_model(tmp_path_factory.mktemp("tiny-busy"), arch="llama", seed=5)
+    # Sixteen layers: steps of a few milliseconds, so the requests ahead outlast the stall timeout on any machine.
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny-busy"), arch="llama", seed=5, num_layers=16)
     # One sequence at a time: every request after the first waits its turn, taking no step of its own.
     server = start_app(ray_cluster, str(path), NAME, **{"engine.max_num_seqs": 1, "server.stall_timeout_s": STALL_S,
                                                        "speculative.method": "none"})
