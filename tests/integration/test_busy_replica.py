@@ -7,7 +7,6 @@ import time
 
 import httpx
 import pytest
-from ray import serve
 
 from served_apps import start_app
 from tiny_models import make_tiny_model
@@ -38,15 +37,11 @@ def test_a_request_queued_longer_than_the_stall_timeout_is_served(busy):
                     "ignore_eos": True})
                 return r, time.monotonic() - start
 
-            verifier = serve.get_deployment_handle("Verifier", NAME)
-            await verifier.stats.remote()  # the handle's first call finds the replica (slow), before any timing
             ahead = [asyncio.create_task(complete(500)) for _ in range(4)]
-            while True:  # the four reached the engine first: one runs, three wait
-                stats = await verifier.stats.remote()
-                if (stats["num_running"], stats["num_waiting"]) == (1, 3):
-                    break
-                assert not any(t.done() for t in ahead), "a request ahead finished before the others were queued"
-                await asyncio.sleep(0.01)
+            # The four reach the engine first (the first of them runs for seconds). No Serve handle here: one
+            # used from this event loop is the suspected cause of serve.shutdown hanging at the end of a CI run.
+            await asyncio.sleep(0.5)
+            assert not any(t.done() for t in ahead), "a request ahead finished before the queued one was sent"
             queued = await complete(4)
             return queued, await asyncio.gather(*ahead)
 
