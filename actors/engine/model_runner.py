@@ -4,7 +4,6 @@ their keys/values live in the paged cache, and returns the logits of the rows th
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from dataclasses import dataclass
 

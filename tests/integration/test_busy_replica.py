@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from ray import serve
 
 from served_apps import start_app
 from tiny_models import make_tiny_model
@@ -37,11 +38,17 @@ def test_a_request_queued_longer_than_the_stall_timeout_is_served(busy):
                     "ignore_eos": True})
                 return r, time.monotonic() - start
 
+            verifier = serve.get_deployment_handle("Verifier", NAME)
+
+            def engine_holds_all_four() -> bool:  # blocking handle calls, off this event loop
+                stats = verifier.stats.remote().result(timeout_s=60)
+                return (stats["num_running"], stats["num_waiting"]) == (1, 3)
+
+            await asyncio.to_thread(engine_holds_all_four)  # the handle's first call finds the replica (slow)
             ahead = [asyncio.create_task(complete(500)) for _ in range(4)]
-            # The four reach the engine first (the first of them runs for seconds). No Serve handle here: one
-            # used from this event loop is the suspected cause of serve.shutdown hanging at the end of a CI run.
-            await asyncio.sleep(0.5)
-            assert not any(t.done() for t in ahead), "a request ahead finished before the queued one was sent"
+            while not await asyncio.to_thread(engine_holds_all_four):  # the four reach the engine first
+                assert not any(t.done() for t in ahead), "a request ahead finished before the others were queued"
+                await asyncio.sleep(0.01)
             queued = await complete(4)
             return queued, await asyncio.gather(*ahead)
 
