@@ -104,20 +104,46 @@ def ray_address(server: ServerConfig) -> str | None:
     return server.ray_address or os.environ.get("RAY_ADDRESS")
 
 
+class _RayCalls:
+    """start_local_ray's and stop_local_ray's calls into Ray. Unit tests replace them here, not on the ray module:
+    Ray's own background threads in a test process call that module's init and is_initialized too (auto-init)."""
+
+    @staticmethod
+    def init(**kwargs) -> None:
+        import ray
+        ray.init(**kwargs)
+
+    @staticmethod
+    def is_initialized() -> bool:
+        import ray
+        return ray.is_initialized()
+
+    @staticmethod
+    def serve_shutdown() -> None:
+        from ray import serve
+        serve.shutdown()
+
+    @staticmethod
+    def shutdown() -> None:
+        import ray
+        ray.shutdown()
+
+
+_ray = _RayCalls()
+
+
 def start_local_ray(server: ServerConfig, **init_kwargs) -> None:
     """ray.init for `specserve serve` and the bench: join server.ray_address (or RAY_ADDRESS), else start a Ray
     instance of its own ("local": not one that `ray start` left running on this machine, which is joined only by
     its address, e.g. "auto"). With server.direct_ingress, the environment Ray's processes need is this process's
     only while they are spawned from it."""
     global _direct_ingress, _own_ray
-    import ray
-
     address = ray_address(server)
     env = direct_ingress_env(server) if not address and server.direct_ingress else {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
+        _ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING, **init_kwargs)
         _own_ray = not address
     finally:
         for k, v in saved.items():
@@ -133,16 +159,13 @@ def stop_local_ray() -> None:
     started: on a joined cluster serve.shutdown would delete every application there, other users' too (callers
     delete their own)."""
     global _direct_ingress, _own_ray
-    import ray
-    from ray import serve
-
     own, _own_ray, _direct_ingress = _own_ray, False, None
-    if ray.is_initialized():
+    if _ray.is_initialized():
         try:
             if own:
-                serve.shutdown()
+                _ray.serve_shutdown()
         finally:
-            ray.shutdown()
+            _ray.shutdown()
 
 
 def serve_proxy_port(server: ServerConfig) -> int:

@@ -16,13 +16,13 @@ KEYS = set(launcher.direct_ingress_env(ServerConfig()))
 
 @pytest.fixture
 def fake_ray(monkeypatch):
-    """Records ray.init's arguments, with the environment Ray's processes would be spawned with, instead of
-    starting Ray; the environment and the module state are restored by monkeypatch."""
-    import ray
-
+    """Records the launcher's ray.init arguments, with the environment Ray's processes would be spawned with,
+    instead of starting Ray; the environment and the module state are restored by monkeypatch. Only the launcher's
+    own calls are replaced: Ray's background threads of this process (the integration tests' Serve handles) call
+    the ray module's init and is_initialized themselves."""
     calls = []
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append({**kw, "env": dict(os.environ)}))
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(launcher._ray, "init", lambda **kw: calls.append({**kw, "env": dict(os.environ)}))
+    monkeypatch.setattr(launcher._ray, "is_initialized", lambda: False)
     monkeypatch.setattr(launcher, "_direct_ingress", None)
     monkeypatch.setattr(launcher, "_own_ray", False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -54,12 +54,10 @@ def test_a_local_start_gets_a_fresh_instance_with_direct_ingress_and_the_proxy_m
 
 
 def test_the_environment_is_restored_when_ray_fails_to_start(fake_ray, monkeypatch):
-    import ray
-
     def fail(**kw):
         raise ConnectionError("no Ray")
 
-    monkeypatch.setattr(ray, "init", fail)
+    monkeypatch.setattr(launcher._ray, "init", fail)
     monkeypatch.setenv("RAY_SERVE_PORT_QUARANTINE_S", "7")
     with pytest.raises(ConnectionError):
         launcher.start_local_ray(ServerConfig(direct_ingress=True))
@@ -85,14 +83,11 @@ def test_joining_a_cluster_or_turning_it_off_keeps_serves_proxy_on_the_port(fake
 
 @pytest.mark.parametrize("address", [None, "10.0.0.1:6379"])
 def test_stopping_shuts_serve_down_only_on_an_instance_of_its_own(fake_ray, monkeypatch, address):
-    import ray
-    from ray import serve
-
     calls = []
-    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
-    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr(launcher._ray, "serve_shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(launcher._ray, "shutdown", lambda: calls.append("ray.shutdown"))
     launcher.start_local_ray(ServerConfig(ray_address=address))
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(launcher._ray, "is_initialized", lambda: True)
     launcher.stop_local_ray()
     # On a joined cluster serve.shutdown would delete every app there: only the connection is closed.
     assert calls == (["serve.shutdown", "ray.shutdown"] if address is None else ["ray.shutdown"])
