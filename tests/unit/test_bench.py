@@ -13,7 +13,7 @@ import pytest
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 
 from specserve.tools.bench import cli, main, runner  # noqa: E402
 from specserve.tools.bench import workloads as wl  # noqa: E402
@@ -206,8 +206,10 @@ class FakeOpenAIServer:
     MODEL = "fake-model"
 
     def __init__(self, *, tokens: int = 6, delay: float = 0.004, send_usage: bool = True, fail_every: int = 0,
-                 midstream_error: bool = False):
+                 midstream_error: bool = False, metrics: str | None = None):
+        """`metrics`: the text GET /metrics answers (None: 404, as a server without specserve's metrics)."""
         self.tokens, self.delay, self.send_usage, self.fail_every = tokens, delay, send_usage, fail_every
+        self.metrics = metrics
         self.midstream_error = midstream_error
         self.lock = threading.Lock()
         self.seen = 0
@@ -232,6 +234,12 @@ class FakeOpenAIServer:
         @app.get("/v1/models")
         async def models():
             return {"object": "list", "data": [{"id": self.MODEL, "object": "model"}]}
+
+        @app.get("/metrics")
+        async def metrics():
+            if self.metrics is None:
+                return JSONResponse({"detail": "Not Found"}, status_code=404)
+            return PlainTextResponse(self.metrics)
 
         async def handle(request: fastapi.Request, *, chat: bool):
             body = await request.json()
@@ -355,6 +363,46 @@ def test_a_terminated_bench_writes_the_passes_that_finished(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["complete"] is False and [p["load"]["label"] for p in doc["passes"]] == ["c=4"]
     assert doc["passes"][0]["summary"]["ok"] == 4
+
+
+def test_a_terminated_soak_reports_what_it_saw(tmp_path):
+    """`specserve soak` under `timeout` or `kill` (SIGTERM) writes the samples and requests so far, marked
+    incomplete and not passed, and exits 130 (after stopping a server it started). Before, the process died with
+    nothing written, and a server it had started (Ray, the embedded Redis) was left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from specserve.cluster.metrics import render, verifier_families
+
+    text = render([({"deployment": "Verifier", "replica": "r0"},
+                    verifier_families(_verifier_metrics(0, 0, 0, [0, 0, 0], 0, 0, [0, 0]), "m"))]).decode()
+    out = tmp_path / "soak.json"
+    with FakeOpenAIServer(tokens=4, delay=0.05, metrics=text) as server:
+        cli_path = Path(sys.executable).with_name("specserve")
+        proc = subprocess.Popen([str(cli_path), "soak", "--url", server.url, "--duration", "120", "--warmup", "1",
+                                 "--sample-every", "0.5", "--concurrency", "2", "--max-tokens", "4", "--json",
+                                 str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if sum("soak " in x and "requests" in x for x in lines) >= 4:  # four samples taken
+                    break
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and res["verdict"]["passed"] is False
+    assert "interrupted after" in res["verdict"]["problems"][0]
+    assert len(res["samples"]) >= 4 and res["summary"]["ok"] > 0 and res["summary"]["errors"] == 0
+    assert res["wall_s"] < 60 and "soak FAILED: interrupted" in rest
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])

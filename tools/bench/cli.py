@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -277,8 +279,18 @@ def _from_results(json_path: str, *, plots: bool, markdown: bool = False) -> int
 
 
 def _interrupt(signum, frame) -> None:
-    """SIGTERM as Ctrl-C: asyncio.run then cancels the run, whose cleanup (servers it started) runs first."""
     signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within: SIGTERM (`timeout`, `kill`) ends a run as Ctrl-C does, so asyncio.run cancels it, its cleanup (the
+    servers it started) runs first, and the caller reports what finished."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,19 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    on_sigterm = signal.signal(signal.SIGTERM, _interrupt)  # `timeout`, `kill`: report what finished, as Ctrl-C
-    try:
-        asyncio.run(run_bench(cfg, passes))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; reporting the passes that finished")
-        code = 130
-    finally:
-        if ray_started:
-            stop_ray()
-        signal.signal(signal.SIGTERM, on_sigterm)
+    with sigterm_as_ctrl_c():
+        try:
+            asyncio.run(run_bench(cfg, passes))
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            log("interrupted; reporting the passes that finished")
+            code = 130
+        finally:
+            if ray_started:
+                stop_ray()
     if passes:
         print(format_table(passes, cfg))
     if cfg.json_path:

@@ -18,13 +18,14 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from specserve.tools.bench import server_stats
-from specserve.tools.bench.cli import normalize_url, parse_overrides, start_ray_if_needed, stop_ray
+from specserve.tools.bench.cli import normalize_url, parse_overrides, sigterm_as_ctrl_c, start_ray_if_needed, stop_ray
 from specserve.tools.bench.http_client import BenchError, RequestSettings, make_client, resolve_model
 from specserve.tools.bench.load import InFlight, run_session
-from specserve.tools.bench.results import summarize
+from specserve.tools.bench.results import RequestResult, summarize
 from specserve.tools.bench.runner import ServedTarget, Target, log
 from specserve.tools.bench.workloads import WORKLOADS, build_workload
 
@@ -57,16 +58,43 @@ def growth(samples: list[dict[str, Any]], warmup_s: float, key: str = "anon",
     return out
 
 
-async def soak(url: str, model: str | None, workloads: list[str], concurrency: int, duration_s: float,
-               warmup_s: float, sample_s: float, settings: RequestSettings, seed: int) -> dict[str, Any]:
-    client = make_client(url, None, settings.timeout, concurrency + 2)
+@dataclass
+class SoakProgress:
+    """What a soak has seen so far, filled in as it runs: an interrupted soak reports it."""
+    url: str
+    workloads: list[str]
+    concurrency: int
+    duration_s: float
+    warmup_s: float
+    model: str | None = None
+    results: list[RequestResult] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    started: float | None = None  # time.perf_counter() when the load started
+
+    def report(self, wall_s: float, idle: str | None) -> dict[str, Any]:
+        """The soak's results; `idle`: the /metrics text once the load stopped (None: not read)."""
+        return {"url": self.url, "model": self.model, "workloads": self.workloads, "concurrency": self.concurrency,
+                "duration_s": self.duration_s, "warmup_s": self.warmup_s, "wall_s": wall_s,
+                "samples": self.samples, "idle_kv_usage": server_stats.per_replica(idle or "", KV),
+                "memory_mb": growth(self.samples, self.warmup_s),
+                "object_store_mb": growth(self.samples, self.warmup_s, "shmem"),
+                "kv_usage": growth(self.samples, self.warmup_s, "kv_usage", 1.0),
+                "summary": {k: v for k, v in summarize(self.results, wall_s).items()
+                            if k in ("requests", "ok", "errors", "error_kinds", "output_tok_s", "req_s",
+                                     "ttft_ms_p50", "ttft_ms_p99", "e2e_ms_p99")}}
+
+
+async def soak(run: SoakProgress, model: str | None, sample_s: float, settings: RequestSettings,
+               seed: int) -> dict[str, Any]:
+    url, duration_s, results, samples = run.url, run.duration_s, run.results, run.samples
+    client = make_client(url, None, settings.timeout, run.concurrency + 2)
     try:
-        model = await resolve_model(client, url, url, model)
+        run.model = model = await resolve_model(client, url, url, model)
         if await server_stats.scrape(client) is None:
             raise BenchError(f"{url} has no specserve /metrics: the soak reads replica memory and KV usage there")
-        sessions = _sessions(workloads, seed)
-        results, samples, in_flight = [], [], InFlight()
-        t0 = time.perf_counter()
+        sessions = _sessions(run.workloads, seed)
+        in_flight = InFlight()
+        run.started = t0 = time.perf_counter()
         stop = t0 + duration_s
 
         async def worker() -> None:
@@ -91,26 +119,20 @@ async def soak(url: str, model: str | None, workloads: list[str], concurrency: i
                     return
                 await asyncio.sleep(sample_s)
 
-        await asyncio.gather(sampler(), *(worker() for _ in range(concurrency)))
+        await asyncio.gather(sampler(), *(worker() for _ in range(run.concurrency)))
         wall = time.perf_counter() - t0
         await asyncio.sleep(2.5)  # replicas publish every 2 s: the idle state after the load
         idle = await server_stats.scrape(client)
     finally:
         await client.aclose()
-    idle_kv = server_stats.per_replica(idle or "", KV)
-    return {"url": url, "model": model, "workloads": workloads, "concurrency": concurrency,
-            "duration_s": duration_s, "warmup_s": warmup_s, "wall_s": wall, "samples": samples,
-            "idle_kv_usage": idle_kv, "memory_mb": growth(samples, warmup_s),
-            "object_store_mb": growth(samples, warmup_s, "shmem"),
-            "kv_usage": growth(samples, warmup_s, "kv_usage", 1.0),
-            "summary": {k: v for k, v in summarize(results, wall).items()
-                        if k in ("requests", "ok", "errors", "error_kinds", "output_tok_s", "req_s", "ttft_ms_p50",
-                                 "ttft_ms_p99", "e2e_ms_p99")}}
+    return run.report(wall, idle)
 
 
 def verdict(res: dict[str, Any], max_growth_mb: float) -> list[str]:
     """What failed (empty: passed)."""
-    bad = [f"{rep}: its own memory grew {m['growth']:.1f} MB after warm-up (limit {max_growth_mb:g})"
+    bad = [] if res.get("complete", True) else [
+        f"interrupted after {res['wall_s']:.0f} s of {res['duration_s']:g}: the idle KV pool was not read"]
+    bad += [f"{rep}: its own memory grew {m['growth']:.1f} MB after warm-up (limit {max_growth_mb:g})"
            for rep, m in res["memory_mb"].items() if m["growth"] > max_growth_mb]
     bad += [f"{rep}: KV pool {u:.1%} in use with no request running (leaked blocks)"
             for rep, u in res["idle_kv_usage"].items() if u > 0]
@@ -178,19 +200,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warmup = a.duration / 6 if a.warmup is None else a.warmup
     settings = RequestSettings("chat", a.max_tokens, 0.0, a.timeout)
-    served = None
+    served = run = None
     ray_started = False
     try:
         url = normalize_url(a.url) if a.url else None
         if url is None:
             served = ServedTarget(Target("soak", "", serve=parse_overrides(a.overrides, "--set")), {})
             ray_started = start_ray_if_needed(served.config.server)
-            url = served.start()
-        res = asyncio.run(soak(url, a.model, workloads, a.concurrency, a.duration, warmup, a.sample_every,
-                               settings, a.seed))
+        with sigterm_as_ctrl_c():  # once Ray runs: ray.init puts a SIGTERM handler of its own in place
+            if served is not None:
+                url = served.start()
+            run = SoakProgress(url, workloads, a.concurrency, a.duration, warmup)
+            res = asyncio.run(soak(run, a.model, a.sample_every, settings, a.seed))
+            res["complete"] = True
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: report what the load showed so far
+        if run is None or run.started is None:
+            log("interrupted before the load started")
+            return 130
+        log("interrupted; reporting what the soak saw so far")
+        res = run.report(time.perf_counter() - run.started, None)
+        res["complete"] = False
     finally:
         if served is not None:
             served.stop()
@@ -214,4 +246,4 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.json_path, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)
         log(f"wrote {a.json_path} and {plot(res, os.path.splitext(a.json_path)[0] + '.png')}")
-    return 0 if not bad else 1
+    return 130 if not res["complete"] else 0 if not bad else 1
