@@ -331,35 +331,40 @@ def fresh(fake):
     return fake
 
 
-def test_a_terminated_bench_writes_the_passes_that_finished(tmp_path):
-    """`timeout` or `kill` (SIGTERM) ends a run as Ctrl-C does: the finished passes are written, marked
-    incomplete. Before, the process died with nothing written."""
+def _terminated_cli(args: list[str], until) -> tuple[int, str]:
+    """Run `specserve ARGS`, send it SIGTERM once `until(lines printed so far)` holds; its exit code and output."""
     import os
     import signal
     import subprocess
     import sys
     from pathlib import Path
 
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("specserve")), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if until(lines):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_a_terminated_bench_writes_the_passes_that_finished(tmp_path):
+    """`timeout` or `kill` (SIGTERM) ends a run as Ctrl-C does: the finished passes are written, marked
+    incomplete. Before, the process died with nothing written."""
     out = tmp_path / "bench.json"
     with FakeOpenAIServer(tokens=8, delay=0.25) as server:  # 2 s a request
-        cli_path = Path(sys.executable).with_name("specserve")
         # Pass 1: 4 requests at once (2 s); pass 2: 4 one at a time (8 s), terminated once under way.
-        proc = subprocess.Popen([str(cli_path), "bench", "--url", server.url, "--concurrency", "4,1",
-                                 "--num-requests", "4", "--warmup", "0", "--max-tokens", "8", "--json", str(out),
-                                 "--no-plots"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            lines = []
-            for line in proc.stdout:
-                lines.append(line)
-                if "[2/2]" in line:  # the second pass started
-                    break
-            proc.send_signal(signal.SIGTERM)
-            rest, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert proc.returncode == 130, "".join(lines) + rest
+        code, output = _terminated_cli(["bench", "--url", server.url, "--concurrency", "4,1", "--num-requests", "4",
+                                        "--warmup", "0", "--max-tokens", "8", "--json", str(out), "--no-plots"],
+                                       lambda lines: "[2/2]" in lines[-1])  # the second pass started
+    assert code == 130, output
     doc = json.loads(out.read_text())
     assert doc["complete"] is False and [p["load"]["label"] for p in doc["passes"]] == ["c=4"]
     assert doc["passes"][0]["summary"]["ok"] == 4
@@ -369,35 +374,17 @@ def test_a_terminated_soak_reports_what_it_saw(tmp_path):
     """`specserve soak` under `timeout` or `kill` (SIGTERM) writes the samples and requests so far, marked
     incomplete and not passed, and exits 130 (after stopping a server it started). Before, the process died with
     nothing written, and a server it had started (Ray, the embedded Redis) was left running."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from specserve.cluster.metrics import render, verifier_families
 
     text = render([({"deployment": "Verifier", "replica": "r0"},
                     verifier_families(_verifier_metrics(0, 0, 0, [0, 0, 0], 0, 0, [0, 0]), "m"))]).decode()
     out = tmp_path / "soak.json"
     with FakeOpenAIServer(tokens=4, delay=0.05, metrics=text) as server:
-        cli_path = Path(sys.executable).with_name("specserve")
-        proc = subprocess.Popen([str(cli_path), "soak", "--url", server.url, "--duration", "120", "--warmup", "1",
-                                 "--sample-every", "0.5", "--concurrency", "2", "--max-tokens", "4", "--json",
-                                 str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            lines = []
-            for line in proc.stdout:
-                lines.append(line)
-                if sum("soak " in x and "requests" in x for x in lines) >= 4:  # four samples taken
-                    break
-            proc.send_signal(signal.SIGTERM)
-            rest, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert proc.returncode == 130, "".join(lines) + rest
+        code, rest = _terminated_cli(["soak", "--url", server.url, "--duration", "120", "--warmup", "1",
+                                      "--sample-every", "0.5", "--concurrency", "2", "--max-tokens", "4", "--json",
+                                      str(out)],
+                                     lambda lines: sum("soak " in x and "requests" in x for x in lines) >= 4)
+    assert code == 130, rest
     res = json.loads(out.read_text())
     assert res["complete"] is False and res["verdict"]["passed"] is False
     assert "interrupted after" in res["verdict"]["problems"][0]
