@@ -85,9 +85,11 @@ def test_kernel_matches_attention_written_out(dtype, tolerance, heads, kv_heads,
     assert untouched and torch.isnan(got[untouched].float()).all(), "rows of no query must be left alone"
 
 
-def test_a_draft_token_sees_only_its_ancestors():
-    """Changing the value of a draft token's sibling changes nothing for it; changing its parent's does."""
-    q, k_cache, v_cache, seqs = make_case(torch.float32, 4, 2, 16, seed=5)
+@pytest.mark.parametrize("dtype,heads,kv_heads,dim", [(torch.float32, 4, 2, 16), (torch.bfloat16, 9, 3, 64)])
+def test_a_draft_token_sees_only_its_ancestors(dtype, heads, kv_heads, dim):
+    """Changing the value of a draft token's sibling changes nothing for it; changing its parent's does (bfloat16
+    with a head dim of 64: the keys are scored 16 at a time where the CPU has AVX-512 BF16)."""
+    q, k_cache, v_cache, seqs = make_case(dtype, heads, kv_heads, dim, seed=5)
     rows, context, tree = seqs[3]  # parents [-1, 0, 0, 1, 2]: node 3's ancestors are 1 and 0, not 2
     base = run_kernel(q, k_cache, v_cache, seqs, 0.25)
     length, n = len(context), len(rows)
