@@ -43,14 +43,18 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // prefetcher sees only runs of one block.
 constexpr int64_t kPrefetch = 8;
 
-// Asks for the slot row (`elements` values, every KV head) kPrefetch keys after l to be brought into the cache.
+// Asks for a slot's row (`elements` values, every KV head) to be brought into the cache.
+template <typename scalar_t>
+inline void prefetch_slot(const scalar_t* cache, int64_t slot, int64_t stride_s, int64_t elements) {
+  const char* row = reinterpret_cast<const char*>(cache + slot * stride_s);
+  for (int64_t b = 0; b < elements * (int64_t)sizeof(scalar_t); b += 64) __builtin_prefetch(row + b);
+}
+
+// The row kPrefetch keys after l, if the context has one.
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* cache, const int64_t* ctx, int64_t l, int64_t len, int64_t stride_s,
                          int64_t elements) {
-  if (l + kPrefetch < len) {
-    const char* ahead = reinterpret_cast<const char*>(cache + ctx[l + kPrefetch] * stride_s);
-    for (int64_t b = 0; b < elements * (int64_t)sizeof(scalar_t); b += 64) __builtin_prefetch(ahead + b);
-  }
+  if (l + kPrefetch < len) prefetch_slot(cache, ctx[l + kPrefetch], stride_s, elements);
 }
 
 // Key (or value) l of a context, every KV head, as float32 into dst [kv_heads * dim]; prefetches row l + kPrefetch.
@@ -110,7 +114,7 @@ inline void scores_bf16(const c10::BFloat16* q, int64_t q_stride_t, int64_t q_st
                         const c10::BFloat16* k_cache, int64_t stride_s, int64_t stride_h, const int64_t* ctx,
                         int64_t len, const int64_t* visible, int64_t n, int64_t heads, int64_t groups, int64_t dim,
                         float scale, float* scores) {
-  const int64_t prefix = len - n + 1, row_bytes = (heads / groups) * dim * (int64_t)sizeof(c10::BFloat16);
+  const int64_t prefix = len - n + 1, elements = (heads / groups) * dim;
   const c10::BFloat16* keys[16];
   __m512 acc[16];
   alignas(64) float block[16];
@@ -118,8 +122,7 @@ inline void scores_bf16(const c10::BFloat16* q, int64_t q_stride_t, int64_t q_st
     const int64_t nb = std::min<int64_t>(16, len - l0);
     for (int64_t j = 0; j < 16; ++j) keys[j] = k_cache + ctx[l0 + (j < nb ? j : 0)] * stride_s;
     for (int64_t j = l0 + 16; j < std::min(len, l0 + 32); ++j) {  // the next block's rows
-      const char* ahead = reinterpret_cast<const char*>(k_cache + ctx[j] * stride_s);
-      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b);
+      prefetch_slot(k_cache, ctx[j], stride_s, elements);
     }
     for (int64_t r = 0; r < n; ++r) {
       for (int64_t h = 0; h < heads; ++h) {
@@ -159,7 +162,7 @@ void attend(const scalar_t* q, int64_t q_stride_t, int64_t q_stride_h,
       const int64_t c0 = ctx_offsets[seq], len = ctx_offsets[seq + 1] - c0;
       const int64_t* ctx = slots + c0;
       const int64_t rows = n * heads;  // row r * heads + h: query r of head h (KV head h / groups)
-      scores.assign(rows * len, 0.f);
+      scores.resize(rows * len);  // every entry is written below
       acc.assign(rows * dim, 0.f);
       sums.assign(rows, 0.f);
       const int64_t prefix = len - n + 1;  // keys every query sees
@@ -173,8 +176,8 @@ void attend(const scalar_t* q, int64_t q_stride_t, int64_t q_stride_h,
         }
       }
 #endif
-      if (!scored) {
-        qf.assign(rows * dim, 0.f);
+      if (!scored) {  // float32 queries against each key row converted to float32
+        qf.resize(rows * dim);
         for (int64_t r = 0; r < n; ++r) {
           for (int64_t h = 0; h < heads; ++h) {
             const scalar_t* src = q + q_rows[q0 + r] * q_stride_t + h * q_stride_h;
@@ -182,15 +185,15 @@ void attend(const scalar_t* q, int64_t q_stride_t, int64_t q_stride_h,
             for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]);
           }
         }
-      }
-      for (int64_t l = 0; l < len && !scored; ++l) {
-        load_row(k_cache, ctx, l, len, cache_stride_s, cache_stride_h, kv_heads, dim, kf.data());
-        for (int64_t r = 0; r < n; ++r) {
-          const bool seen = l < prefix || ((visible[q0 + r] >> (l - prefix)) & 1);
-          for (int64_t h = 0; h < heads; ++h) {
-            const int64_t row = r * heads + h;
-            scores[row * len + l] =
-                seen ? dot(qf.data() + row * dim, kf.data() + (h / groups) * dim, dim) * scale : kHidden;
+        for (int64_t l = 0; l < len; ++l) {
+          load_row(k_cache, ctx, l, len, cache_stride_s, cache_stride_h, kv_heads, dim, kf.data());
+          for (int64_t r = 0; r < n; ++r) {
+            const bool seen = l < prefix || ((visible[q0 + r] >> (l - prefix)) & 1);
+            for (int64_t h = 0; h < heads; ++h) {
+              const int64_t row = r * heads + h;
+              scores[row * len + l] =
+                  seen ? dot(qf.data() + row * dim, kf.data() + (h / groups) * dim, dim) * scale : kHidden;
+            }
           }
         }
       }
